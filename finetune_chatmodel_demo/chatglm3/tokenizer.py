@@ -1,0 +1,278 @@
+"""ChatGLM3's tokenizer: a SentencePiece model plus nine special tokens, id-for-id equal to upstream.
+
+Upstream (THUDM/chatglm3-6b `tokenization_chatglm.py`) stopped loading on newer transformers; this is a
+rewrite that relies only on the public slow-tokenizer API (`transformers.PreTrainedTokenizer`).
+
+Behaviour kept from upstream, on purpose:
+- The special tokens `[MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|> <|observation|>` get the
+  ids n, n+1, ... after the SentencePiece vocabulary of size n.
+- Text is handed to SentencePiece as is: "<|user|>" written inside a message is ordinary text, never the special
+  token (unless `encode_special_tokens=True`, upstream's opt-in). The SentencePiece dummy prefix "▁" is added
+  as the model says, so `encode("皮卡丘")` starts with the id of "▁".
+- `encode(text)` prepends `[gMASK] sop`; eos is the SentencePiece eos (`</s>`), pad is `<unk>` (id 0).
+- `remove_space` and `do_lower_case` in tokenizer_config.json are accepted and, as upstream, have no effect.
+
+Deliberate differences:
+- `build_chat_input` returns `input_ids` and `attention_mask` only; the model derives position ids from the
+  attention mask, so `model.generate(**inputs)` works.
+- `decode(..., skip_special_tokens=True)` also drops the nine ChatGLM tokens (upstream only dropped eos/pad).
+"""
+import json
+import os
+import re
+import shutil
+
+import sentencepiece
+from transformers import BatchEncoding, PreTrainedTokenizer
+
+from .errors import ChatGLMError
+
+SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+ROLES = ("system", "user", "assistant", "observation")
+VOCAB_FILE = "tokenizer.model"
+# Keys of upstream's tokenizer_config.json that mean nothing here (auto_map points at remote code we replace).
+_IGNORED_CONFIG_KEYS = ("auto_map", "name_or_path", "tokenizer_file")
+
+
+class SPTokenizer:
+    """The SentencePiece model and the special tokens appended after it (upstream's `SPTokenizer`)."""
+
+    def __init__(self, model_path: str):
+        if not model_path or not os.path.isfile(model_path):
+            raise ChatGLMError(f"错误：找不到分词器文件 {model_path} / Error: tokenizer file {model_path} not found")
+        try:
+            self.sp_model = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        except (OSError, RuntimeError) as e:
+            raise ChatGLMError(
+                f"错误：{model_path} 不是有效的 SentencePiece 模型 / Error: {model_path} is not a valid SentencePiece model ({e})"
+            ) from None
+        self.sp_size = self.sp_model.vocab_size()
+        self.bos_id = self.sp_model.bos_id()
+        self.eos_id = self.sp_model.eos_id()
+        self.pad_id = self.sp_model.unk_id()
+        if self.eos_id < 0:
+            raise ChatGLMError(
+                f"错误：{model_path} 没有 eos 符号 / Error: {model_path} has no eos piece "
+                "(train SentencePiece with eos_id >= 0, e.g. the default 2)"
+            )
+        self.special_tokens = {token: self.sp_size + i for i, token in enumerate(SPECIAL_TOKENS)}
+        self.index_special_tokens = {i: token for token, i in self.special_tokens.items()}
+        self.n_words = self.sp_size + len(SPECIAL_TOKENS)
+        self._special_re = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
+
+    def encode(self, text: str) -> list[int]:
+        return self.sp_model.encode(text)
+
+    def tokenize(self, text: str, encode_special_tokens: bool = False) -> list[str]:
+        if not encode_special_tokens:
+            return self.sp_model.encode_as_pieces(text)
+        pieces, start = [], 0
+        for match in self._special_re.finditer(text):
+            if start < match.start():
+                pieces.extend(self.sp_model.encode_as_pieces(text[start:match.start()]))
+            pieces.append(match.group())
+            start = match.end()
+        if start < len(text):
+            pieces.extend(self.sp_model.encode_as_pieces(text[start:]))
+        return pieces
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Special tokens become their text; bos/eos/pad and ids outside the vocabulary (e.g. the model's padded
+        vocab rows) become nothing, as upstream's id->token mapping made them empty."""
+        text, buffer = [], []
+        for i in ids:
+            i = int(i)
+            if i in self.index_special_tokens:
+                if buffer:
+                    text.append(self.sp_model.decode(buffer))
+                    buffer = []
+                if not skip_special_tokens:
+                    text.append(self.index_special_tokens[i])
+            elif 0 <= i < self.sp_size and i not in (self.bos_id, self.eos_id, self.pad_id):
+                buffer.append(i)
+        if buffer:
+            text.append(self.sp_model.decode(buffer))
+        return "".join(text)
+
+    def token_to_id(self, token: str) -> int:
+        # Special tokens first, as upstream (the real vocabulary has no piece with these names).
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        return self.sp_model.piece_to_id(token)
+
+    def id_to_token(self, index: int) -> str:
+        if index in self.index_special_tokens:
+            return self.index_special_tokens[index]
+        if index in (self.eos_id, self.bos_id, self.pad_id) or index < 0 or index >= self.sp_size:
+            return ""
+        return self.sp_model.id_to_piece(index)
+
+
+class ChatGLMTokenizer(PreTrainedTokenizer):
+    """ChatGLM3 tokenizer: `ChatGLMTokenizer.from_pretrained(dir)` reads `dir/tokenizer.model` (any
+    SentencePiece model) and `dir/tokenizer_config.json` if present."""
+
+    vocab_files_names = {"vocab_file": VOCAB_FILE}
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(self, vocab_file=None, padding_side="left", clean_up_tokenization_spaces=False, encode_special_tokens=False, **kwargs):
+        for key in _IGNORED_CONFIG_KEYS:
+            kwargs.pop(key, None)
+        self.name = "GLMTokenizer"
+        self.vocab_file = vocab_file
+        self.tokenizer = SPTokenizer(vocab_file)
+        self.encode_special_tokens = encode_special_tokens
+        self.remove_space = kwargs.pop("remove_space", False)
+        self.do_lower_case = kwargs.pop("do_lower_case", False)
+        self._vocab = None
+        sp = self.tokenizer.sp_model
+        # eos/unk/pad are pieces of the SentencePiece model itself; give transformers their real names.
+        kwargs["eos_token"] = sp.id_to_piece(self.tokenizer.eos_id)
+        kwargs["unk_token"] = sp.id_to_piece(self.tokenizer.pad_id)
+        kwargs["pad_token"] = sp.id_to_piece(self.tokenizer.pad_id)
+        kwargs.pop("bos_token", None)
+        kwargs.setdefault("model_max_length", 10**30)
+        super().__init__(
+            padding_side=padding_side,
+            clean_up_tokenization_spaces=clean_up_tokenization_spaces,
+            encode_special_tokens=encode_special_tokens,
+            remove_space=self.remove_space,
+            do_lower_case=self.do_lower_case,
+            **kwargs,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        path = os.fspath(pretrained_model_name_or_path)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, VOCAB_FILE)):
+            raise ChatGLMError(
+                f"错误：目录 {path} 中没有 {VOCAB_FILE} / Error: {path} has no {VOCAB_FILE} "
+                "(pass the ChatGLM3 model or tokenizer directory)"
+            )
+        if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".")):
+            raise ChatGLMError(f"错误：找不到分词器目录 {path} / Error: tokenizer directory {path} not found")
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+    # --- vocabulary -------------------------------------------------------------------------------------------
+    def get_command(self, token: str) -> int:
+        """Id of a special token: one of SPECIAL_TOKENS, or "<bos>", "<eos>", "<pad>", "<unk>"."""
+        named = {"<bos>": self.tokenizer.bos_id, "<eos>": self.tokenizer.eos_id, "<pad>": self.tokenizer.pad_id, "<unk>": self.tokenizer.pad_id}
+        if token in named:
+            return named[token]
+        if token not in self.tokenizer.special_tokens:
+            raise ChatGLMError(f"{token!r} 不是 ChatGLM 特殊符号 / is not a ChatGLM special token (one of {SPECIAL_TOKENS})")
+        return self.tokenizer.special_tokens[token]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.n_words
+
+    def __len__(self) -> int:
+        return self.tokenizer.n_words
+
+    def get_vocab(self) -> dict[str, int]:
+        if self._vocab is None:
+            sp = self.tokenizer.sp_model
+            vocab = {sp.id_to_piece(i): i for i in range(self.tokenizer.sp_size)}
+            vocab.update(self.tokenizer.special_tokens)
+            self._vocab = vocab
+        return dict(self._vocab)
+
+    def _tokenize(self, text, **kwargs):
+        return self.tokenizer.tokenize(text, encode_special_tokens=self.encode_special_tokens)
+
+    def tokenize(self, text, **kwargs):
+        # Bypass transformers' added-token splitting: text goes to SentencePiece untouched, as upstream did
+        # for everything a conversation contains.
+        return self._tokenize(text)
+
+    def _convert_token_to_id(self, token):
+        return self.tokenizer.token_to_id(token)
+
+    def _convert_id_to_token(self, index):
+        return self.tokenizer.id_to_token(index)
+
+    def convert_ids_to_tokens(self, ids, skip_special_tokens=False):
+        if isinstance(ids, int):
+            return self._convert_id_to_token(ids)
+        skip = self._skip_ids() if skip_special_tokens else set()
+        return [self._convert_id_to_token(int(i)) for i in ids if int(i) not in skip]
+
+    def _skip_ids(self) -> set[int]:
+        t = self.tokenizer
+        return set(t.index_special_tokens) | {t.bos_id, t.eos_id, t.pad_id}
+
+    def convert_tokens_to_string(self, tokens: list[str]) -> str:
+        text, buffer = [], []
+        for token in tokens:
+            if token in self.tokenizer.special_tokens:
+                text.append(self.tokenizer.sp_model.decode_pieces(buffer))
+                text.append(token)
+                buffer = []
+            elif token:
+                buffer.append(token)
+        text.append(self.tokenizer.sp_model.decode_pieces(buffer))
+        return "".join(text)
+
+    def _decode(self, token_ids, skip_special_tokens=False, clean_up_tokenization_spaces=None, **kwargs):
+        if isinstance(token_ids, int):
+            token_ids = [token_ids]
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        if clean_up_tokenization_spaces:
+            text = self.clean_up_tokenization(text)
+        return text
+
+    def save_vocabulary(self, save_directory, filename_prefix=None):
+        if not os.path.isdir(save_directory):
+            raise ChatGLMError(f"错误：{save_directory} 不是目录 / Error: {save_directory} is not a directory")
+        target = os.path.join(save_directory, (filename_prefix + "-" if filename_prefix else "") + VOCAB_FILE)
+        if os.path.abspath(target) != os.path.abspath(self.vocab_file):
+            shutil.copyfile(self.vocab_file, target)
+        return (target,)
+
+    # --- special tokens around sequences ----------------------------------------------------------------------
+    def get_prefix_tokens(self) -> list[int]:
+        return [self.get_command("[gMASK]"), self.get_command("sop")]
+
+    def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
+        ids = self.get_prefix_tokens() + list(token_ids_0)
+        if token_ids_1 is not None:
+            ids = ids + list(token_ids_1) + [self.get_command("<eos>")]
+        return ids
+
+    def num_special_tokens_to_add(self, pair=False):
+        return 3 if pair else 2
+
+    def get_special_tokens_mask(self, token_ids_0, token_ids_1=None, already_has_special_tokens=False):
+        if already_has_special_tokens:
+            skip = self._skip_ids()
+            return [1 if i in skip else 0 for i in token_ids_0]
+        mask = [1, 1] + [0] * len(token_ids_0)
+        if token_ids_1 is not None:
+            mask += [0] * len(token_ids_1) + [1]
+        return mask
+
+    def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None):
+        return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
+
+    # --- chat format --------------------------------------------------------------------------------------------
+    def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
+        """`<|role|>` + encode(metadata + "\\n") + encode(message), without the `[gMASK] sop` prefix."""
+        if role not in ROLES:
+            raise ChatGLMError(f"未知角色 {role!r} / unknown role {role!r} (one of {', '.join(ROLES)})")
+        return [self.get_command(f"<|{role}|>")] + self.tokenizer.encode(f"{metadata}\n") + self.tokenizer.encode(message)
+
+    def build_chat_input(self, query: str, history=None, role: str = "user") -> BatchEncoding:
+        """Prompt ids for the model's next reply: `[gMASK] sop`, the history, `<|role|>` query, `<|assistant|>`.
+
+        history is upstream's list of {"role", "content"[, "metadata"][, "tools"]}; a system message's tools are
+        appended to its content as JSON (indent 4, non-ASCII kept)."""
+        input_ids = self.get_prefix_tokens()
+        for item in history or []:
+            content = item["content"]
+            if item["role"] == "system" and "tools" in item:
+                content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
+            input_ids += self.build_single_message(item["role"], item.get("metadata", ""), content)
+        input_ids += self.build_single_message(role, "", query)
+        input_ids.append(self.get_command("<|assistant|>"))
+        return BatchEncoding({"input_ids": [input_ids], "attention_mask": [[1] * len(input_ids)]}, tensor_type="pt")
