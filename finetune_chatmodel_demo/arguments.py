@@ -1,0 +1,147 @@
+"""Command-line flags of finetune.py that are not transformers' own training arguments.
+
+The flag names are upstream ChatGLM3's (`finetune_chatmodel_demo/arguments.py`), so existing commands keep
+working; `--validation_file` and `--packing` are new. Everything else (`--output_dir`, `--learning_rate`,
+`--max_steps`, `--save_steps`, `--resume_from_checkpoint`, `--gradient_checkpointing`, `--deepspeed`, ...)
+comes from transformers' `Seq2SeqTrainingArguments`; see `python finetune.py --help`.
+"""
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ArgumentsError(ValueError):
+    """A flag or flag combination that cannot work; the message says which flag and what to do."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={
+            "help": "基座模型目录（如 chatglm3-6b 的本地目录）/ Directory of the base model (e.g. a local chatglm3-6b)."
+        }
+    )
+    tokenizer_name: Optional[str] = field(
+        default=None,
+        metadata={"help": "分词器目录，默认与模型相同 / Tokenizer directory; defaults to --model_name_or_path."},
+    )
+    ptuning_checkpoint: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "从已有的 P-Tuning v2 检查点继续（只加载前缀）/ Start from an existing P-Tuning v2 checkpoint "
+            "(loads the prefix only; optimizer state is not restored, use --resume_from_checkpoint for that)."
+        },
+    )
+    pre_seq_len: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "P-Tuning v2 前缀长度；不设置则全参数微调 / P-Tuning v2 prefix length; unset = full fine-tuning."
+        },
+    )
+    prefix_projection: bool = field(
+        default=False,
+        metadata={"help": "前缀经过两层 MLP 投影 / Pass the prefix through a two-layer MLP (upstream option)."},
+    )
+    quantization_bit: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "以 4 或 8 比特量化冻结的基座权重（需要 CUDA 和 bitsandbytes，仅 P-Tuning）/ Quantize the frozen "
+            "base weights to 4 or 8 bits (needs CUDA and bitsandbytes; P-Tuning only)."
+        },
+    )
+
+
+@dataclass
+class DataTrainingArguments:
+    train_file: str = field(
+        metadata={"help": "训练数据（JSONL 或 JSON 列表）/ Training data (JSONL or a JSON list)."}
+    )
+    validation_file: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "验证数据，训练中定期计算验证损失 / Validation data; its loss is computed during training "
+            "(every --eval_steps, default --save_steps)."
+        },
+    )
+    train_format: str = field(
+        default="multi-turn",
+        metadata={"help": "数据格式 / Data format.", "choices": ["multi-turn", "input-output"]},
+    )
+    max_seq_length: int = field(
+        default=2048,
+        metadata={"help": "多轮格式的最大长度（超出截断）/ Maximum tokens per multi-turn sample (longer ones are truncated)."},
+    )
+    max_source_length: int = field(
+        default=128,
+        metadata={"help": "input-output 格式的输入最大长度 / Maximum prompt tokens for input-output data."},
+    )
+    max_target_length: int = field(
+        default=128,
+        metadata={"help": "input-output 格式的输出最大长度 / Maximum response tokens for input-output data."},
+    )
+    preprocessing_num_workers: Optional[int] = field(
+        default=None,
+        metadata={"help": "保留以兼容上游，分词只做一次 / Kept for upstream compatibility; data is tokenized once."},
+    )
+    max_train_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "只用前 N 条训练样本（调试用）/ Use only the first N training samples (for debugging)."},
+    )
+    max_eval_samples: Optional[int] = field(
+        default=None,
+        metadata={"help": "只用前 N 条验证样本 / Use only the first N validation samples."},
+    )
+    pad_to_max_length: bool = field(
+        default=False,
+        metadata={
+            "help": "每批都补齐到 max_seq_length（慢，仅用于对比）；默认只补齐到批内最长 / Pad every batch to "
+            "max_seq_length (slow, for comparison); by default a batch is padded to its longest sample."
+        },
+    )
+    packing: bool = field(
+        default=False,
+        metadata={
+            "help": "把多段对话拼进同一行（最长 max_seq_length），段间互不可见 / Pack several conversations into "
+            "one row of up to max_seq_length tokens; they cannot attend to each other. Fewer padding tokens."
+        },
+    )
+
+
+def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
+    """Reject values that cannot work, before anything slow is loaded."""
+    if model_args.pre_seq_len is not None and model_args.pre_seq_len <= 0:
+        raise ArgumentsError(
+            f"错误：--pre_seq_len 必须是正整数，收到 {model_args.pre_seq_len} / "
+            f"Error: --pre_seq_len must be a positive integer, got {model_args.pre_seq_len}"
+        )
+    if model_args.quantization_bit is not None and model_args.quantization_bit not in (4, 8):
+        raise ArgumentsError(
+            f"错误：--quantization_bit 只能是 4 或 8，收到 {model_args.quantization_bit} / "
+            f"Error: --quantization_bit must be 4 or 8, got {model_args.quantization_bit}"
+        )
+    if model_args.quantization_bit is not None and model_args.pre_seq_len is None:
+        raise ArgumentsError(
+            "错误：量化的权重无法全参数微调，请同时设置 --pre_seq_len（P-Tuning v2）/ "
+            "Error: quantized weights cannot be fully fine-tuned; use it with --pre_seq_len (P-Tuning v2)"
+        )
+    if model_args.ptuning_checkpoint is not None and model_args.pre_seq_len is None:
+        raise ArgumentsError(
+            "错误：--ptuning_checkpoint 需要同时设置 --pre_seq_len / "
+            "Error: --ptuning_checkpoint needs --pre_seq_len as well"
+        )
+    for name in ("max_seq_length", "max_source_length", "max_target_length"):
+        value = getattr(data_args, name)
+        if value <= 0:
+            raise ArgumentsError(
+                f"错误：--{name} 必须是正整数，收到 {value} / Error: --{name} must be a positive integer, got {value}"
+            )
+    for name in ("max_train_samples", "max_eval_samples"):
+        value = getattr(data_args, name)
+        if value is not None and value <= 0:
+            raise ArgumentsError(
+                f"错误：--{name} 必须是正整数，收到 {value} / Error: --{name} must be a positive integer, got {value}"
+            )
+    if data_args.packing and data_args.pad_to_max_length:
+        raise ArgumentsError(
+            "错误：--packing 与 --pad_to_max_length 不能同时使用 / "
+            "Error: --packing and --pad_to_max_length cannot be used together"
+        )

@@ -1,0 +1,299 @@
+#!/usr/bin/env python
+"""Fine-tune ChatGLM3-6B on multi-turn dialogue: P-Tuning v2 (`--pre_seq_len N`) or full fine-tuning.
+
+Same flags as upstream's finetune_chatmodel_demo/finetune.py, plus `--validation_file` and `--packing`.
+Examples (the launchers in scripts/ fill these in from environment variables):
+
+    python finetune.py --model_name_or_path chatglm3-6b --train_file formatted_data/pokemon_conversations.jsonl \\
+        --output_dir output/pokemon_pt --pre_seq_len 128 --learning_rate 2e-2 --max_steps 1000 \\
+        --per_device_train_batch_size 4 --gradient_accumulation_steps 4 --max_seq_length 512 \\
+        --gradient_checkpointing --logging_steps 10 --save_steps 200 --resume_from_checkpoint true
+
+    torchrun --nproc_per_node 4 finetune.py ... --deepspeed configs/deepspeed.json --bf16   # full fine-tuning
+
+Precision: with P-Tuning v2 the frozen base weights are loaded in bf16 (fp16 on GPUs without bf16) and the
+prefix stays float32, so no --fp16/--bf16 flag is needed; on CPU everything is float32. Full fine-tuning loads
+float32 weights and takes --bf16/--fp16 (mixed precision, or DeepSpeed's) as usual.
+
+`--resume_from_checkpoint true` continues from the newest complete checkpoint-N in --output_dir (or starts
+fresh when there is none); a path continues from that checkpoint. Optimizer, scheduler and RNG are restored.
+"""
+import logging
+import os
+import sys
+
+# Run from any directory: the sibling modules (arguments, trainer, preprocess_utils, chatglm3) sit beside us.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed  # noqa: E402
+from transformers.trainer_utils import IntervalStrategy  # noqa: E402
+
+from arguments import ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments  # noqa: E402
+from chatglm3 import ChatGLMError, ChatGLMForConditionalGeneration, ChatGLMTokenizer  # noqa: E402
+from chatglm3 import load_ptuning_checkpoint  # noqa: E402
+import preprocess_utils  # noqa: E402
+from trainer import PrefixTrainer, find_last_checkpoint  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+# Errors that carry a message for the user: printed without a traceback, exit status 1.
+# (preprocess_utils.DataFormatError is a ChatGLMError.)
+USER_ERRORS = (ArgumentsError, ChatGLMError)
+
+
+def parse_args():
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments))
+    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
+    return parser.parse_args_into_dataclasses()
+
+
+def is_main_process(training_args) -> bool:
+    return training_args.process_index == 0
+
+
+def main_print(training_args, message: str):
+    if is_main_process(training_args):
+        print(message, flush=True)
+
+
+def resolve_resume(training_args):
+    """`--resume_from_checkpoint true|false|PATH` -> a checkpoint path or None."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).strip().lower() in ("", "false", "no", "none", "0"):
+        return None
+    if str(value).strip().lower() in ("true", "yes", "auto", "1"):
+        last = find_last_checkpoint(training_args.output_dir)
+        if last is None:
+            main_print(
+                training_args,
+                f"{training_args.output_dir} 中没有检查点，从头开始训练 / "
+                f"No checkpoint in {training_args.output_dir}, starting from scratch",
+            )
+            return None
+        main_print(training_args, f"从检查点继续训练 / Resuming from {last}")
+        return str(last)
+    path = os.path.abspath(value)
+    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        raise ArgumentsError(
+            f"错误：--resume_from_checkpoint {value} 不是完整的训练检查点（缺少 trainer_state.json）；"
+            f"用 true 表示 --output_dir 中最新的检查点 / Error: --resume_from_checkpoint {value} is not a complete "
+            "training checkpoint (no trainer_state.json); pass true to use the newest one in --output_dir"
+        )
+    return path
+
+
+def choose_dtype(pre_seq_len) -> torch.dtype:
+    """P-Tuning v2 freezes the base model, so it can sit in half precision; full fine-tuning keeps float32
+    master weights (mixed precision or DeepSpeed handle the half-precision compute)."""
+    if pre_seq_len is None or not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def check_quantization(model_args):
+    if model_args.quantization_bit is None:
+        return
+    if not torch.cuda.is_available():
+        raise ArgumentsError(
+            f"错误：--quantization_bit {model_args.quantization_bit} 需要 CUDA GPU，本机没有；请去掉该参数 / "
+            f"Error: --quantization_bit {model_args.quantization_bit} needs a CUDA GPU and none is available; "
+            "drop the flag"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ArgumentsError(
+            "错误：--quantization_bit 需要 bitsandbytes：pip install bitsandbytes / "
+            "Error: --quantization_bit needs bitsandbytes: pip install bitsandbytes"
+        ) from None
+
+
+def quantize_frozen_linears(model, bits: int, compute_dtype: torch.dtype):
+    """Replace the (frozen) linear layers of the transformer blocks by bitsandbytes 8-bit or 4-bit ones, on
+    the GPU. Embeddings, the output layer and the prefix stay as they are."""
+    import bitsandbytes as bnb
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    for block in model.transformer.encoder.layers:
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                has_bias = child.bias is not None
+                if bits == 8:
+                    new = bnb.nn.Linear8bitLt(
+                        child.in_features, child.out_features, bias=has_bias, has_fp16_weights=False
+                    )
+                    new.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
+                else:
+                    new = bnb.nn.Linear4bit(
+                        child.in_features, child.out_features, bias=has_bias, compute_dtype=compute_dtype,
+                        quant_type="nf4",
+                    )
+                    new.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+                if has_bias:
+                    new.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
+                setattr(parent, name, new.to(device))  # moving to the GPU is what quantizes
+    return model.to(device)
+
+
+def read_and_tokenize(path, data_args, tokenizer, training_args, limit=None):
+    """Load, check and tokenize one data file, once. preprocess_utils names file:line in its errors and
+    prints how many samples were truncated or dropped (and why)."""
+    verbose = is_main_process(training_args)
+    if data_args.train_format == "multi-turn":
+        records = preprocess_utils.load_conversations(path)
+    else:
+        records = preprocess_utils.load_input_output(path)
+    if limit is not None and limit < len(records):
+        main_print(training_args, f"只使用 {path} 的前 {limit} 条样本 / Using the first {limit} samples of {path}")
+        records = preprocess_utils.Records(records[:limit], records.locations[:limit])
+    if data_args.train_format == "multi-turn":
+        dataset = preprocess_utils.MultiTurnDataset(records, tokenizer, data_args.max_seq_length, verbose=verbose)
+    else:
+        dataset = preprocess_utils.InputOutputDataset(
+            records, tokenizer, data_args.max_source_length, data_args.max_target_length, verbose=verbose
+        )
+    if data_args.packing:
+        dataset = preprocess_utils.PackedDataset(dataset, dataset.max_seq_length, verbose=verbose)
+    return dataset
+
+
+def setup_logging(training_args):
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def configure_evaluation(training_args, data_args):
+    # transformers renamed evaluation_strategy to eval_strategy in 4.41.
+    attr = "eval_strategy" if hasattr(training_args, "eval_strategy") else "evaluation_strategy"
+    strategy = IntervalStrategy(getattr(training_args, attr))
+    if data_args.validation_file is None:
+        if strategy != IntervalStrategy.NO:
+            raise ArgumentsError(
+                f"错误：--{attr} {strategy.value} 需要 --validation_file / "
+                f"Error: --{attr} {strategy.value} needs --validation_file"
+            )
+        return
+    if strategy == IntervalStrategy.NO:
+        setattr(training_args, attr, IntervalStrategy.STEPS)
+        training_args.eval_steps = training_args.eval_steps or training_args.save_steps
+    training_args.do_eval = True
+
+
+def main():
+    model_args, data_args, training_args = parse_args()
+    check_arguments(model_args, data_args)
+    check_quantization(model_args)
+    configure_evaluation(training_args, data_args)
+    resume = resolve_resume(training_args)
+    setup_logging(training_args)
+
+    # Our dataset items are plain dicts for our collator; the model's forward takes **kwargs, so the Trainer
+    # cannot guess which columns it uses.
+    training_args.remove_unused_columns = False
+    training_args.label_names = ["labels"]
+    training_args.prediction_loss_only = True  # the model returns no logits with labels (memory)
+    training_args.ddp_find_unused_parameters = False
+    # The model's own (non-reentrant) checkpointing switch; the Trainer's hook differs between releases.
+    gradient_checkpointing = training_args.gradient_checkpointing
+    training_args.gradient_checkpointing = False
+
+    set_seed(training_args.seed)
+
+    if not os.path.isdir(model_args.model_name_or_path):
+        raise ArgumentsError(
+            f"错误：找不到基座模型目录 {model_args.model_name_or_path}。请先下载 THUDM/chatglm3-6b 的权重，"
+            f"再用 --model_name_or_path（或启动脚本的 BASE_MODEL_PATH）指向该目录 / Error: base model directory "
+            f"{model_args.model_name_or_path} not found. Download the THUDM/chatglm3-6b weights and point "
+            "--model_name_or_path (BASE_MODEL_PATH in the launchers) at that directory"
+        )
+    tokenizer = ChatGLMTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+
+    # Data first: a bad file fails in seconds, before gigabytes of weights are read.
+    train_dataset = read_and_tokenize(
+        data_args.train_file, data_args, tokenizer, training_args, data_args.max_train_samples
+    )
+    eval_dataset = None
+    if data_args.validation_file is not None:
+        eval_dataset = read_and_tokenize(
+            data_args.validation_file, data_args, tokenizer, training_args, data_args.max_eval_samples
+        )
+
+    dtype = choose_dtype(model_args.pre_seq_len)
+    overrides = {}
+    if model_args.pre_seq_len is not None:
+        overrides = {"pre_seq_len": model_args.pre_seq_len, "prefix_projection": model_args.prefix_projection}
+    model = ChatGLMForConditionalGeneration.from_pretrained(
+        model_args.model_name_or_path, torch_dtype=dtype, **overrides
+    )
+    if model_args.ptuning_checkpoint is not None:
+        load_ptuning_checkpoint(model, model_args.ptuning_checkpoint)
+        main_print(training_args, f"已加载 P-Tuning 前缀 / Loaded the prefix from {model_args.ptuning_checkpoint}")
+    if model_args.quantization_bit is not None:
+        model = quantize_frozen_linears(model, model_args.quantization_bit, dtype)
+        main_print(training_args, f"已量化为 {model_args.quantization_bit} 比特 / Quantized to {model_args.quantization_bit} bit")
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    main_print(
+        training_args,
+        f"{'P-Tuning v2' if model_args.pre_seq_len else '全参数微调 / full fine-tuning'}: "
+        f"可训练参数 / trainable parameters {trainable:,} / {total:,}; 权重精度 / weights {dtype}",
+    )
+
+    if data_args.packing:
+        collator = preprocess_utils.DataCollatorForPacking(tokenizer)
+    else:
+        collator = preprocess_utils.DataCollatorForChatGLM(
+            tokenizer,
+            padding="max_length" if data_args.pad_to_max_length else "longest",
+            max_length=train_dataset.max_seq_length,
+        )
+
+    trainer_kwargs = dict(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        save_prefix_only=model_args.pre_seq_len is not None,
+    )
+    # transformers >= 4.46 calls it processing_class; older releases tokenizer.
+    import inspect
+
+    if "processing_class" in inspect.signature(transformers.Trainer.__init__).parameters:
+        trainer_kwargs["processing_class"] = tokenizer
+    else:
+        trainer_kwargs["tokenizer"] = tokenizer
+    trainer = PrefixTrainer(**trainer_kwargs)
+
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+    main_print(
+        training_args,
+        f"训练完成，模型保存在 / Training finished, model saved to {os.path.abspath(training_args.output_dir)}",
+    )
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except USER_ERRORS as err:
+        print(err, file=sys.stderr, flush=True)
+        sys.exit(1)
