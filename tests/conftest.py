@@ -31,3 +31,15 @@ def _require_shared() -> Path:
 def shared() -> Path:
     """Path to the read-only ../shared fixtures (skip, or fail under CI=true, when absent)."""
     return _require_shared()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny random-weight ChatGLM3 (2 layers, hidden 64) with a SentencePiece tokenizer trained on the
+    bundled Pokémon table, in the official checkpoint format."""
+    from chatglm3.tiny import build_tiny_model
+
+    corpus = DATA / "data.csv"
+    if not corpus.is_file():
+        pytest.fail(f"bundled corpus missing: {corpus}")
+    return build_tiny_model(corpus, tmp_path_factory.mktemp("tiny-chatglm3"), seed=0)

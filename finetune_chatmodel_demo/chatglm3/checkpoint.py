@@ -1,0 +1,338 @@
+"""Reading and writing checkpoints in upstream's format (config.json + safetensors or .bin, sharded or not).
+
+Weights are read one tensor at a time into a model built on the meta device, so the 6B model loads in about
+its own size of RAM.
+"""
+import json
+import os
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .configuration import ChatGLMConfig
+from .errors import ChatGLMError
+
+PREFIX_KEY = "transformer.prefix_encoder."
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
+# Arguments that transformers' Auto classes and users' upstream habits pass along; they mean nothing here.
+IGNORED_KWARGS = {
+    "trust_remote_code", "cache_dir", "revision", "token", "use_auth_token", "local_files_only", "force_download",
+    "proxies", "subfolder", "resume_download", "_from_auto", "_from_pipeline", "_commit_hash", "code_revision",
+    "low_cpu_mem_usage", "attn_implementation", "use_safetensors", "adapter_kwargs", "output_loading_info",
+    "empty_init", "key_mapping",
+}
+
+
+def _dtype(value) -> Optional[torch.dtype]:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if value not in names:
+        raise ChatGLMError(f"不支持的 dtype / unsupported dtype: {value!r} (use float32, float16 or bfloat16)")
+    return names[value]
+
+
+def read_config(path: Path) -> dict:
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ChatGLMError(f"{config_file}: 缺少 config.json / missing config.json — is {path} a ChatGLM3 checkpoint directory?")
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ChatGLMError(f"{config_file}: 不是合法的 JSON / not valid JSON: {e}") from None
+    if data.get("model_type") != "chatglm":
+        raise ChatGLMError(f"{config_file}: model_type 应为 \"chatglm\"，实际为 {data.get('model_type')!r} / field model_type must be \"chatglm\"")
+    return data
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The checkpoint's weight files, in the order a loader reads them."""
+    for name in WEIGHT_FILES:
+        f = path / name
+        if not f.is_file():
+            continue
+        if name.endswith(".index.json"):
+            try:
+                weight_map = json.loads(f.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise ChatGLMError(f"{f}: 索引文件损坏 / broken index file ({e})") from None
+            shards = [path / s for s in dict.fromkeys(weight_map.values())]
+            for s in shards:
+                if not s.is_file():
+                    raise ChatGLMError(f"{f}: 列出的分片不存在 / lists a missing shard: {s.name}")
+            return shards
+        return [f]
+    raise ChatGLMError(f"{path}: 找不到权重文件 / no weights found (expected one of {', '.join(WEIGHT_FILES)})")
+
+
+def iter_tensors(file: Path):
+    """Yields (key, tensor) one at a time, on CPU."""
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            # mmap: tensors are paged in as they are copied out, not all at once.
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            yield from state.items()
+    except ChatGLMError:
+        raise
+    except Exception as e:  # corrupt or truncated files surface deep inside safetensors/pickle
+        raise ChatGLMError(f"{file}: 无法读取权重 / cannot read weights: {e}") from None
+
+
+def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor):
+    module_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    old = getattr(module, attr)
+    if isinstance(old, nn.Parameter):
+        setattr(module, attr, nn.Parameter(tensor, requires_grad=old.requires_grad))
+    else:
+        module._buffers[attr] = tensor
+
+
+def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dtype=None, dtype=None, device=None, device_map=None, **kwargs):
+    """`ChatGLMForConditionalGeneration.from_pretrained`: config overrides as keyword arguments
+    (e.g. `pre_seq_len=128`); a prefix encoder missing from the files is freshly initialised."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ChatGLMError(
+            f"找不到模型目录 / model directory not found: {path}. 请先下载 THUDM/chatglm3-6b 并传入其本地路径 / "
+            "download THUDM/chatglm3-6b and pass its local path (weights are never downloaded here)."
+        )
+    config_dict = read_config(path)
+    if config is None:
+        config = ChatGLMConfig.from_dict(config_dict)
+    for key, value in kwargs.items():
+        if key in IGNORED_KWARGS:
+            continue
+        if key == "quantization_config" or (key == "quantization_bit" and value):
+            raise ChatGLMError("本实现不支持量化 / quantization is not supported by this implementation")
+        if not hasattr(config, key):
+            raise ChatGLMError(f"未知参数 / unknown argument for from_pretrained: {key}")
+        setattr(config, key, value)
+    target_dtype = _dtype(dtype or torch_dtype)
+    if target_dtype is None or target_dtype == "auto":
+        target_dtype = torch.float32
+    if device_map is not None and device is None:
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if device_map == "auto" else device_map
+    device = torch.device(device or "cpu")
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = dict(model.named_parameters())
+    expected.update(model.named_buffers())
+    for file in weight_files(path):
+        for key, tensor in iter_tensors(file):
+            if key not in expected:
+                raise ChatGLMError(f"{file}: 多余的张量 / unexpected tensor {key!r} (not part of a ChatGLM3 model with this config.json)")
+            want = expected[key]
+            if tuple(tensor.shape) != tuple(want.shape):
+                raise ChatGLMError(f"{file}: 张量 {key} 形状为 {tuple(tensor.shape)}，按 config.json 应为 {tuple(want.shape)} / tensor {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}")
+            # The prefix and the rotary buffer stay in float32 (upstream trains the prefix in float32).
+            keep_fp32 = key.startswith(PREFIX_KEY) or key.endswith("inv_freq")
+            _set_tensor(model, key, tensor.to(device=device, dtype=torch.float32 if keep_fp32 else target_dtype))
+
+    missing = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    fresh = [k for k in missing if k.startswith(PREFIX_KEY) or k.endswith("inv_freq")]
+    really_missing = sorted(set(missing) - set(fresh))
+    if really_missing:
+        shown = ", ".join(really_missing[:5]) + (" ..." if len(really_missing) > 5 else "")
+        raise ChatGLMError(f"{path}: 权重缺少 {len(really_missing)} 个张量 / weights lack {len(really_missing)} tensors: {shown}")
+    if fresh:
+        _materialise_fresh(model, device)
+    model.eval()
+    model.stop_token_ids = default_stop_token_ids(path, config)
+    return model
+
+
+def _materialise_fresh(model: nn.Module, device: torch.device):
+    """Initialise what the files did not hold: a new P-Tuning prefix, and the rotary buffer of old files."""
+    transformer = model.transformer
+    rotary = transformer.rotary_pos_emb
+    if rotary.inv_freq.is_meta:
+        dim = rotary.dim
+        rotary._buffers["inv_freq"] = 1.0 / (rotary.base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    prefix = getattr(transformer, "prefix_encoder", None)
+    if prefix is not None and any(p.is_meta for p in prefix.parameters()):
+        # torch's default init, as upstream (its _init_weights does nothing for the prefix).
+        prefix.to_empty(device=device)
+        for m in prefix.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        prefix.float()
+
+
+def default_stop_token_ids(path: Path, config: ChatGLMConfig) -> list[int]:
+    """eos, <|user|> and <|observation|>: the special tokens follow the SentencePiece vocabulary of the
+    checkpoint's tokenizer.model ([MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|> <|observation|>)."""
+    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else 2
+    tokenizer_file = path / "tokenizer.model"
+    if not tokenizer_file.is_file():
+        return [eos]
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_file))
+    n = sp.vocab_size()
+    return [sp.eos_id(), n + 6, n + 8]
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", str(size), re.IGNORECASE)
+    if not m:
+        raise ChatGLMError(f"max_shard_size 无法解析 / cannot parse max_shard_size: {size!r} (e.g. '2GB')")
+    unit = m.group(2).upper()
+    scale = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+def save_pretrained(model, save_directory, state_dict=None, safe_serialization=True, max_shard_size="2GB"):
+    """Upstream's layout: config.json, then `model.safetensors` or `model-0000i-of-0000n.safetensors` with
+    `model.safetensors.index.json` (`pytorch_model*.bin` when safe_serialization=False)."""
+    out = Path(save_directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = ["ChatGLMForConditionalGeneration"]
+    model.config.save_pretrained(out)
+    _add_upstream_config_fields(out / "config.json")
+    if state_dict is None:
+        state_dict = model.state_dict()
+    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+
+    # Stale shards from an earlier save would be picked up by the index-less loaders.
+    for old in out.glob("*"):
+        if re.fullmatch(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?|model\.safetensors\.index\.json", old.name):
+            old.unlink()
+
+    limit = _parse_size(max_shard_size)
+    shards, current, size = [], {}, 0
+    for key, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > limit:
+            shards.append(current)
+            current, size = {}, 0
+        current[key] = tensor
+        size += nbytes
+    shards.append(current)
+
+    stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
+    names = [f"{stem}.{ext}"] if len(shards) == 1 else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+        else:
+            torch.save(shard, out / name)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state_dict.values())
+        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _add_upstream_config_fields(config_file: Path):
+    """transformers 5 writes `dtype`; upstream's remote code (transformers 4.x) reads `torch_dtype`."""
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    if "dtype" in data and "torch_dtype" not in data:
+        data["torch_dtype"] = data["dtype"]
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_ptuning_checkpoint(model, pt_checkpoint):
+    """Loads an upstream P-Tuning v2 checkpoint (`transformer.prefix_encoder.*` in pytorch_model.bin or
+    model.safetensors) into `model.transformer.prefix_encoder`."""
+    pt_path = Path(pt_checkpoint)
+    if not pt_path.is_dir():
+        raise ChatGLMError(f"找不到 P-Tuning 检查点目录 / P-Tuning checkpoint directory not found: {pt_path}")
+    prefix = getattr(model.transformer, "prefix_encoder", None)
+    if prefix is None:
+        raise ChatGLMError(f"{pt_path}: 模型没有前缀编码器（未设置 pre_seq_len）/ the model has no prefix encoder: load it with pre_seq_len set")
+    state = {}
+    for file in weight_files(pt_path):
+        for key, tensor in iter_tensors(file):
+            if key.startswith(PREFIX_KEY):
+                state[key[len(PREFIX_KEY):]] = tensor
+    if not state:
+        raise ChatGLMError(f"{pt_path}: 不含 {PREFIX_KEY}* 张量，不是 P-Tuning 检查点 / holds no {PREFIX_KEY}* tensors: not a P-Tuning checkpoint")
+    expected = prefix.state_dict()
+    if set(state) != set(expected):
+        raise ChatGLMError(
+            f"{pt_path}: 前缀编码器的张量 {sorted(state)} 与模型的 {sorted(expected)} 不符（prefix_projection 不一致？）/ "
+            "prefix encoder tensors do not match the model's (prefix_projection differs?)"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ChatGLMError(
+                f"{pt_path}: {PREFIX_KEY}{key} 形状 {tuple(tensor.shape)}，模型为 {tuple(expected[key].shape)}（pre_seq_len 或模型尺寸不一致）/ "
+                f"shape {tuple(tensor.shape)} does not match the model's {tuple(expected[key].shape)} (pre_seq_len or model size differs)"
+            )
+    prefix.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model
+
+
+def read_ptuning_config(pt_checkpoint) -> dict:
+    """`pre_seq_len` / `prefix_projection` from a P-Tuning checkpoint's config.json, if it has one."""
+    config_file = Path(pt_checkpoint) / "config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ChatGLMError(f"{config_file}: 不是合法的 JSON / not valid JSON: {e}") from None
+    return {k: data[k] for k in ("pre_seq_len", "prefix_projection") if data.get(k) is not None}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device) -> torch.dtype:
+    """bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU."""
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_model_and_tokenizer(model_path, tokenizer_path=None, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None):
+    """Base or full fine-tuned model, optionally with a P-Tuning v2 checkpoint, and its tokenizer, in eval mode.
+
+    The checkpoint's config.json supplies pre_seq_len/prefix_projection; a flag that disagrees is an error."""
+    from .model import ChatGLMForConditionalGeneration
+    from .tokenizer import ChatGLMTokenizer
+
+    device = device or default_device()
+    dtype = _dtype(dtype) or default_dtype(device)
+    overrides = {}
+    if pt_checkpoint is not None:
+        saved = read_ptuning_config(pt_checkpoint)
+        for name, flag in (("pre_seq_len", pre_seq_len), ("prefix_projection", prefix_projection)):
+            if flag is not None and name in saved and flag != saved[name]:
+                raise ChatGLMError(f"{Path(pt_checkpoint) / 'config.json'}: {name}={saved[name]}，与参数 {flag} 不一致 / disagrees with the flag ({flag})")
+            value = flag if flag is not None else saved.get(name)
+            if value is not None:
+                overrides[name] = value
+        if not overrides.get("pre_seq_len"):
+            raise ChatGLMError(f"{pt_checkpoint}: 无法确定 pre_seq_len（没有 config.json）/ cannot tell pre_seq_len (no config.json): pass --pt-pre-seq-len")
+    model = ChatGLMForConditionalGeneration.from_pretrained(model_path, torch_dtype=dtype, device=device, **overrides)
+    if pt_checkpoint is not None:
+        load_ptuning_checkpoint(model, pt_checkpoint)
+    tokenizer_dir = Path(tokenizer_path or model_path)
+    if not (tokenizer_dir / "tokenizer.model").is_file():
+        raise ChatGLMError(f"{tokenizer_dir}: 缺少 tokenizer.model / missing tokenizer.model (pass --tokenizer DIR)")
+    tokenizer = ChatGLMTokenizer.from_pretrained(str(tokenizer_dir))
+    if len(tokenizer) > model.config.padded_vocab_size:
+        raise ChatGLMError(
+            f"{tokenizer_dir}: 分词器有 {len(tokenizer)} 个词，超过模型词表 {model.config.padded_vocab_size} / tokenizer has "
+            f"{len(tokenizer)} tokens, more than the model's vocabulary ({model.config.padded_vocab_size}): wrong --tokenizer?"
+        )
+    model.stop_token_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+    model.eval()
+    return model, tokenizer
