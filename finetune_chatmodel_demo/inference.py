@@ -1,0 +1,361 @@
+#!/usr/bin/env python
+"""与 ChatGLM3（基座或微调后）对话 / Chat with a ChatGLM3 model, base or fine-tuned.
+
+三种用法 / Three ways to run it:
+  * 交互 / interactive (stdin is a terminal): multi-turn chat in the ChatGLM3 format, the answer printed as it is
+    generated. Commands: `clear` starts a new conversation, `exit` / `quit` / `stop` (or Ctrl-D) leaves.
+  * 管道 / piped (stdin is not a terminal): every input line is one user turn of the same conversation (the same
+    commands apply). stdout gets exactly one line per answer: "ChatGLM：" followed by the answer, with line breaks
+    inside the answer written as the two characters "\\n". Everything else (loading, tool calls, errors) goes to
+    stderr, so `printf 'q1\\nq2\\n' | python inference.py --model M | sed 's/^ChatGLM：//'` gives the answers.
+  * `--prompt TEXT`: answer once, print the answer as is, exit.
+
+`--tools data_processing/data.csv` lets the model call the `pokedex_lookup` tool: the call is answered from the
+table as an observation turn and the model continues to its answer.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import chatglm3
+from chatglm3 import ChatGLMError
+
+ANSWER_PREFIX = "ChatGLM："
+USER_PROMPT = "用户 / User："
+TOOL_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+MAX_TOOL_ROUNDS = 3  # tool calls answered per user turn before the turn is given up (stops call loops)
+EXIT_COMMANDS = ("exit", "quit", "stop")
+CLEAR_COMMAND = "clear"
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model flags, shared with evaluate.py
+# ---------------------------------------------------------------------------------------------------------------
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model flags of upstream's inference.py (also used by evaluate.py)."""
+    group = parser.add_argument_group("模型 / model")
+    group.add_argument("--model", required=True,
+                       help="基座模型或全参微调后的模型目录 / base model or full fine-tuned checkpoint directory")
+    group.add_argument("--tokenizer", default=None,
+                       help="分词器目录，默认与 --model 相同 / tokenizer directory (default: --model)")
+    group.add_argument("--pt-checkpoint", default=None,
+                       help="P-Tuning v2 检查点目录 / P-Tuning v2 checkpoint directory")
+    group.add_argument("--pt-pre-seq-len", type=int, default=None,
+                       help="P-Tuning 前缀长度，默认读取检查点的 config.json / prefix length "
+                            "(default: read from the checkpoint's config.json; a different value is an error)")
+    group.add_argument("--device", default=None,
+                       help="运行设备，默认有 GPU 用 cuda，否则 cpu / device (default: cuda if available, else cpu)")
+
+
+def load_from_args(args: argparse.Namespace):
+    """Load (model, tokenizer) from the model flags and say on stderr what was loaded."""
+    if args.pt_pre_seq_len is not None and args.pt_checkpoint is None:
+        raise ChatGLMError("错误：--pt-pre-seq-len 需要配合 --pt-checkpoint 使用 / "
+                           "Error: --pt-pre-seq-len only makes sense with --pt-checkpoint")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ChatGLMError(f"错误：--device {args.device} 不可用，本机没有可用的 CUDA GPU；去掉 --device 将使用 CPU / "
+                           f"Error: --device {args.device} but no CUDA GPU is available; drop --device to use the CPU")
+    model, tokenizer = chatglm3.load_model_and_tokenizer(
+        args.model,
+        tokenizer_path=args.tokenizer,
+        pt_checkpoint=args.pt_checkpoint,
+        pre_seq_len=args.pt_pre_seq_len,
+        device=args.device,
+    )
+    details = f"device {model.device}, dtype {str(model.dtype).replace('torch.', '')}"
+    if getattr(model.config, "pre_seq_len", None):
+        details += f", P-Tuning pre_seq_len {model.config.pre_seq_len}"
+    print(f"已加载模型 / Loaded model: {args.model} ({details})", file=sys.stderr)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt building and history trimming
+# ---------------------------------------------------------------------------------------------------------------
+def initial_history(system: Optional[str] = None, tools: Optional[List[dict]] = None) -> List[dict]:
+    """The history a new conversation starts from: the tool system message first (as training renders a sample
+    with "tools"; model.chat looks for the tools there), then the --system prompt."""
+    history = []
+    if tools:
+        history.append({"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": tools})
+    if system:
+        history.append({"role": "system", "content": system})
+    return history
+
+
+def prompt_ids(tokenizer, query: str, history: List[dict], role: str = "user") -> List[int]:
+    """Token ids the model is given for `query` after `history` (ending in <|assistant|>)."""
+    return tokenizer.build_chat_input(query, history=history, role=role)["input_ids"][0].tolist()
+
+
+def trim_history(tokenizer, query: str, history: List[dict], role: str, max_prompt_tokens: int) -> List[dict]:
+    """Drop the oldest turns (a user message and all that follows it up to the next one) until the prompt fits.
+
+    The leading system message is kept. While answering a tool observation the current turn is kept too, since
+    the observation means nothing without it. Raises ChatGLMError when even that does not fit.
+    """
+    first_user = next((i for i, m in enumerate(history) if m["role"] == "user"), len(history))
+    head, rest = history[:first_user], history[first_user:]
+    turn_starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
+    droppable = len(turn_starts) - (1 if role == "observation" and turn_starts else 0)
+    length = len(prompt_ids(tokenizer, query, history, role))
+    dropped = 0
+    while length > max_prompt_tokens and dropped < droppable:
+        dropped += 1
+        cut = turn_starts[dropped] if dropped < len(turn_starts) else len(rest)
+        length = len(prompt_ids(tokenizer, query, head + rest[cut:], role))
+    if length > max_prompt_tokens:
+        raise ChatGLMError(
+            f"错误：输入过长（{length} 个 token，最多 {max_prompt_tokens}）。请缩短问题，或用 clear 开始新对话，"
+            f"或减小 --max-new-tokens / Error: prompt too long ({length} tokens, at most {max_prompt_tokens} = "
+            f"context length minus --max-new-tokens); shorten it, `clear` the conversation or lower --max-new-tokens"
+        )
+    if dropped:
+        print(f"提示：对话过长，已丢弃最早的 {dropped} 轮 / Note: conversation too long, dropped the oldest "
+              f"{dropped} turn(s)", file=sys.stderr)
+        cut = turn_starts[dropped] if dropped < len(turn_starts) else len(rest)
+        return head + rest[cut:]
+    return history
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The pokedex_lookup tool
+# ---------------------------------------------------------------------------------------------------------------
+class PokedexTool:
+    """Answers `pokedex_lookup` calls from the Pokémon table (the CSV that data_processing builds)."""
+
+    name = "pokedex_lookup"
+
+    def __init__(self, csv_path: str):
+        import poke_tools  # data_processing/; imported here so plain chats do not need it
+
+        self.schema = poke_tools.TOOL_SCHEMA
+        self.table = poke_tools.load_table(csv_path)
+        self._lookup = poke_tools.lookup
+
+    def __call__(self, call: dict) -> str:
+        """The observation (JSON text) for a tool call dict {"name": ..., "parameters": {...}}; never raises."""
+        name = call.get("name")
+        parameters = call.get("parameters")
+        if name != self.name:
+            return _error_observation(f"未知工具 / unknown tool: {name!r}; 可用 / available: {self.name}")
+        if not isinstance(parameters, dict):
+            return _error_observation(f"参数格式错误 / bad parameters: {parameters!r}")
+        try:
+            result = self._lookup(self.table, **parameters)
+        except (TypeError, ValueError, KeyError) as exc:
+            return _error_observation(str(exc))
+        return json.dumps(result, ensure_ascii=False)
+
+
+def _error_observation(message: str) -> str:
+    return json.dumps({"error": message}, ensure_ascii=False)
+
+
+def _add_data_processing_to_path() -> None:
+    data_dir = str(REPO_ROOT / "data_processing")
+    if data_dir not in sys.path:
+        sys.path.append(data_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One chat turn
+# ---------------------------------------------------------------------------------------------------------------
+class Display:
+    """Where a turn's output goes: streamed to the terminal, or collected and printed once (piped / scripted)."""
+
+    def __init__(self, stream: bool, verbose: bool = False):
+        self.stream = stream
+        self.verbose = verbose
+        self._shown = ""
+
+    def begin_answer(self) -> None:
+        self._shown = ""
+        if self.stream:
+            print(ANSWER_PREFIX, end="", flush=True)
+
+    def partial(self, text: str) -> None:
+        # Only extend what is on screen; a partial text that rewrites earlier output is settled in end_answer.
+        if self.stream and text.startswith(self._shown):
+            print(text[len(self._shown):], end="", flush=True)
+            self._shown = text
+
+    def end_answer(self, text: str) -> None:
+        if self.stream:
+            tail = text[len(self._shown):] if text.startswith(self._shown) else "\n" + text
+            print(tail, flush=True)
+
+    def tool_call(self, call: dict, observation: str) -> None:
+        out = sys.stdout if self.stream else sys.stderr
+        if self.stream and self._shown:
+            print(file=out)
+        print(f"[调用工具 / tool call] {json.dumps(call, ensure_ascii=False)}", file=out)
+        print(f"[工具结果 / observation] {observation}", file=out, flush=True)
+        self._shown = ""
+
+    def debug_prompt(self, ids: List[int]) -> None:
+        if self.verbose:
+            print(f"[调试 / debug] input_ids: {json.dumps(ids)}", file=sys.stderr, flush=True)
+
+
+def chat_turn(model, tokenizer, query: str, history: List[dict], gen_kwargs: Dict, max_prompt_tokens: int,
+              tool: Optional[Callable[[dict], str]] = None, display: Optional[Display] = None
+              ) -> Tuple[str, List[dict]]:
+    """Answer one user message; returns (answer text, new history).
+
+    With `tool`, a tool call from the model is answered by `tool(call)` as an observation turn and the model goes
+    on, at most MAX_TOOL_ROUNDS times. Raises ChatGLMError for a prompt that cannot fit (history is unchanged).
+    """
+    display = display or Display(stream=False)
+    role, content = "user", query
+    for _ in range(MAX_TOOL_ROUNDS + 1):
+        history = trim_history(tokenizer, content, history, role, max_prompt_tokens)
+        display.debug_prompt(prompt_ids(tokenizer, content, history, role))
+        display.begin_answer()
+        response, new_history = "", history
+        for response, new_history in model.stream_chat(tokenizer, content, history, role=role, **gen_kwargs):
+            if isinstance(response, str):
+                display.partial(response)
+        history = new_history
+        if isinstance(response, dict) and "parameters" in response and tool is not None:
+            observation = tool(response)
+            display.tool_call(response, observation)
+            role, content = "observation", observation
+            continue
+        answer = response if isinstance(response, str) else response.get("content", json.dumps(response))
+        display.end_answer(answer)
+        return answer, history
+    display.end_answer("")
+    raise ChatGLMError(f"错误：模型连续调用工具超过 {MAX_TOOL_ROUNDS} 次，本轮放弃 / Error: the model called tools "
+                       f"more than {MAX_TOOL_ROUNDS} times in a row; this turn was given up")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="与 ChatGLM3 对话（交互、管道或单次）/ Chat with ChatGLM3 (interactive, piped or one-shot)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n", 2)[2],
+    )
+    add_model_args(parser)
+    parser.add_argument("--max-new-tokens", type=int, default=512,
+                        help="每次回答最多生成的 token 数 / most new tokens per answer (default 512)")
+    parser.add_argument("--system", default=None, help="系统提示词 / system prompt")
+    parser.add_argument("--prompt", default=None, help="只回答这一个问题然后退出 / answer this one prompt and exit")
+    parser.add_argument("--temperature", type=float, default=0.8, help="采样温度 / sampling temperature (0.8)")
+    parser.add_argument("--top-p", type=float, default=0.8, help="nucleus 采样阈值 / top-p (0.8)")
+    parser.add_argument("--greedy", action="store_true", help="贪心解码，不采样 / greedy decoding, no sampling")
+    parser.add_argument("--seed", type=int, default=None, help="随机种子 / random seed")
+    parser.add_argument("--tools", default=None, metavar="CSV",
+                        help="启用 pokedex_lookup 工具，用该表回答 / enable the pokedex_lookup tool, answered from "
+                             "this table (e.g. data_processing/data.csv)")
+    parser.add_argument("--verbose", action="store_true",
+                        help="在 stderr 打印每次输入的 token id / print each prompt's token ids on stderr")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise ChatGLMError(f"错误：--max-new-tokens 必须 ≥ 1（收到 {args.max_new_tokens}）/ "
+                           f"Error: --max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    if not args.greedy and args.temperature <= 0:
+        raise ChatGLMError(f"错误：--temperature 必须 > 0，或使用 --greedy / "
+                           f"Error: --temperature must be > 0 (got {args.temperature}); use --greedy instead")
+    if not 0 < args.top_p <= 1:
+        raise ChatGLMError(f"错误：--top-p 必须在 (0, 1] 内 / Error: --top-p must be in (0, 1] (got {args.top_p})")
+    if args.tools is not None and not Path(args.tools).is_file():
+        raise ChatGLMError(f"错误：找不到工具数据表 {args.tools} / Error: tool table {args.tools} not found")
+
+
+def generation_kwargs(args: argparse.Namespace) -> Dict:
+    if args.greedy:
+        return {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": True,
+            "temperature": args.temperature, "top_p": args.top_p}
+
+
+def run(args: argparse.Namespace) -> int:
+    check_args(args)
+    tool = None
+    if args.tools:
+        _add_data_processing_to_path()
+        tool = PokedexTool(args.tools)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_from_args(args)
+    max_prompt_tokens = model.config.seq_length - args.max_new_tokens
+    if max_prompt_tokens < 1:
+        raise ChatGLMError(f"错误：--max-new-tokens {args.max_new_tokens} 不小于模型上下文长度 "
+                           f"{model.config.seq_length} / Error: --max-new-tokens must be below the model's context "
+                           f"length {model.config.seq_length}")
+    gen_kwargs = generation_kwargs(args)
+    fresh = initial_history(args.system, [tool.schema] if tool else None)
+
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ChatGLMError("错误：--prompt 为空 / Error: --prompt is empty")
+        chat_turn(model, tokenizer, args.prompt, list(fresh), gen_kwargs, max_prompt_tokens, tool,
+                  Display(stream=True, verbose=args.verbose))
+        return 0
+
+    interactive = sys.stdin.isatty()
+    display = Display(stream=interactive, verbose=args.verbose)
+    if interactive:
+        print("输入问题开始对话；clear 清空历史，exit / stop 退出 / Type to chat; `clear` starts over, "
+              "`exit` / `stop` quits")
+    history, failed_turns = list(fresh), 0
+    while True:
+        try:
+            line = input(f"\n{USER_PROMPT}") if interactive else sys.stdin.readline()
+        except (EOFError, KeyboardInterrupt):
+            line = None
+        if line is None or (not interactive and line == ""):  # EOF
+            break
+        query = line.strip()
+        if query in EXIT_COMMANDS:
+            break
+        if query == CLEAR_COMMAND:
+            history = list(fresh)
+            print("已开始新对话 / Started a new conversation", file=sys.stdout if interactive else sys.stderr)
+            continue
+        if not query:
+            if interactive:
+                print("提示：请输入问题（空行被忽略）/ Note: type a question (empty lines are ignored)")
+            continue
+        try:
+            answer, history = chat_turn(model, tokenizer, query, history, gen_kwargs, max_prompt_tokens, tool,
+                                        display)
+        except ChatGLMError as exc:
+            failed_turns += 1
+            print(exc, file=sys.stderr, flush=True)
+            continue
+        except KeyboardInterrupt:
+            print("\n已中断本次回答 / Answer interrupted", file=sys.stderr)
+            continue
+        if not interactive:
+            print(ANSWER_PREFIX + answer.replace("\n", "\\n"), flush=True)
+    if failed_turns and not interactive:
+        print(f"有 {failed_turns} 轮未能回答 / {failed_turns} turn(s) could not be answered", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except ChatGLMError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
