@@ -46,6 +46,13 @@ def _type_name(value) -> str:
     return {dict: "object", list: "list", str: "string", bool: "bool", int: "number", float: "number", type(None): "null"}.get(type(value), type(value).__name__)
 
 
+def _not_a_string(record: dict, key: str) -> str:
+    if key not in record:
+        return f"缺少 \"{key}\"（字符串）/ missing \"{key}\" (a string)"
+    got = _type_name(record[key])
+    return f"\"{key}\" 应为字符串，实际是 {got} / \"{key}\" must be a string, got {got}"
+
+
 def _location(data, i: int) -> str:
     locations = getattr(data, "locations", None)
     return locations[i] if locations else f"第 {i + 1} 条样本 / sample {i + 1}"
@@ -149,8 +156,7 @@ def check_conversation(sample, where: str, conversation_key: str = CONVERSATION_
                     f"\"parameters\" (an object), got {_type_name(message.get('parameters'))}"
                 )
         elif not isinstance(message.get("content"), str):
-            got = "缺失 / missing" if "content" not in message else _type_name(message["content"])
-            raise DataFormatError(f"{here}: \"content\" 应为字符串，实际是 {got} / \"content\" must be a string, got {got}")
+            raise DataFormatError(f"{here}: {_not_a_string(message, 'content')}")
         if "loss" in message and not isinstance(message["loss"], bool):
             raise DataFormatError(f"{here}: \"loss\" 应为 true 或 false，实际是 {message['loss']!r} / \"loss\" must be true or false, got {message['loss']!r}")
 
@@ -160,8 +166,7 @@ def check_input_output(sample, where: str, prompt_key: str = "prompt", response_
         raise DataFormatError(f"{where}: 样本应为 JSON 对象，实际是 {_type_name(sample)} / a sample must be a JSON object, got {_type_name(sample)}")
     for key in (prompt_key, response_key):
         if not isinstance(sample.get(key), str):
-            got = "缺失 / missing" if key not in sample else _type_name(sample[key])
-            raise DataFormatError(f"{where}: \"{key}\" 应为字符串，实际是 {got} / \"{key}\" must be a string, got {got}")
+            raise DataFormatError(f"{where}: {_not_a_string(sample, key)}")
 
 
 def _load(path, check, **keys) -> Records:
