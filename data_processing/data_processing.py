@@ -376,7 +376,7 @@ def lookup_pokemon(table, name):
     key = clean_text(str(name))
     row = next((r for r in table.rows if r.name == key), None)
     if row is None:
-        return {"姓名": key, "错误": "图鉴中没有找到这只宝可梦 / not found in the Pokédex"}
+        return {"姓名": key, "错误": "图鉴中没有找到这只宝可梦"}  # model-facing, so Chinese only
     facts = {"姓名": row.name, "属性": list(row.types), "弱点": list(row.weaknesses)}
     if row.quad_weaknesses:
         facts["四倍弱点"] = list(row.quad_weaknesses)
@@ -589,10 +589,13 @@ def run(args):
     samples = build_samples(table, style=args.style, seed=args.seed, variants=args.variants,
                             normalize=normalize)
     if not samples:
-        raise DataError(f"错误：{input_path} 没有可用的行（{table.records} 行全部被跳过，见下方原因）/ Error: no "
-                        f"usable rows in {input_path} (all {table.records} skipped): "
-                        + "; ".join(f"{REASONS[r]} x{sum(i['reason'] == r for i in table.skipped)}"
-                                    for r in dict.fromkeys(i["reason"] for i in table.skipped)))
+        first = {}
+        for issue in table.skipped:
+            first.setdefault(issue["reason"], issue)
+        why = "; ".join(f"{REASONS[r]} ×{sum(j['reason'] == r for j in table.skipped)}（第 {i['line']} 行起 / "
+                        f"from line {i['line']}）" for r, i in first.items())
+        raise DataError(f"错误：{input_path} 没有可用的行，{table.records} 行全部被跳过 / Error: no usable rows in "
+                        f"{input_path}, all {table.records} skipped: {why}")
     dev_names = split_dev([n for n, _ in samples], args.dev_ratio, args.seed)
     train = [s for n, s in samples if n not in dev_names]
     dev = [s for n, s in samples if n in dev_names]
