@@ -42,12 +42,12 @@ DEFAULT_OUTPUT = REPO / "finetune_chatmodel_demo" / "formatted_data" / "pokemon_
 # Column roles and their default header names (the original project's schema).
 COLUMNS = {"name": "姓名", "types": "属性", "weaknesses": "弱点", "ability": "特征", "description": "数据"}
 # Other header names accepted for a role when the user did not name the column explicitly.
-COLUMN_ALIASES = {
-    "name": ["名字", "名称", "宝可梦", "name", "pokemon"],
-    "types": ["类型", "type", "types"],
-    "weaknesses": ["weakness", "weaknesses"],
-    "ability": ["特性", "ability", "abilities"],
-    "description": ["描述", "介绍", "简介", "description"],
+COLUMN_ALIASES = {  # simplified, traditional, English
+    "name": ["名字", "名称", "宝可梦", "名稱", "寶可夢", "name", "pokemon"],
+    "types": ["类型", "屬性", "類型", "type", "types"],
+    "weaknesses": ["弱點", "weakness", "weaknesses"],
+    "ability": ["特性", "特徵", "ability", "abilities"],
+    "description": ["描述", "介绍", "简介", "數據", "介紹", "簡介", "description"],
 }
 COLUMN_FLAGS = {"name": "--name-col", "types": "--type-col", "weaknesses": "--weakness-col",
                 "ability": "--ability-col", "description": "--desc-col"}

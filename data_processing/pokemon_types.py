@@ -50,10 +50,12 @@ _ALIASES = {
 }
 _VOCAB = {t: t for t in TYPES}
 _VOCAB.update(_ALIASES)
-# Words that may follow a type name and carry no information ("火属性", "水系").
-_FILLERS = ("属性", "系", "属")
+# Words that carry no type: suffixes ("火属性", "水系") and the placeholder for "no second type" ("草/无").
+_FILLERS = ("属性", "屬性", "系", "属", "屬", "无", "無")
 _LONGEST = max(len(w) for w in list(_VOCAB) + list(_FILLERS))
-_SEPARATORS = re.compile(r"[\s、,，/／;；|｜+＋&＆·・和与及]+")
+_SEPARATORS = re.compile(r"[\s、,，/／;；|｜+＋&＆·・\-－—和与及]+")
+# Damage annotations in weakness lists: "冰(x4)", "火×2", "地面（4倍）".
+_MULTIPLIERS = re.compile(r"[(（]?\s*(?:[x×X*]\s*[0-9.]+|[0-9.]+\s*倍)\s*[)）]?")
 
 
 class UnknownTypeError(ValueError):
@@ -121,12 +123,13 @@ def _first_unknown(chunk):
 def split_types(text):
     """Parse a type cell into canonical type names, in order, without repeats.
 
-    Accepts run-together names ("一般飞行" -> ["一般", "飞行"]), separators (、 , / ; | and spaces),
-    traditional and English spellings, and the abbreviation 岩. Raises UnknownTypeError naming the first
+    Accepts run-together names ("一般飞行" -> ["一般", "飞行"]), separators (、 , / ; | - and spaces),
+    traditional and English spellings, the abbreviation 岩, suffixes like 属性/系, the placeholder 无 and
+    damage notes ("冰(x4)"). Raises UnknownTypeError naming the first
     word it cannot read. An empty cell gives [].
     """
     found = []
-    for chunk in _SEPARATORS.split(clean_text(text)):
+    for chunk in _SEPARATORS.split(_MULTIPLIERS.sub(" ", clean_text(text))):
         if not chunk:
             continue
         words = _segment(chunk)

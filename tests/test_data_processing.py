@@ -51,7 +51,7 @@ def write(path, text, encoding="utf-8"):
     ("飞行龙", ["飞行", "龙"]), ("冰岩", ["冰", "岩石"]), ("Grass/Poison", ["草", "毒"]),
     ("火属性", ["火"]), ("幽靈", ["幽灵"]),
     ("超能\uf98a", ["超能力"]),  # the CJK compatibility ideograph of 力, as in the crawled table
-    ("水水", ["水"]), ("", []),
+    ("水水", ["水"]), ("", []), ("草/无", ["草"]), ("草-毒", ["草", "毒"]), ("火(x2)、冰（4倍）", ["火", "冰"]),
 ])
 def test_split_types(text, expected):
     assert split_types(text) == expected
@@ -314,6 +314,11 @@ def test_configurable_columns_and_delimiter(tmp_path):
 
     missing = run_script(DP_SCRIPT, "--input", src, "--output", out, "--type-col", "属性")
     assert_clean_failure(missing, "line 1", "属性", "--type-col")
+
+    # Traditional header names and an extra column; the optional columns may be absent.
+    extra = write(tmp_path / "trad.csv", "编号,名稱,屬性\n25,皮卡丘,电\n26,雷丘,電\n")
+    rows = dp.load_table(extra).rows
+    assert [(r.name, r.types, r.ability) for r in rows] == [("皮卡丘", ["电"], ""), ("雷丘", ["电"], "")]
 
 
 def test_dev_split_by_pokemon(tmp_path):
