@@ -128,40 +128,38 @@ def trim_history(tokenizer, query: str, history: List[dict], role: str, max_prom
 # The pokedex_lookup tool
 # ---------------------------------------------------------------------------------------------------------------
 class PokedexTool:
-    """Answers `pokedex_lookup` calls from the Pokémon table (the CSV that data_processing builds)."""
-
-    name = "pokedex_lookup"
+    """Answers `pokedex_lookup` calls from a Pokémon table, with the observations the tool-calling training samples
+    of data_processing/format_tool_poke.py hold (data_processing.lookup_pokemon)."""
 
     def __init__(self, csv_path: str):
-        import poke_tools  # data_processing/; imported here so plain chats do not need it
+        data_dir = str(REPO_ROOT / "data_processing")
+        if data_dir not in sys.path:
+            sys.path.append(data_dir)
+        import data_processing
+        from format_tool_poke import POKEDEX_TOOL
 
-        self.schema = poke_tools.TOOL_SCHEMA
-        self.table = poke_tools.load_table(csv_path)
-        self._lookup = poke_tools.lookup
+        self.schema = POKEDEX_TOOL
+        self.name = POKEDEX_TOOL["name"]
+        try:
+            self.table = data_processing.load_table(csv_path)
+        except data_processing.DataError as exc:
+            raise ChatGLMError(str(exc)) from None
+        self._lookup = data_processing.lookup_pokemon
+        print(f"工具 / Tool {self.name}: {len(self.table.rows)} 只宝可梦 / Pokémon from {csv_path}", file=sys.stderr)
 
     def __call__(self, call: dict) -> str:
-        """The observation (JSON text) for a tool call dict {"name": ..., "parameters": {...}}; never raises."""
-        name = call.get("name")
-        parameters = call.get("parameters")
+        """The observation (JSON text) for a tool call {"name": ..., "parameters": {...}}; never raises.
+        Mistakes become an error observation (model-facing, so in Chinese, as in the training data)."""
+        name, parameters = call.get("name"), call.get("parameters")
         if name != self.name:
-            return _error_observation(f"未知工具 / unknown tool: {name!r}; 可用 / available: {self.name}")
-        if not isinstance(parameters, dict):
-            return _error_observation(f"参数格式错误 / bad parameters: {parameters!r}")
-        try:
-            result = self._lookup(self.table, **parameters)
-        except (TypeError, ValueError, KeyError) as exc:
-            return _error_observation(str(exc))
-        return json.dumps(result, ensure_ascii=False)
+            return _error_observation(f"没有名为 {name!r} 的工具，可用的工具：{self.name}")
+        if not isinstance(parameters, dict) or set(parameters) != {"name"} or not isinstance(parameters["name"], str):
+            return _error_observation(f"参数应为 name（宝可梦的中文名字），收到：{json.dumps(parameters, ensure_ascii=False)}")
+        return json.dumps(self._lookup(self.table, parameters["name"]), ensure_ascii=False)
 
 
 def _error_observation(message: str) -> str:
-    return json.dumps({"error": message}, ensure_ascii=False)
-
-
-def _add_data_processing_to_path() -> None:
-    data_dir = str(REPO_ROOT / "data_processing")
-    if data_dir not in sys.path:
-        sys.path.append(data_dir)
+    return json.dumps({"错误": message}, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,7 +284,6 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     tool = None
     if args.tools:
-        _add_data_processing_to_path()
         tool = PokedexTool(args.tools)
     if args.seed is not None:
         torch.manual_seed(args.seed)

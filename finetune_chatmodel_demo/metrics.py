@@ -35,7 +35,7 @@ def score_pair(prediction: str, reference: str) -> Dict[str, float]:
         return {key: value for key in METRIC_KEYS}
     rouge = _rouge.get_scores(" ".join(pred_words), " ".join(ref_words))[0]
     scores = {key: rouge[key]["f"] * 100 for key in ("rouge-1", "rouge-2", "rouge-l")}
-    scores["bleu-4"] = sentence_bleu([ref_words], pred_words, smoothing_function=_smoothing) * 100
+    scores["bleu-4"] = float(sentence_bleu([ref_words], pred_words, smoothing_function=_smoothing)) * 100
     return {key: round(value, 4) for key, value in scores.items()}
 
 
