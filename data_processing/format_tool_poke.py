@@ -224,7 +224,8 @@ def build_parser():
         description="检查对话数据并写成 JSONL（ChatGLM3 多轮格式）；--tools 生成调用 pokedex_lookup 工具的对话 / "
                     "Validate conversations and write JSONL in the ChatGLM3 multi-turn format; --tools builds "
                     "tool-calling conversations with a pokedex_lookup function instead.")
-    p.add_argument("--path", help="对话数据：JSON 列表或 JSONL（默认是 data_processing.py 的输出） / conversations: "
+    p.add_argument("--path", help="对话数据：JSON 列表或 JSONL（默认是 data_processing.py 的输出；用 --tools 时只在给出时读取，"
+                                  "并和工具对话一起写出） / conversations: "
                                   f"a JSON list or JSONL (default: {dp.DEFAULT_OUTPUT}); with --tools, only "
                                   "read when given, and then written together with the tool samples")
     p.add_argument("--output", default=str(DEFAULT_OUTPUT),
