@@ -148,6 +148,11 @@ def test_directory_without_tokenizer_model_is_a_clear_error(tmp_path):
         ChatGLMTokenizer.from_pretrained(str(tmp_path / "missing"))
 
 
+def test_unknown_model_name_offline_is_a_clear_error():
+    with pytest.raises(ChatGLMError, match="tokenizer.model"):
+        ChatGLMTokenizer.from_pretrained("no-such-user/no-such-model", local_files_only=True)
+
+
 def test_tiny_sentencepiece_model(tiny):
     n = tiny.tokenizer.sp_model.vocab_size()
     assert [tiny.get_command(t) for t in SPECIAL_TOKENS] == list(range(n, n + 9))

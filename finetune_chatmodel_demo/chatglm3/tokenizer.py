@@ -118,6 +118,11 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def __init__(self, vocab_file=None, padding_side="left", clean_up_tokenization_spaces=False, encode_special_tokens=False, **kwargs):
         for key in _IGNORED_CONFIG_KEYS:
             kwargs.pop(key, None)
+        if not vocab_file:
+            raise ChatGLMError(
+                f"错误：没有找到 {VOCAB_FILE}（请传入 ChatGLM3 模型或分词器的本地目录）/ Error: no {VOCAB_FILE} found "
+                "(pass the local directory of the ChatGLM3 model or its tokenizer)"
+            )
         self.name = "GLMTokenizer"
         self.vocab_file = vocab_file
         self.tokenizer = SPTokenizer(vocab_file)
@@ -151,7 +156,13 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             )
         if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".")):
             raise ChatGLMError(f"错误：找不到分词器目录 {path} / Error: tokenizer directory {path} not found")
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except OSError as e:  # not a local directory and not downloadable (e.g. offline)
+            raise ChatGLMError(
+                f"错误：无法加载分词器 {path}（不是本地目录，也无法下载）/ Error: cannot load the tokenizer {path}: not a "
+                f"local directory and not downloadable ({e})"
+            ) from None
 
     # --- vocabulary -------------------------------------------------------------------------------------------
     def get_command(self, token: str) -> int:
