@@ -203,16 +203,17 @@ class Display:
 
 
 def chat_turn(model, tokenizer, query: str, history: List[dict], gen_kwargs: Dict, max_prompt_tokens: int,
-              tool: Optional[Callable[[dict], str]] = None, display: Optional[Display] = None
-              ) -> Tuple[str, List[dict]]:
+              tool: Optional[Callable[[dict], str]] = None, display: Optional[Display] = None,
+              max_tool_rounds: int = MAX_TOOL_ROUNDS) -> Tuple[str, List[dict]]:
     """Answer one user message; returns (answer text, new history).
 
     With `tool`, a tool call from the model is answered by `tool(call)` as an observation turn and the model goes
-    on, at most MAX_TOOL_ROUNDS times. Raises ChatGLMError for a prompt that cannot fit (history is unchanged).
+    on, at most `max_tool_rounds` times. Raises ChatGLMError for a prompt that cannot fit or too many tool calls;
+    the caller's history is then unchanged.
     """
     display = display or Display(stream=False)
     role, content = "user", query
-    for _ in range(MAX_TOOL_ROUNDS + 1):
+    for _ in range(max_tool_rounds + 1):
         history = trim_history(tokenizer, content, history, role, max_prompt_tokens)
         display.debug_prompt(prompt_ids(tokenizer, content, history, role))
         display.begin_answer()
@@ -230,8 +231,8 @@ def chat_turn(model, tokenizer, query: str, history: List[dict], gen_kwargs: Dic
         display.end_answer(answer)
         return answer, history
     display.end_answer("")
-    raise ChatGLMError(f"错误：模型连续调用工具超过 {MAX_TOOL_ROUNDS} 次，本轮放弃 / Error: the model called tools "
-                       f"more than {MAX_TOOL_ROUNDS} times in a row; this turn was given up")
+    raise ChatGLMError(f"错误：模型连续调用工具超过 {max_tool_rounds} 次，本轮放弃 / Error: the model called tools "
+                       f"more than {max_tool_rounds} times in a row; this turn was given up")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -65,8 +65,10 @@ def test_prompts_are_the_training_ids_up_to_each_reply(shared, dev_file):
         assert case["input_ids"][len(prompt):len(prompt) + len(reply)] == reply
 
 
-def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny, dev_file):
-    model, tokenizer = load_model_and_tokenizer(str(tiny), device="cpu")
+@pytest.mark.parametrize("ptuning", [False, True], ids=["base", "ptuning"])
+def test_batched_left_padded_generation_equals_one_prompt_at_a_time(tiny, shared, dev_file, ptuning):
+    pt = str(shared / "parity" / "tiny-ptuning") if ptuning else None
+    model, tokenizer = load_model_and_tokenizer(str(tiny), pt_checkpoint=pt, device="cpu")
     prompts = [evaluate.build_prompt(tokenizer, s.history) for s in evaluate.load_samples(str(dev_file))]
     assert len({len(p) for p in prompts}) > 1  # different lengths, so batches are padded
     kwargs = {"max_new_tokens": 6, "do_sample": False}

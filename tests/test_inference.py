@@ -13,6 +13,7 @@ from chatglm3 import ChatGLMError, ChatGLMTokenizer, process_response
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "finetune_chatmodel_demo" / "inference.py"
+BUNDLED_TABLE = REPO / "data_processing" / "data.csv"
 
 
 def run_script(*args, stdin=""):
@@ -54,12 +55,45 @@ def test_piped_turns_answer_each_line_keep_history_and_survive_bad_lines(tiny, t
     assert second[-len(tail):] == tail
 
 
-def test_prompt_mode_reads_the_ptuning_config(tiny, shared):
+def test_prompt_mode_reads_the_ptuning_config_and_offers_the_tool(tiny, shared, tokenizer):
+    from format_tool_poke import POKEDEX_TOOL
+
     pt = shared / "parity" / "tiny-ptuning"
-    result = run_script("--model", tiny, "--pt-checkpoint", pt, "--prompt", "你好", "--max-new-tokens", 5, "--greedy")
+    result = run_script("--model", tiny, "--pt-checkpoint", pt, "--prompt", "皮卡丘是什么属性？", "--max-new-tokens", 5,
+                        "--greedy", "--tools", BUNDLED_TABLE, "--verbose")
     assert result.returncode == 0, result.stderr
     assert "pre_seq_len 4" in result.stderr
-    assert result.stdout.startswith(inference.ANSWER_PREFIX) and len(result.stdout.splitlines()) >= 1
+    assert result.stdout.startswith(inference.ANSWER_PREFIX)
+    # The system message carries the pokedex_lookup tool as the tool-calling training samples do.
+    history = inference.initial_history(None, [POKEDEX_TOOL])
+    assert debug_ids(result.stderr)[0] == inference.prompt_ids(tokenizer, "皮卡丘是什么属性？", history)
+
+
+def test_interactive_chat_in_a_terminal(tiny, tokenizer):
+    import os
+    import pty
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen([sys.executable, str(SCRIPT), "--model", str(tiny), "--max-new-tokens", "4",
+                                "--verbose"], stdin=terminal, stdout=terminal, stderr=terminal, cwd=REPO)
+    os.close(terminal)
+    os.write(controller, "你好\n\nclear\n那你呢\nexit\n".encode())  # typed ahead; the terminal buffers it
+    output = b""
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the script exited and closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(controller)
+    assert process.wait(timeout=300) == 0
+    text = output.decode("utf-8", "replace")
+    assert text.count(inference.ANSWER_PREFIX) == 2
+    assert "Started a new conversation" in text and "empty lines are ignored" in text
+    # After `clear` the second question starts a fresh conversation.
+    assert debug_ids(text)[1] == tokenizer.build_chat_input("那你呢")["input_ids"][0].tolist()
 
 
 def test_bad_model_flags_give_a_clear_error(tiny, shared, tmp_path, capsys):
@@ -135,3 +169,86 @@ def test_initial_history_puts_the_tool_system_message_first(tokenizer):
     assert history[0] == {"role": "system", "content": inference.TOOL_SYSTEM_PROMPT, "tools": tools}
     assert history[1] == {"role": "system", "content": "你是宝可梦图鉴。"}
     assert inference.initial_history(None, None) == []
+
+
+# --- the pokedex_lookup tool ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pokedex():
+    return inference.PokedexTool(str(BUNDLED_TABLE))
+
+
+def test_tool_calls_are_parsed_without_eval_and_answered_from_the_table(pokedex, tmp_path):
+    import data_processing
+
+    call, _ = process_response("pokedex_lookup\n```python\ntool_call(name='皮卡丘')\n```", [])
+    assert call == {"name": "pokedex_lookup", "parameters": {"name": "皮卡丘"}}
+    observation = json.loads(pokedex(call))
+    assert observation == data_processing.lookup_pokemon(pokedex.table, "皮卡丘")
+    assert observation["属性"] == ["电"]
+
+    # The answer the tool-calling training samples teach for a name the table lacks.
+    assert "错误" in json.loads(pokedex({"name": "pokedex_lookup", "parameters": {"name": "星光狐"}}))
+    # Anything else is an error observation, never an exception.
+    for bad in ({"name": "weather", "parameters": {"city": "北京"}},
+                {"name": "pokedex_lookup", "parameters": {}},
+                {"name": "pokedex_lookup", "parameters": {"name": "皮卡丘", "level": 5}},
+                {"name": "pokedex_lookup", "parameters": {"name": 25}},
+                {"name": "pokedex_lookup", "content": "not a call"}):
+        assert set(json.loads(pokedex(bad))) == {"错误"}, bad
+
+    marker = tmp_path / "evaluated"
+    code = f"pokedex_lookup\n```python\ntool_call(name=__import__('pathlib').Path({str(marker)!r}).touch())\n```"
+    call, _ = process_response(code, [])
+    assert "parameters" not in call and not marker.exists()
+    assert "错误" in json.loads(pokedex(call))
+
+
+def _tool_calling_model(shared):
+    """The reference tiny model rewired into a bigram machine that always answers
+    "pokedex_lookup\\n tool_call(name='皮卡丘')" then <|observation|>: every layer's output projection is zeroed,
+    so each position's logits depend on its own token only, and the output layer maps each token of that reply to
+    the next one. (The second "_" is the byte token <0x5F>, so that no token repeats.)"""
+    model, tokenizer = chatglm3_load(shared / "parity" / "tiny-chatglm3")
+    program = [tokenizer.get_command("<|assistant|>"), 281, 9066, 914, 30962, 5072, 455, 13, 2583,
+               tokenizer.convert_tokens_to_ids("<0x5F>"), 10372, 30946, 2323, 6521, 55350, 55259, 56729, 3387,
+               tokenizer.get_command("<|observation|>")]
+    assert tokenizer.decode(program[1:-1]).replace(" ", "") == "pokedex_lookup\ntool_call(name='皮卡丘')"
+    with torch.no_grad():
+        for layer in model.transformer.encoder.layers:
+            layer.self_attention.dense.weight.zero_()
+            layer.mlp.dense_4h_to_h.weight.zero_()
+        model.transformer.encoder.final_layernorm.weight.fill_(1.0)
+        embedding = model.transformer.embedding.word_embeddings.weight
+        output = model.transformer.output_layer.weight
+        output.zero_()
+        for k, (token, successor) in enumerate(zip(program, program[1:])):
+            embedding[token].zero_()
+            embedding[token, k] = 1.0
+            output[successor, k] = 10.0
+    return model, tokenizer
+
+
+def chatglm3_load(path):
+    from chatglm3 import load_model_and_tokenizer
+
+    return load_model_and_tokenizer(str(path), device="cpu")
+
+
+def test_tool_loop_answers_the_call_and_bounds_the_rounds(shared, pokedex, capsys):
+    model, tokenizer = _tool_calling_model(shared)
+    history = inference.initial_history(None, [pokedex.schema])
+    display = inference.Display(stream=False, verbose=True)
+    with pytest.raises(ChatGLMError, match="more than 1 times"):
+        inference.chat_turn(model, tokenizer, "皮卡丘是什么属性？", history, {"max_new_tokens": 30, "do_sample": False},
+                            max_prompt_tokens=400, tool=pokedex, display=display, max_tool_rounds=1)
+    err = capsys.readouterr().err
+    first, second = debug_ids(err)
+    assert first == inference.prompt_ids(tokenizer, "皮卡丘是什么属性？", history)
+    # The second round sees the call and the observation from the table, and again asks for a reply.
+    observation = json.dumps(json.loads(pokedex({"name": "pokedex_lookup", "parameters": {"name": "皮卡丘"}})),
+                             ensure_ascii=False)
+    tail = tokenizer.build_single_message("observation", "", observation) + [tokenizer.get_command("<|assistant|>")]
+    assert second[:len(first)] == first and second[-len(tail):] == tail
+    assert "pokedex_lookup" in err and "皮卡丘" in err  # the call and its observation are shown (stderr when piped)
