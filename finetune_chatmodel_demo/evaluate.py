@@ -43,7 +43,6 @@ def to_history(sample: dict) -> Tuple[List[dict], List[int]]:
     assistant messages with loss. Tool calls are context, not scored."""
     history, targets = [], []
     if TOOL_DESC_KEY in sample:
-        # build_chat_input appends "\n" + the tools as indented JSON, as training's system message has them.
         history.append({"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": sample[TOOL_DESC_KEY]})
     for message in sample[CONVERSATION_KEY]:
         role = message["role"]

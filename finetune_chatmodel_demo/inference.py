@@ -8,7 +8,10 @@
     commands apply). stdout gets exactly one line per answer: "ChatGLM：" followed by the answer, with line breaks
     inside the answer written as the two characters "\\n". Everything else (loading, tool calls, errors) goes to
     stderr, so `printf 'q1\\nq2\\n' | python inference.py --model M | sed 's/^ChatGLM：//'` gives the answers.
-  * `--prompt TEXT`: answer once, print the answer as is, exit.
+  * `--prompt TEXT`: answer once ("ChatGLM：" + the answer as generated, line breaks kept) and exit.
+
+退出码 / Exit status: 0 done; 1 piped input with turns that could not be answered (each is reported on stderr
+and the chat goes on); 2 bad flags, model or checkpoint.
 
 `--tools data_processing/data.csv` lets the model call the `pokedex_lookup` tool: the call is answered from the
 table as an observation turn and the model continues to its answer.
@@ -23,10 +26,12 @@ import torch
 
 import chatglm3
 from chatglm3 import ChatGLMError
+from preprocess_utils import TOOL_DEFINITION_PREFIX
 
 ANSWER_PREFIX = "ChatGLM："
 USER_PROMPT = "用户 / User："
-TOOL_SYSTEM_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+# build_chat_input appends "\n" + the tools as JSON, which makes training's tool system message.
+TOOL_SYSTEM_PROMPT = TOOL_DEFINITION_PREFIX.rstrip("\n")
 MAX_TOOL_ROUNDS = 3  # tool calls answered per user turn before the turn is given up (stops call loops)
 EXIT_COMMANDS = ("exit", "quit", "stop")
 CLEAR_COMMAND = "clear"
