@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """在验证集上评测 ChatGLM3：ROUGE-1/2/L 与 BLEU-4 / Score ChatGLM3 on a dev set with ROUGE-1/2/L and BLEU-4.
 
-For every assistant message (with loss) of every conversation in --data, the model generates a reply from the
-conversation before it (same prompt format as training and inference.py; batched, left padded, greedy unless
---do-sample). Predictions and references are segmented with jieba and scored as upstream ChatGLM3's finetune
+For every assistant message (with loss) of every conversation in --data (JSONL or a JSON list, the training
+format), the model generates a reply from the conversation before it (same prompt format as training and
+inference.py; batched, left padded, greedy unless --do-sample). Predictions and references are segmented with jieba and scored as upstream ChatGLM3's finetune
 demo does (see metrics.py). Predictions are written beside their references to --output (JSONL); the last line
 of stdout is the JSON summary {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "samples"}.
 """
@@ -138,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
     )
-    parser.add_argument("--data", required=True, help="验证集 JSONL（每行一个对话）/ dev set JSONL, one conversation a line")
+    parser.add_argument("--data", required=True,
+                        help="验证集：JSONL（每行一个对话）或 JSON 列表，如 data_processing.py 的 --dev-output / dev set: "
+                             "JSONL (one conversation a line) or a JSON list, e.g. data_processing.py's --dev-output")
     add_model_args(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="每批生成的样本数 / prompts per batch (8)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="每条回复最多生成的 token 数 / most new tokens (128)")
