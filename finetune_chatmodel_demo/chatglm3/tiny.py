@@ -70,7 +70,7 @@ def train_tokenizer(lines: list[str], model_prefix: Path, vocab_size: int) -> in
     whitespace kept). Returns the vocabulary size it reached."""
     # Chat-format and tool-call text the corpus may lack, so that they encode compactly too.
     extra = ["```python", "tool_call(name='皮卡丘')", "{\"name\": \"pokedex_lookup\"}", "Answer the following questions as best as you can."]
-    for coverage in (0.9995, 0.995, 0.98, 0.95, 0.9):
+    for coverage in (1.0, 0.9995, 0.995, 0.98, 0.95, 0.9):
         try:
             _train(lines + extra, model_prefix, vocab_size, coverage)
             break
@@ -106,7 +106,8 @@ def _train(lines: list[str], model_prefix: Path, vocab_size: int, coverage: floa
 
 def build_tiny_model(corpus, out, layers: int = 2, hidden: int = 64, heads: int = 4, kv_groups: int = 2,
                      ffn_hidden: Optional[int] = None, vocab_size: int = 2000, seq_length: int = 2048, seed: int = 0) -> Path:
-    """Writes tokenizer.model, tokenizer_config.json, config.json and model.safetensors to `out`."""
+    """Writes tokenizer.model, tokenizer_config.json, config.json and model.safetensors to `out`.
+    `corpus`: one file or a list of files (.txt .csv .json .jsonl)."""
     from .model import ChatGLMForConditionalGeneration
     from .tokenizer import ChatGLMTokenizer
 
@@ -115,7 +116,8 @@ def build_tiny_model(corpus, out, layers: int = 2, hidden: int = 64, heads: int 
                            "hidden must divide by heads and heads by kv_groups")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sp_size = train_tokenizer(corpus_lines(corpus), out / "tokenizer", vocab_size)
+    corpora = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
+    sp_size = train_tokenizer([line for c in corpora for line in corpus_lines(c)], out / "tokenizer", vocab_size)
     (out / "tokenizer.vocab").unlink(missing_ok=True)
     tokenizer = ChatGLMTokenizer(vocab_file=str(out / "tokenizer.model"))
     tokenizer.save_pretrained(str(out))

@@ -13,7 +13,7 @@ from chatglm3.tiny import build_tiny_model  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--corpus", required=True, help="训练分词器的语料 / corpus for the tokenizer (.txt .csv .jsonl .json)")
+    p.add_argument("--corpus", required=True, nargs="+", help="训练分词器的语料（可多个）/ corpus file(s) for the tokenizer (.txt .csv .jsonl .json)")
     p.add_argument("--out", required=True, help="输出目录 / output directory")
     p.add_argument("--layers", type=int, default=2, help="层数 / number of layers (default 2)")
     p.add_argument("--hidden", type=int, default=64, help="隐藏维度 / hidden size (default 64)")
