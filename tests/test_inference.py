@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import inference
-from chatglm3 import ChatGLMError, ChatGLMTokenizer, process_response
+from chatglm3 import ChatGLMError, ChatGLMTokenizer, load_model_and_tokenizer, process_response
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "finetune_chatmodel_demo" / "inference.py"
@@ -210,7 +210,7 @@ def _tool_calling_model(shared):
     "pokedex_lookup\\n tool_call(name='皮卡丘')" then <|observation|>: every layer's output projection is zeroed,
     so each position's logits depend on its own token only, and the output layer maps each token of that reply to
     the next one. (The second "_" is the byte token <0x5F>, so that no token repeats.)"""
-    model, tokenizer = chatglm3_load(shared / "parity" / "tiny-chatglm3")
+    model, tokenizer = load_model_and_tokenizer(str(shared / "parity" / "tiny-chatglm3"), device="cpu")
     program = [tokenizer.get_command("<|assistant|>"), 281, 9066, 914, 30962, 5072, 455, 13, 2583,
                tokenizer.convert_tokens_to_ids("<0x5F>"), 10372, 30946, 2323, 6521, 55350, 55259, 56729, 3387,
                tokenizer.get_command("<|observation|>")]
@@ -228,12 +228,6 @@ def _tool_calling_model(shared):
             embedding[token, k] = 1.0
             output[successor, k] = 10.0
     return model, tokenizer
-
-
-def chatglm3_load(path):
-    from chatglm3 import load_model_and_tokenizer
-
-    return load_model_and_tokenizer(str(path), device="cpu")
 
 
 def test_tool_loop_answers_the_call_and_bounds_the_rounds(shared, pokedex, capsys):
