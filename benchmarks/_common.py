@@ -1,0 +1,169 @@
+"""Helpers shared by the benchmark scripts: the model shape, the real tokenizer, the Pokémon data, memory peaks.
+
+Importing this module puts `finetune_chatmodel_demo/` and `data_processing/` on sys.path, so the scripts run
+from any directory with plain `python benchmarks/bench_train.py`.
+"""
+import argparse
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "finetune_chatmodel_demo"
+DATA_PROCESSING = REPO / "data_processing"
+DEFAULT_TOKENIZER = REPO.parent / "shared" / "chatglm3-tokenizer"
+
+for _p in (DEMO, DATA_PROCESSING):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import torch  # noqa: E402
+
+from chatglm3 import ChatGLMConfig, ChatGLMError, ChatGLMForConditionalGeneration, ChatGLMTokenizer  # noqa: E402
+
+
+class BenchError(ChatGLMError):
+    """Bad benchmark input; main() prints the message and exits 2 without a traceback."""
+
+
+def fail(message: str, code: int = 2):
+    print(message, file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def progress(message: str):
+    # Progress goes to stderr so that stdout holds only the table (and, with --json, the JSON last line).
+    print(message, file=sys.stderr, flush=True)
+
+
+# --- model shape ---------------------------------------------------------------------------------------------------
+def add_shape_args(parser: argparse.ArgumentParser):
+    """The default CPU benchmark shape: a 4-layer ChatGLM3 with the real 65,024-word padded vocabulary."""
+    group = parser.add_argument_group("模型形状 / model shape (random weights)")
+    group.add_argument("--layers", type=int, default=4, help="层数 / layers (default: 4)")
+    group.add_argument("--hidden", type=int, default=256, help="隐藏维度 / hidden size (default: 256)")
+    group.add_argument("--heads", type=int, default=8, help="注意力头数 / attention heads (default: 8)")
+    group.add_argument("--kv-channels", type=int, default=32, help="每头维度 / channels per head (default: 32)")
+    group.add_argument("--kv-groups", type=int, default=2, help="KV 组数（multi-query）/ key-value groups (default: 2)")
+    group.add_argument("--ffn", type=int, default=682, help="FFN 维度 / FFN hidden size (default: 682)")
+    group.add_argument("--vocab", type=int, default=65024, help="补齐后的词表大小 / padded vocabulary (default: 65024)")
+
+
+def model_config(args, pre_seq_len=None, vocab_needed: int = 0) -> ChatGLMConfig:
+    for name in ("layers", "hidden", "heads", "kv_channels", "kv_groups", "ffn", "vocab"):
+        if getattr(args, name) < 1:
+            raise BenchError(f"错误：--{name.replace('_', '-')} 必须为正数 / Error: --{name.replace('_', '-')} must be positive")
+    if args.heads % args.kv_groups:
+        raise BenchError(f"错误：--heads ({args.heads}) 必须能被 --kv-groups ({args.kv_groups}) 整除 / Error: --heads must divide by --kv-groups")
+    if args.vocab < vocab_needed:
+        raise BenchError(
+            f"错误：--vocab {args.vocab} 小于分词器的词表 {vocab_needed} / Error: --vocab {args.vocab} is smaller than the "
+            f"tokenizer's vocabulary ({vocab_needed}); use at least {math.ceil(vocab_needed / 64) * 64}"
+        )
+    return ChatGLMConfig(
+        num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads, kv_channels=args.kv_channels,
+        multi_query_attention=True, multi_query_group_num=args.kv_groups, ffn_hidden_size=args.ffn,
+        padded_vocab_size=args.vocab, add_qkv_bias=True, add_bias_linear=False,
+        pre_seq_len=pre_seq_len or None, prefix_projection=False,
+    )
+
+
+def build_model(config: ChatGLMConfig, device="cpu", dtype=torch.float32, seed: int = 0) -> ChatGLMForConditionalGeneration:
+    """A randomly initialised model, created directly on `device` in `dtype` (no float32 copy on the host)."""
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = ChatGLMForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def matmul_params(model) -> int:
+    """Weights that take part in matrix multiplies (every nn.Linear, the output layer included; not the
+    embedding lookup): the N of the usual 2N FLOPs per token forward."""
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+# --- tokenizer and data ---------------------------------------------------------------------------------------------
+def load_tokenizer(path) -> ChatGLMTokenizer:
+    path = Path(path)
+    if not (path / "tokenizer.model").is_file():
+        raise BenchError(
+            f"错误：{path} 中没有 tokenizer.model / Error: no tokenizer.model in {path}; pass --tokenizer DIR "
+            "(the ChatGLM3 tokenizer folder, e.g. ../shared/chatglm3-tokenizer or a model folder)"
+        )
+    return ChatGLMTokenizer.from_pretrained(str(path))
+
+
+def pokemon_conversations(workdir: Path) -> Path:
+    """Run the data pipeline (data_processing.py, then format_tool_poke.py) into `workdir`; returns the JSONL."""
+    conversations, jsonl = workdir / "pokemon_data.json", workdir / "pokemon_conversations.jsonl"
+    steps = [
+        [sys.executable, str(DATA_PROCESSING / "data_processing.py"), "--output", str(conversations)],
+        [sys.executable, str(DATA_PROCESSING / "format_tool_poke.py"), "--path", str(conversations), "--output", str(jsonl)],
+    ]
+    for command in steps:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise BenchError(
+                f"错误：生成宝可梦数据失败 / Error: generating the Pokémon data failed: {' '.join(command[1:2])} exited "
+                f"{result.returncode}:\n{result.stderr.strip()[-2000:]}\n(或用 --data 指定数据文件 / or pass --data FILE)"
+            )
+    return jsonl
+
+
+# --- memory --------------------------------------------------------------------------------------------------------
+def reset_peak_memory(device: str):
+    """Start a fresh peak: CUDA's allocator counter, or the process's RSS high-water mark on Linux
+    (writing 5 to /proc/self/clear_refs resets VmHWM to the current RSS)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then covers the whole process life
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak GPU memory allocated by tensors, or peak resident memory of this process (MiB)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def synchronize(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise BenchError("错误：没有可用的 CUDA GPU / Error: --device cuda given but no CUDA GPU is available")
+    return name
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[name]

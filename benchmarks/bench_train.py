@@ -1,0 +1,305 @@
+"""Training throughput of the batching strategies, side by side on the same machine, model and data.
+
+Strategies (every one trains each sample of the data exactly once per epoch):
+  pad_to_max           upstream's recipe: every sample padded to --max-seq-length, and the loss computed the
+                       upstream way (float32 logits over the whole vocabulary at every position, then
+                       cross-entropy). The baseline of the ratios.
+  pad_to_max_our_loss  the same batches, with the model's own loss (output layer only on labelled positions):
+                       separates the loss effect from the padding effect.
+  dynamic              padded to the batch's longest sample (multiple of 8).
+  grouped              dynamic padding over length-grouped batches (transformers' LengthGroupedSampler, as
+                       finetune.py --group_by_length uses).
+  packing              several conversations per row (pack_samples, as finetune.py --packing): block-diagonal
+                       causal mask, positions restarting per conversation, the P-Tuning prefix seen by all.
+
+Each strategy runs in its own forked process (fair peak memory): warm-up steps, then timed steps; the batches
+are picked evenly across the epoch. Figures: median over the timed steps of useful (non-padding) tokens/s and
+padded tokens/s; padding share; peak memory (GPU: max allocated; CPU: the process's RSS high-water mark
+during the steps); mean loss of the timed steps; useful tokens/s relative to pad_to_max.
+
+    python benchmarks/bench_train.py                  # the default CPU shape, P-Tuning v2 (pre_seq_len 16)
+    python benchmarks/bench_train.py --full --json    # full fine-tuning; last line = one JSON object
+"""
+import argparse
+import datetime
+import json
+import multiprocessing
+import os
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
+from _common import BenchError, ChatGLMError, progress  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: E402
+
+from preprocess_utils import (  # noqa: E402
+    IGNORE_INDEX, DataCollatorForChatGLM, DataCollatorForPacking, build_dataset, pack_samples,
+)
+
+STRATEGIES = {
+    "pad_to_max": "补齐到最大长度 + 上游损失 / pad to max_seq_length + upstream loss (fp32 logits, full vocabulary)",
+    "pad_to_max_our_loss": "补齐到最大长度 + 本项目损失 / pad to max_seq_length + our loss (labelled positions only)",
+    "dynamic": "动态补齐 / dynamic padding (batch longest, multiple of 8)",
+    "grouped": "按长度分组 + 动态补齐 / length-grouped batches + dynamic padding",
+    "packing": "序列打包 / packing (several conversations per row)",
+}
+BASELINE = "pad_to_max"
+JSON_KEYS = ("useful_tokens_per_s", "padded_tokens_per_s", "padding_share", "peak_mem_mb", "loss", "ratio_to_pad_to_max")
+
+
+# --- batches -------------------------------------------------------------------------------------------------------
+def epoch_batches(strategy: str, items: list[dict], tokenizer, batch_size: int, max_seq_length: int, seed: int = 0) -> list[dict]:
+    """One epoch of collated batches (input_ids, labels, attention_mask tensors) holding every item exactly once.
+    Items are already truncated to max_seq_length."""
+    if strategy not in STRATEGIES:
+        raise BenchError(f"错误：未知策略 {strategy!r} / Error: unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    rng = random.Random(seed)
+    if strategy == "packing":
+        rows = pack_samples(items, max_seq_length)
+        rng.shuffle(rows)
+        collator = DataCollatorForPacking(tokenizer)
+        return [collator(rows[k:k + batch_size]) for k in range(0, len(rows), batch_size)]
+    if strategy == "grouped":
+        generator = torch.Generator().manual_seed(seed)
+        order = list(LengthGroupedSampler(batch_size, lengths=[len(item["input_ids"]) for item in items], generator=generator))
+    else:
+        order = list(range(len(items)))
+        rng.shuffle(order)
+    if strategy.startswith("pad_to_max"):
+        collator = DataCollatorForChatGLM(tokenizer, padding="max_length", max_length=max_seq_length)
+    else:
+        collator = DataCollatorForChatGLM(tokenizer)
+    return [collator([items[i] for i in order[k:k + batch_size]]) for k in range(0, len(order), batch_size)]
+
+
+def spread(num_batches: int, count: int) -> list[int]:
+    """`count` batch indices spaced evenly over the epoch (wrapping when the epoch is shorter), so that the timed
+    steps see short and long batches alike whatever order the strategy produces them in."""
+    return [(i * num_batches // count if count <= num_batches else i) % num_batches for i in range(count)]
+
+
+def batch_counts(batch: dict) -> dict:
+    """Tokens in a batch: useful = not padding; padded = every position the model computes; labelled = the
+    positions that carry a loss (shifted labels)."""
+    return {
+        "useful": int((batch["attention_mask"] > 0).sum()),
+        "padded": batch["input_ids"].numel(),
+        "labelled": int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()),
+    }
+
+
+# --- losses --------------------------------------------------------------------------------------------------------
+def upstream_loss(model, batch: dict) -> torch.Tensor:
+    """The loss as upstream's modeling_chatglm computes it: logits at every position over the whole vocabulary,
+    cast to float32, shifted, cross-entropy ignoring -100."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, return_logits=True).logits
+    logits = logits.float()
+    shift_logits = logits[:, :-1].contiguous()
+    shift_labels = batch["labels"][:, 1:].contiguous()
+    return F.cross_entropy(shift_logits.view(-1, shift_logits.size(-1)), shift_labels.view(-1), ignore_index=IGNORE_INDEX)
+
+
+def strategy_loss(strategy: str, model, batch: dict) -> torch.Tensor:
+    if strategy == BASELINE:
+        return upstream_loss(model, batch)
+    return model(batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False).loss
+
+
+# --- one strategy --------------------------------------------------------------------------------------------------
+def run_strategy(strategy: str, items: list[dict], tokenizer, args, device: str, dtype: torch.dtype) -> dict:
+    batches = epoch_batches(strategy, items, tokenizer, args.batch_size, args.max_seq_length, args.seed)
+    picks = spread(len(batches), args.warmup + args.steps)
+    config = _common.model_config(args, pre_seq_len=None if args.full else args.pre_seq_len, vocab_needed=tokenizer.vocab_size)
+    model = _common.build_model(config, device, dtype, args.seed)
+    if args.full:
+        model.requires_grad_(True)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+
+    _common.reset_peak_memory(device)
+    rates_useful, rates_padded, rates_labelled, times, losses = [], [], [], [], []
+    useful_total = padded_total = 0
+    for n, index in enumerate(picks):
+        batch = {key: value.to(device) for key, value in batches[index].items()}
+        _common.synchronize(device)
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss = strategy_loss(strategy, model, batch)
+        loss.backward()
+        optimizer.step()
+        _common.synchronize(device)
+        seconds = time.perf_counter() - start
+        timed = n >= args.warmup
+        progress(f"  {strategy}: {'step' if timed else 'warm-up'} {n + 1}/{len(picks)} {tuple(batch['input_ids'].shape)} {seconds:.2f}s loss {loss.item():.4f}")
+        if not timed:
+            continue
+        counts = batch_counts(batches[index])
+        rates_useful.append(counts["useful"] / seconds)
+        rates_padded.append(counts["padded"] / seconds)
+        rates_labelled.append(counts["labelled"] / seconds)
+        useful_total += counts["useful"]
+        padded_total += counts["padded"]
+        times.append(seconds)
+        losses.append(loss.item())
+    return {
+        "useful_tokens_per_s": statistics.median(rates_useful),
+        "padded_tokens_per_s": statistics.median(rates_padded),
+        "labelled_tokens_per_s": statistics.median(rates_labelled),
+        "padding_share": 1 - useful_total / padded_total,
+        "peak_mem_mb": _common.peak_memory_mb(device),
+        "loss": statistics.fmean(losses),
+        "step_s": statistics.median(times),
+        "batches_per_epoch": len(batches),
+    }
+
+
+def _child(queue, strategy, items, tokenizer, args, device, dtype):
+    try:
+        queue.put(("ok", run_strategy(strategy, items, tokenizer, args, device, dtype)))
+    except torch.cuda.OutOfMemoryError:
+        queue.put(("error", "显存不足 / out of GPU memory"))
+    except BaseException as e:  # report anything to the parent instead of dying silently
+        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+
+
+def run_isolated(strategy, items, tokenizer, args, device, dtype) -> dict:
+    """run_strategy in a forked child, so each strategy's peak memory is its own. The parent has run no torch
+    kernels and touched no GPU, which keeps fork safe."""
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child, args=(queue, strategy, items, tokenizer, args, device, dtype))
+    child.start()
+    try:
+        status, value = queue.get()
+    except KeyboardInterrupt:
+        child.terminate()
+        raise
+    child.join()
+    if status != "ok":
+        raise BenchError(f"错误：策略 {strategy} 运行失败 / Error: strategy {strategy} failed: {value}")
+    return value
+
+
+# --- report --------------------------------------------------------------------------------------------------------
+def table(results: dict) -> str:
+    head = f"{'strategy':<21} {'useful tok/s':>12} {'padded tok/s':>12} {'padding':>8} {'peak MB':>8} {'loss':>7} {'× pad_to_max':>12}"
+    lines = [head, "-" * len(head)]
+    for name, r in results.items():
+        ratio = f"{r['ratio_to_pad_to_max']:.2f}×" if r["ratio_to_pad_to_max"] is not None else "-"
+        lines.append(
+            f"{name:<21} {r['useful_tokens_per_s']:>12.1f} {r['padded_tokens_per_s']:>12.1f} {r['padding_share']:>8.1%} "
+            f"{r['peak_mem_mb']:>8.0f} {r['loss']:>7.3f} {ratio:>12}"
+        )
+    return "\n".join(lines)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description="比较各种批处理策略的训练吞吐（同一机器、同一模型、同一数据）/ Compare training throughput of batching "
+                    "strategies (pad-to-max as upstream, dynamic padding, length grouping, packing) on one machine.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--data", help="多轮对话数据（JSON/JSONL）；默认在临时目录运行数据流水线生成宝可梦对话 / multi-turn data; "
+                                       "default: generate the Pokémon conversations with the data pipeline into a temp dir")
+    parser.add_argument("--tokenizer", default=str(_common.DEFAULT_TOKENIZER), help="分词器目录 / tokenizer folder")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help="逗号分隔 / comma-separated subset of: " + ", ".join(STRATEGIES))
+    parser.add_argument("--batch-size", type=int, default=4, help="每步的行数 / rows per step")
+    parser.add_argument("--max-seq-length", type=int, default=512, help="截断与补齐长度，也是打包的行长 / truncation, pad-to-max and packing row length")
+    parser.add_argument("--pre-seq-len", type=int, default=16, help="P-Tuning v2 前缀长度 / P-Tuning v2 prefix length")
+    parser.add_argument("--full", action="store_true", help="全参数微调（不用 P-Tuning）/ full fine-tuning instead of P-Tuning v2")
+    parser.add_argument("--lr", type=float, help="AdamW 学习率 / AdamW learning rate (default: 2e-2 P-Tuning, 1e-4 full)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="梯度检查点 / gradient checkpointing")
+    parser.add_argument("--warmup", type=int, default=2, help="不计时的预热步数 / untimed warm-up steps")
+    parser.add_argument("--steps", type=int, default=6, help="计时步数（取中位数）/ timed steps (median)")
+    parser.add_argument("--max-samples", type=int, help="只用前 N 条样本 / use only the first N samples")
+    parser.add_argument("--seed", type=int, default=0, help="随机种子 / random seed")
+    parser.add_argument("--device", default="auto", help="cpu / cuda / auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *_common.DTYPES], help="auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--threads", type=int, help="torch CPU 线程数 / torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-isolate", action="store_true", help="所有策略在同一进程中运行（更快，峰值内存不再独立）/ run all "
+                                                                   "strategies in this process (faster; peak memory no longer separate)")
+    parser.add_argument("--json", action="store_true", help="最后一行输出一个 JSON 对象 / print one JSON object as the last line")
+    _common.add_shape_args(parser)
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "max_seq_length", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} 必须 ≥ 1 / must be at least 1")
+    if args.warmup < 0 or args.pre_seq_len < 0:
+        parser.error("--warmup / --pre-seq-len 不能为负 / must not be negative")
+    if not args.full and args.pre_seq_len == 0:
+        parser.error("P-Tuning 需要 --pre-seq-len ≥ 1，或用 --full / P-Tuning needs --pre-seq-len >= 1, or pass --full")
+    args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    unknown = [s for s in args.strategies if s not in STRATEGIES]
+    if unknown or not args.strategies:
+        parser.error(f"未知策略 / unknown strategy {', '.join(unknown) or '(none given)'}; choose from {', '.join(STRATEGIES)}")
+    if args.lr is None:
+        args.lr = 1e-4 if args.full else 2e-2
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = _common.resolve_device(args.device)
+    dtype = _common.resolve_dtype(args.dtype, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokenizer = _common.load_tokenizer(args.tokenizer)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = args.data
+        if data is None:
+            progress("生成宝可梦对话数据 / generating the Pokémon conversations with the data pipeline ...")
+            data = _common.pokemon_conversations(Path(tmp))
+        dataset = build_dataset(data, tokenizer, "multi-turn", max_seq_length=args.max_seq_length, verbose=False)
+    progress(dataset.summary())
+    items = list(dataset.items)
+    if args.max_samples:
+        items = items[:args.max_samples]
+    lengths = [len(item["input_ids"]) for item in items]
+
+    method = "full fine-tuning" if args.full else f"P-Tuning v2 (pre_seq_len {args.pre_seq_len})"
+    print(f"# bench_train.py  {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}, {str(dtype).replace('torch.', '')}")
+    print(f"# model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads x {args.kv_channels}, {args.kv_groups} KV groups, "
+          f"ffn {args.ffn}, vocab {args.vocab}; {method}, AdamW lr {args.lr:g}"
+          + (", gradient checkpointing" if args.gradient_checkpointing else ""))
+    print(f"# data: {data if args.data else 'Pokémon conversations (data pipeline)'}: {len(items)} samples, tokens mean "
+          f"{statistics.fmean(lengths):.0f}, max {max(lengths)}; batch {args.batch_size}, max_seq_length {args.max_seq_length}; "
+          f"{args.warmup} warm-up + {args.steps} timed steps (median)")
+    print("# pad_to_max computes the loss the upstream way (float32 logits over the full vocabulary at every position); "
+          "the other rows use the model's loss (labelled positions only)")
+
+    results = {}
+    for i, strategy in enumerate(args.strategies, 1):
+        progress(f"[{i}/{len(args.strategies)}] {strategy}: {STRATEGIES[strategy]}")
+        run = run_strategy if args.no_isolate else run_isolated
+        results[strategy] = run(strategy, items, tokenizer, args, device, dtype)
+    baseline = results.get(BASELINE)
+    for r in results.values():
+        r["ratio_to_pad_to_max"] = r["useful_tokens_per_s"] / baseline["useful_tokens_per_s"] if baseline else None
+
+    print(table(results))
+    if args.json:
+        print(json.dumps({name: {key: (round(value, 4) if isinstance(value, float) else value) for key, value in r.items()}
+                          for name, r in results.items()}, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ChatGLMError as e:  # bad data, tokenizer or flags: the message says what to do
+        _common.fail(str(e))
+    except KeyboardInterrupt:
+        _common.fail("已中断 / interrupted", 130)

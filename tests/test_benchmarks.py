@@ -1,0 +1,150 @@
+"""Correctness of the benchmarks (not their speed): every strategy trains the same samples, packed loss equals
+unpacked loss, and the scripts run end to end with the documented output."""
+import json
+import math
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import _common  # noqa: E402
+import bench_train  # noqa: E402
+from chatglm3 import ChatGLMForConditionalGeneration, ChatGLMTokenizer  # noqa: E402
+from preprocess_utils import build_dataset  # noqa: E402
+
+MAX_LEN = 256
+TINY_SHAPE = ["--layers", "1", "--hidden", "32", "--heads", "2", "--kv-channels", "16", "--kv-groups", "1", "--ffn", "64"]
+
+
+@pytest.fixture(scope="module")
+def pokemon_jsonl(tmp_path_factory) -> Path:
+    """The Pokémon conversations, produced by the data pipeline exactly as bench_train.py does without --data."""
+    return _common.pokemon_conversations(tmp_path_factory.mktemp("pokemon"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model, pokemon_jsonl):
+    tokenizer = ChatGLMTokenizer.from_pretrained(str(tiny_model))
+    items = build_dataset(pokemon_jsonl, tokenizer, max_seq_length=MAX_LEN, verbose=False).items
+    return tokenizer, items
+
+
+def samples_in(batches) -> Counter:
+    """Each (input_ids, labels) sequence the batches hold, recovered from the tensors: the non-padding positions
+    of every row, split by packing segment id."""
+    found = Counter()
+    for batch in batches:
+        for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+            for segment in mask.unique().tolist():
+                if segment > 0:
+                    keep = mask == segment
+                    found[(tuple(ids[keep].tolist()), tuple(labels[keep].tolist()))] += 1
+    return found
+
+
+def test_every_strategy_trains_each_sample_exactly_once(tiny):
+    tokenizer, items = tiny
+    expected = Counter((tuple(item["input_ids"]), tuple(item["labels"])) for item in items)
+    assert len(items) > 100 and sum(expected.values()) == len(items)
+    padding = {}
+    for strategy in bench_train.STRATEGIES:
+        batches = bench_train.epoch_batches(strategy, items, tokenizer, batch_size=4, max_seq_length=MAX_LEN, seed=0)
+        assert samples_in(batches) == expected, strategy
+        assert all(b["input_ids"].shape[0] <= 4 for b in batches)
+        widths = {b["input_ids"].shape[1] for b in batches}
+        if strategy.startswith("pad_to_max"):
+            assert widths == {MAX_LEN}
+        else:
+            assert all(w % 8 == 0 and w <= MAX_LEN for w in widths), (strategy, widths)
+        counts = [bench_train.batch_counts(b) for b in batches]
+        padding[strategy] = 1 - sum(c["useful"] for c in counts) / sum(c["padded"] for c in counts)
+    # What each strategy is for: less padding than the one before it.
+    assert padding["pad_to_max"] > padding["dynamic"] > padding["grouped"] > padding["packing"]
+    assert len(bench_train.epoch_batches("packing", items, tokenizer, 4, MAX_LEN)) < len(items) / 4
+
+
+def test_spread_covers_the_epoch():
+    assert bench_train.spread(38, 8) == [0, 4, 9, 14, 19, 23, 28, 33]
+    assert bench_train.spread(3, 5) == [0, 1, 2, 0, 1]
+
+
+def test_packed_loss_equals_unpacked(tiny, tiny_model):
+    tokenizer, items = tiny
+    items = items[:12]
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(tiny_model), pre_seq_len=8)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a prefix that matters, whatever the fresh encoder's initial values
+        model.transformer.prefix_encoder.embedding.weight.normal_(std=0.5)
+    model.eval()  # no prefix dropout: the runs must compute the same function
+
+    def loss_and_prefix_grad(strategy):
+        (batch,) = bench_train.epoch_batches(strategy, items, tokenizer, batch_size=len(items), max_seq_length=MAX_LEN)
+        model.zero_grad()
+        loss = bench_train.strategy_loss(strategy, model, batch)
+        loss.backward()
+        return loss.item(), model.transformer.prefix_encoder.embedding.weight.grad.clone(), batch
+
+    packed, packed_grad, packed_batch = loss_and_prefix_grad("packing")
+    unpacked, unpacked_grad, _ = loss_and_prefix_grad("dynamic")
+    upstream, upstream_grad, _ = loss_and_prefix_grad("pad_to_max")
+    assert packed_batch["input_ids"].shape[0] < len(items)  # several conversations did share rows
+    assert int(packed_batch["attention_mask"].max()) > 1
+    assert math.isfinite(packed) and abs(packed - unpacked) < 1e-5
+    assert abs(upstream - unpacked) < 1e-5  # the upstream-style loss of the baseline is the same quantity
+    torch.testing.assert_close(packed_grad, unpacked_grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(upstream_grad, unpacked_grad, rtol=1e-4, atol=1e-6)
+    assert unpacked_grad.abs().sum() > 0
+
+
+def run(script, *args, timeout=600):
+    return subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
+def test_bench_train_json_smoke(shared, pokemon_jsonl):
+    result = run("bench_train.py", "--tokenizer", str(shared / "chatglm3-tokenizer"), "--data", str(pokemon_jsonl),
+                 *TINY_SHAPE, "--batch-size", "2", "--max-seq-length", "128", "--max-samples", "12", "--pre-seq-len", "4",
+                 "--warmup", "1", "--steps", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert list(report) == list(bench_train.STRATEGIES)
+    for name, row in report.items():
+        assert set(bench_train.JSON_KEYS) <= set(row), name
+        assert row["useful_tokens_per_s"] > 0 and row["padded_tokens_per_s"] >= row["useful_tokens_per_s"], name
+        assert 0 <= row["padding_share"] < 1 and row["peak_mem_mb"] > 0 and math.isfinite(row["loss"]), name
+    assert report["pad_to_max"]["ratio_to_pad_to_max"] == 1.0
+    assert "pad_to_max" in result.stdout and "upstream" in result.stdout  # the table says how the baseline's loss is computed
+
+
+def test_bench_train_bad_inputs_say_what_to_do(tmp_path, pokemon_jsonl):
+    result = run("bench_train.py", "--tokenizer", str(tmp_path), "--data", str(pokemon_jsonl))
+    assert result.returncode == 2
+    assert "tokenizer.model" in result.stderr and "--tokenizer" in result.stderr and "Traceback" not in result.stderr
+    result = run("bench_train.py", "--strategies", "dynamic,fastest")
+    assert result.returncode == 2 and "fastest" in result.stderr
+
+
+def test_bench_generate_cache_matches_no_cache(shared):
+    # Exit 0 means the KV-cache and the re-run-everything decodes produced the same tokens, left padding included.
+    result = run("bench_generate.py", "--tokenizer", str(shared / "chatglm3-tokenizer"), *TINY_SHAPE,
+                 "--new-tokens", "4", "--repeats", "1", "--batch-sizes", "1,3", "--pre-seq-len", "4", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(report) == {"batch1_kv_cache", "batch1_no_cache", "batch3_kv_cache", "batch3_no_cache"}
+    assert all(r["same_tokens_as_no_cache"] and r["decode_tokens_per_s"] > 0 and r["ttft_ms"] > 0 for r in report.values())
+
+
+def test_gpu_bench_dry_run():
+    result = subprocess.run(["bash", str(BENCH / "gpu_bench.sh"), "--dry-run"], capture_output=True, text=True, cwd=REPO,
+                            timeout=600, env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    configs = [(r["method"], r["seq"], r["batch"], r["grad_ckpt"]) for r in report["results"]]
+    assert configs == [("p-tuning", s, b, c) for s in (32, 64) for b in (1, 2) for c in (False, True)] + [("full", 32, 1, True), ("full", 32, 2, True)]
+    assert all(not r["oom"] and r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in report["results"])
