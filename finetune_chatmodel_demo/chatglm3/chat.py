@@ -3,7 +3,7 @@ import ast
 import copy
 from typing import Optional
 
-from .generation import generate_stream
+from .generation import _drop_upstream_kwargs, generate_stream
 
 
 def parse_tool_call(code: str) -> dict:
@@ -63,6 +63,7 @@ def _strip_stop(ids: list, stop_ids: list) -> list:
 def stream_chat(model, tokenizer, query: str, history: Optional[list] = None, role: str = "user", max_length: int = 8192,
                 do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8, max_new_tokens: Optional[int] = None, **gen_kwargs):
     """Yields (response so far, history) while decoding; the last yield is the complete turn."""
+    _drop_upstream_kwargs(gen_kwargs)
     history = [] if history is None else history
     inputs = tokenizer.build_chat_input(query, history=history, role=role).to(model.device)
     stop_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
@@ -77,7 +78,8 @@ def stream_chat(model, tokenizer, query: str, history: Optional[list] = None, ro
                                  do_sample=do_sample, top_p=top_p, temperature=temperature, eos_token_id=stop_ids, **gen_kwargs):
         new_ids.append(int(token[0]))
         text = tokenizer.decode(_strip_stop(new_ids, stop_ids))
-        if text and not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+        # Wait for the metadata line (a tool name would otherwise show as text) and for whole characters.
+        if "\n" in text and not text.endswith("\ufffd"):
             response = text
             yield process_response(response, new_history)
     model.train(was_training)

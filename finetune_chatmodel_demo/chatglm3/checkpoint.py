@@ -309,6 +309,8 @@ def load_model_and_tokenizer(model_path, tokenizer_path=None, pt_checkpoint=None
     from .tokenizer import ChatGLMTokenizer
 
     device = device or default_device()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ChatGLMError(f"没有可用的 CUDA GPU / no CUDA GPU is available (device={device}): use --device cpu")
     dtype = _dtype(dtype) or default_dtype(device)
     overrides = {}
     if pt_checkpoint is not None:

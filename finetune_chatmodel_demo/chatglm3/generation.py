@@ -75,10 +75,20 @@ def generate_stream(
         step_ids = token[:, None]
 
 
+def _drop_upstream_kwargs(kwargs: dict):
+    """Accept the transformers/upstream arguments that mean 'the default' here; refuse the rest clearly."""
+    if kwargs.pop("num_beams", 1) != 1:
+        raise ValueError("beam search is not supported: use num_beams=1 (greedy or sampling)")
+    if kwargs.pop("logits_processor", None):
+        raise ValueError("logits_processor is not supported: use temperature/top_p/top_k/repetition_penalty")
+    kwargs.pop("use_cache", None)  # always on
+
+
 @torch.no_grad()
 def generate(model, input_ids, attention_mask=None, streamer=None, **kwargs) -> torch.Tensor:
     """prompt + new tokens, like transformers' generate. `streamer` follows transformers' TextStreamer
     protocol (put(prompt), put(token)..., end())."""
+    _drop_upstream_kwargs(kwargs)
     was_training = model.training
     model.eval()
     if streamer is not None:
