@@ -18,9 +18,11 @@ float32 weights and takes --bf16/--fp16 (mixed precision, or DeepSpeed's) as usu
 `--resume_from_checkpoint true` continues from the newest complete checkpoint-N in --output_dir (or starts
 fresh when there is none); a path continues from that checkpoint. Optimizer, scheduler and RNG are restored.
 """
+import inspect
 import logging
 import os
 import sys
+import warnings
 
 # Run from any directory: the sibling modules (arguments, trainer, preprocess_utils, chatglm3) sit beside us.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -44,10 +46,23 @@ USER_ERRORS = (ArgumentsError, ChatGLMError)
 
 
 def parse_args():
+    # finetune.py handles --gradient_checkpointing itself (see main), so transformers 5's rename warning is noise.
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
+    # Printed once per collective by DeepSpeed's CPU path; says nothing actionable to a user.
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    return parser.parse_args_into_dataclasses()
+    *parsed, unknown = parser.parse_args_into_dataclasses(return_remaining_strings=True)
+    if unknown:
+        parser.print_usage(sys.stderr)
+        print(
+            f"错误：不认识的参数 {' '.join(unknown)}（python finetune.py --help 查看全部参数）/ "
+            f"Error: unrecognized arguments: {' '.join(unknown)} (see python finetune.py --help)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+    return parsed
 
 
 def is_main_process(training_args) -> bool:
@@ -207,8 +222,13 @@ def main():
     training_args.prediction_loss_only = True  # the model returns no logits with labels (memory)
     training_args.ddp_find_unused_parameters = False
     # The model's own (non-reentrant) checkpointing switch; the Trainer's hook differs between releases.
-    gradient_checkpointing = training_args.gradient_checkpointing
+    # (transformers 5 calls it activation_checkpointing; both names are switched off for the Trainer.)
+    gradient_checkpointing = bool(
+        training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False)
+    )
     training_args.gradient_checkpointing = False
+    if hasattr(training_args, "activation_checkpointing"):
+        training_args.activation_checkpointing = False
 
     set_seed(training_args.seed)
 
@@ -274,8 +294,6 @@ def main():
         save_prefix_only=model_args.pre_seq_len is not None,
     )
     # transformers >= 4.46 calls it processing_class; older releases tokenizer.
-    import inspect
-
     if "processing_class" in inspect.signature(transformers.Trainer.__init__).parameters:
         trainer_kwargs["processing_class"] = tokenizer
     else:

@@ -1,0 +1,196 @@
+"""finetune.py end to end, as real subprocesses on tiny models (CPU): resume after SIGKILL, padding, packing,
+P-Tuning from an existing prefix, and every bad input giving its message and a non-zero exit."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "finetune_chatmodel_demo"
+FINETUNE = DEMO / "finetune.py"
+PREFIX_WEIGHT = "transformer.prefix_encoder.embedding.weight"
+
+
+@pytest.fixture(scope="session")
+def pokemon_jsonl(tmp_path_factory) -> Path:
+    """The data pipeline's Pokémon conversations (bundled table -> JSON -> JSONL), first 48 of them."""
+    work = tmp_path_factory.mktemp("pokemon-data")
+    subprocess.run(
+        [sys.executable, str(REPO / "data_processing" / "data_processing.py"), "--output", str(work / "data.json")],
+        check=True, capture_output=True,
+    )
+    subprocess.run(
+        [sys.executable, str(REPO / "data_processing" / "format_tool_poke.py"), "--path", str(work / "data.json"),
+         "--output", str(work / "all.jsonl")],
+        check=True, capture_output=True,
+    )
+    lines = (work / "all.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) >= 96
+    (work / "dev.jsonl").write_text("\n".join(lines[48:64]) + "\n", encoding="utf-8")
+    path = work / "pokemon.jsonl"
+    path.write_text("\n".join(lines[:48]) + "\n", encoding="utf-8")
+    return path
+
+
+def base_args(model: Path, data: Path, out: Path, *extra: str) -> list:
+    return [
+        "--model_name_or_path", str(model), "--train_file", str(data), "--output_dir", str(out),
+        "--max_seq_length", "256", "--per_device_train_batch_size", "4", "--logging_steps", "1",
+        "--report_to", "none", "--use_cpu", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
+        "--seed", "7", *extra,
+    ]
+
+
+def run_finetune(args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(FINETUNE), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def train_losses(output_dir: Path) -> list:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return [entry["loss"] for entry in state["log_history"] if "loss" in entry]
+
+
+def prefix_of(checkpoint: Path) -> torch.Tensor:
+    return torch.load(checkpoint / "pytorch_model.bin", map_location="cpu", weights_only=True)[PREFIX_WEIGHT]
+
+
+# ---- resume ---------------------------------------------------------------------------------------------------
+def test_run_killed_with_sigkill_resumes_to_the_same_weights(tiny_model, pokemon_jsonl, tmp_path):
+    """P-Tuning with the prefix dropout active, so the data order and the RNG state must both be restored."""
+    args = ["--pre_seq_len", "4", "--learning_rate", "5e-2", "--max_steps", "10", "--save_steps", "2"]
+    straight = tmp_path / "straight"
+    ok(run_finetune(base_args(tiny_model, pokemon_jsonl, straight, *args)))
+
+    killed = tmp_path / "killed"
+    command = [sys.executable, str(FINETUNE), *base_args(tiny_model, pokemon_jsonl, killed, *args)]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        # trainer_state.json is the last file of a checkpoint: once it exists, checkpoint-2 is complete.
+        while not (killed / "checkpoint-2" / "trainer_state.json").exists():
+            assert proc.poll() is None, "the run ended before writing checkpoint-2"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "pytorch_model.bin").exists(), "the run finished before it was killed"
+
+    resumed = ok(run_finetune(base_args(tiny_model, pokemon_jsonl, killed, *args, "--resume_from_checkpoint", "true")))
+    assert "Resuming from" in resumed.stdout
+    torch.testing.assert_close(prefix_of(killed), prefix_of(straight), atol=1e-5, rtol=0)
+    # The losses logged after the resume are the uninterrupted run's.
+    n = len(train_losses(killed))
+    assert n > 0 and train_losses(killed) == pytest.approx(train_losses(straight)[-n:], abs=1e-4)
+
+
+def test_fresh_start_then_continue_from_its_prefix_and_a_bad_resume_path(tiny_model, pokemon_jsonl, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    args = ["--pre_seq_len", "4", "--save_steps", "100", "--max_steps", "2"]
+    result = ok(run_finetune(base_args(tiny_model, pokemon_jsonl, first, *args, "--learning_rate", "5e-2",
+                                       "--resume_from_checkpoint", "true")))
+    assert "starting from scratch" in result.stdout
+    # --ptuning_checkpoint starts from a saved prefix; with a zero learning rate it passes through unchanged.
+    ok(run_finetune(base_args(tiny_model, pokemon_jsonl, second, *args, "--learning_rate", "0",
+                              "--ptuning_checkpoint", str(first))))
+    torch.testing.assert_close(prefix_of(second), prefix_of(first), atol=0, rtol=0)
+
+    bad = run_finetune(base_args(tiny_model, pokemon_jsonl, second, *args, "--resume_from_checkpoint",
+                                 str(tmp_path / "nope")))
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "--resume_from_checkpoint" in bad.stderr and "trainer_state.json" in bad.stderr
+
+
+# ---- padding and packing ------------------------------------------------------------------------------------
+def test_dynamic_padding_trains_exactly_like_padding_to_max_length(tiny_model, pokemon_jsonl, tmp_path):
+    args = ["--pre_seq_len", "4", "--learning_rate", "5e-2", "--max_steps", "3", "--save_steps", "100"]
+    ok(run_finetune(base_args(tiny_model, pokemon_jsonl, tmp_path / "dynamic", *args)))
+    ok(run_finetune(base_args(tiny_model, pokemon_jsonl, tmp_path / "padded", *args, "--pad_to_max_length")))
+    assert train_losses(tmp_path / "dynamic") == pytest.approx(train_losses(tmp_path / "padded"), abs=1e-5)
+    torch.testing.assert_close(prefix_of(tmp_path / "dynamic"), prefix_of(tmp_path / "padded"), atol=1e-5, rtol=0)
+
+
+def test_packing_trains_on_fewer_rows_and_logs_tokens_per_second(tiny_model, pokemon_jsonl, tmp_path):
+    out = tmp_path / "packed"
+    result = ok(run_finetune(base_args(tiny_model, pokemon_jsonl, out, "--packing", "--learning_rate", "1e-2",
+                                       "--max_steps", "4", "--save_steps", "100")))
+    assert "packing: 48 samples ->" in result.stdout
+    rows = int(result.stdout.split("packing: 48 samples -> ")[1].split(" rows")[0])
+    assert rows < 48
+    state = json.loads((out / "trainer_state.json").read_text())
+    logs = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(logs) == 4 and all(0 < entry["loss"] < 20 for entry in logs)
+    assert all(entry["tokens_per_second"] > entry["labelled_tokens_per_second"] > 0 for entry in logs)
+    # Full fine-tuning writes the whole model, which loads back.
+    from chatglm3 import ChatGLMForConditionalGeneration
+
+    model = ChatGLMForConditionalGeneration.from_pretrained(out)
+    base = ChatGLMForConditionalGeneration.from_pretrained(tiny_model)
+    assert not torch.equal(model.transformer.output_layer.weight, base.transformer.output_layer.weight)
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+GOOD = {"conversations": [{"role": "user", "content": "皮卡丘是什么属性？"}, {"role": "assistant", "content": "电属性。"}]}
+
+# tests/test_preprocess.py checks every data message in detail (missing "conversations", non-string content, ...);
+# these check that finetune.py passes such errors on: file:line, the reason, exit status 1, no traceback.
+BAD_DATA = {
+    "bad_json": ("{\"conversations\": [", "data.jsonl:2", "JSON"),
+    "unknown_role": (json.dumps({"conversations": [{"role": "bot", "content": "x"}]}), "data.jsonl:2", "'bot'"),
+    "tool_without_name": (json.dumps({"conversations": [{"role": "tool", "parameters": {}}]}), "data.jsonl:2", "name"),
+}
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str):
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in result.stderr, (fragment, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_bad_training_data_is_reported_with_file_and_line(tiny_model, tmp_path, case):
+    line, where, what = BAD_DATA[case]
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps(GOOD, ensure_ascii=False) + "\n" + line + "\n", encoding="utf-8")
+    result = run_finetune(base_args(tiny_model, data, tmp_path / "out", "--pre_seq_len", "4", "--max_steps", "1"))
+    assert_clean_failure(result, where, what)
+    assert not (tmp_path / "out" / "checkpoint-1").exists()
+
+
+def test_missing_train_file_and_empty_dataset(tiny_model, tmp_path):
+    missing = run_finetune(base_args(tiny_model, tmp_path / "nope.jsonl", tmp_path / "out", "--max_steps", "1"))
+    assert_clean_failure(missing, "nope.jsonl", "not found")
+
+    # Only a user turn: nothing to learn, the sample is dropped and nothing is left.
+    data = tmp_path / "nothing.jsonl"
+    data.write_text(json.dumps({"conversations": [{"role": "user", "content": "你好"}]}) + "\n", encoding="utf-8")
+    empty = run_finetune(base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
+    assert_clean_failure(empty, "nothing.jsonl:1", "empty")
+
+
+def test_flags_that_cannot_work_are_refused(tiny_model, pokemon_jsonl, tmp_path):
+    out = tmp_path / "out"
+    missing_model = run_finetune(base_args(tmp_path / "no-model", pokemon_jsonl, out, "--max_steps", "1"))
+    assert_clean_failure(missing_model, "no-model", "not found", "BASE_MODEL_PATH")
+    if not torch.cuda.is_available():
+        quantized = run_finetune(base_args(tiny_model, pokemon_jsonl, out, "--pre_seq_len", "4", "--max_steps", "1",
+                                           "--quantization_bit", "4"))
+        assert_clean_failure(quantized, "--quantization_bit 4", "CUDA")
+    no_validation = run_finetune(base_args(tiny_model, pokemon_jsonl, out, "--max_steps", "1",
+                                           "--eval_strategy", "steps", "--eval_steps", "1"))
+    assert_clean_failure(no_validation, "--validation_file")
+    unknown_flag = run_finetune(base_args(tiny_model, pokemon_jsonl, out, "--lora_rank", "8"))
+    assert unknown_flag.returncode == 2 and "--lora_rank" in unknown_flag.stderr
