@@ -70,7 +70,7 @@ def train_tokenizer(lines: list[str], model_prefix: Path, vocab_size: int) -> in
     whitespace kept). Returns the vocabulary size it reached."""
     # Chat-format and tool-call text the corpus may lack, so that they encode compactly too.
     extra = ["```python", "tool_call(name='皮卡丘')", "{\"name\": \"pokedex_lookup\"}", "Answer the following questions as best as you can."]
-    for coverage in (1.0, 0.9995, 0.995, 0.98, 0.95, 0.9):
+    for coverage in (1.0, 0.9995, 0.995, 0.98):  # SentencePiece accepts 0.98..1
         try:
             _train(lines + extra, model_prefix, vocab_size, coverage)
             break

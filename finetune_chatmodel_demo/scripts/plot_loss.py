@@ -1,0 +1,92 @@
+"""从 trainer_state.json 画出训练损失曲线 / Plot the loss curve of a run from its trainer_state.json.
+
+    python scripts/plot_loss.py output/pokemon-pt/checkpoint-1000/trainer_state.json --out loss.png
+    python scripts/plot_loss.py RUN_DIR --out loss.png --original   # beside the original project's flat run
+
+RUN_DIR may be an output directory: its newest checkpoint-N/trainer_state.json (or its own) is used.
+"""
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+# The original project's P-Tuning v2 run (LR 2e-5, 1000 steps): its published trainer_state.json went from
+# about 5.0 to 4.8. Only these two reported figures are drawn, as a straight reference line.
+ORIGINAL_RUN = {"steps": [0, 1000], "loss": [5.0, 4.8], "label": "原项目 / original project, LR 2e-5 (reported 5.0 → 4.8)"}
+
+
+def find_state(path: Path) -> Path:
+    if path.is_file():
+        return path
+    if (path / "trainer_state.json").is_file():
+        return path / "trainer_state.json"
+    checkpoints = sorted(path.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(re.sub(r"\D", "", p.parent.name) or 0))
+    if checkpoints:
+        return checkpoints[-1]
+    raise FileNotFoundError(f"{path}: 找不到 trainer_state.json / no trainer_state.json found")
+
+
+def read_curves(state_file: Path) -> dict:
+    """{'train': ([steps], [loss]), 'eval': ([steps], [loss])} from the Trainer's log_history."""
+    try:
+        history = json.loads(state_file.read_text(encoding="utf-8"))["log_history"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{state_file}: 不是 Trainer 的 trainer_state.json / not a Trainer trainer_state.json ({e})") from None
+    curves = {"train": ([], []), "eval": ([], [])}
+    for entry in history:
+        for key, name in (("loss", "train"), ("eval_loss", "eval")):
+            if key in entry and "step" in entry:
+                curves[name][0].append(entry["step"])
+                curves[name][1].append(entry[key])
+    if not curves["train"][0]:
+        raise ValueError(f"{state_file}: 没有记录损失 / no loss was logged (log more often: --logging_steps)")
+    return curves
+
+
+def plot(curves: dict, out: Path, title: str, original: bool = False):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("错误：需要 matplotlib 才能画图，请运行 pip install matplotlib / Error: plotting needs matplotlib: pip install matplotlib")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(*curves["train"], label="train loss")
+    if curves["eval"][0]:
+        ax.plot(*curves["eval"], "o-", label="eval loss")
+    if original:
+        ax.plot(ORIGINAL_RUN["steps"], ORIGINAL_RUN["loss"], "--", color="gray", label=ORIGINAL_RUN["label"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("state", type=Path, help="trainer_state.json 或输出目录 / trainer_state.json or a run's output directory")
+    p.add_argument("--out", type=Path, default=Path("loss.png"), help="输出 PNG / output PNG (default loss.png)")
+    p.add_argument("--title", default="Training loss", help="图标题 / plot title")
+    p.add_argument("--original", action="store_true", help="同时画出原项目的平坦曲线 / also draw the original project's flat run")
+    a = p.parse_args(argv)
+    try:
+        state = find_state(a.state)
+        curves = read_curves(state)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"错误 / Error: {e}", file=sys.stderr)
+        return 1
+    plot(curves, a.out, a.title, a.original)
+    steps, losses = curves["train"]
+    print(f"已写入 / wrote {a.out} ({state}: loss {losses[0]:.3f} @ step {steps[0]} → {losses[-1]:.3f} @ step {steps[-1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,89 @@
+"""考一考微调后的模型：对训练集里的每只宝可梦问属性，统计回答中说对全部属性的比例。
+Quiz a fine-tuned model: ask the type of every Pokémon named in a conversation file and report the share of
+answers that name all of its true types (from the Pokémon table), plus a few answers beside the facts.
+
+    python scripts/quiz_types.py --model output/full --data formatted_data/train.jsonl --table ../data_processing/data.csv
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+DEMO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(DEMO))
+sys.path.insert(0, str(DEMO.parent / "data_processing"))
+
+from chatglm3 import ChatGLMError, load_model_and_tokenizer  # noqa: E402
+
+QUESTION = "{}是什么属性的？"
+
+
+def names_in(data_file: Path, names: list[str]) -> list[str]:
+    """The table's Pokémon that the conversation file talks about, in table order."""
+    text = data_file.read_text(encoding="utf-8")
+    return [n for n in names if n in text]
+
+
+@torch.no_grad()
+def ask(model, tokenizer, questions: list[str], batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
+    """Greedy answers to single-turn questions, batched with left padding."""
+    answers = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [tokenizer.build_chat_input(q)["input_ids"][0] for q in questions[start:start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens)
+        stop = set(model.stop_token_ids)
+        for row in out[:, width:].tolist():
+            row = row[: next((i for i, t in enumerate(row) if t in stop), len(row))]
+            answers.append(tokenizer.decode(row).strip())
+    return answers
+
+
+def quiz(model, tokenizer, rows: list) -> tuple[float, list[dict]]:
+    answers = ask(model, tokenizer, [QUESTION.format(r.name) for r in rows])
+    results = [{"name": r.name, "types": list(r.types), "answer": a, "correct": all(t in a for t in r.types)}
+               for r, a in zip(rows, answers)]
+    return 100.0 * sum(r["correct"] for r in results) / max(len(results), 1), results
+
+
+def main(argv=None) -> int:
+    from data_processing import DataError, load_table
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="模型目录 / model directory (base or full fine-tuned)")
+    p.add_argument("--pt-checkpoint", default=None, help="P-Tuning v2 检查点 / P-Tuning v2 checkpoint directory")
+    p.add_argument("--data", required=True, type=Path, help="训练对话 JSON/JSONL，决定考哪些宝可梦 / conversations naming the Pokémon to quiz")
+    p.add_argument("--table", default=str(DEMO.parent / "data_processing" / "data.csv"), help="宝可梦表格（标准答案）/ Pokémon table with the true types")
+    p.add_argument("--show", type=int, default=5, help="打印几条问答 / answers to print beside the facts")
+    p.add_argument("--json", action="store_true", help="最后一行输出 JSON 摘要 / print a JSON summary as the last line")
+    a = p.parse_args(argv)
+    try:
+        table = load_table(a.table)
+        if not a.data.is_file():
+            raise ChatGLMError(f"找不到文件 / file not found: {a.data}")
+        by_name = table.by_name()
+        rows = [by_name[n] for n in names_in(a.data, list(by_name))]
+        if not rows:
+            raise ChatGLMError(f"{a.data}: 没有提到表格里的任何宝可梦 / names no Pokémon of {a.table}")
+        model, tokenizer = load_model_and_tokenizer(a.model, pt_checkpoint=a.pt_checkpoint)
+    except (ChatGLMError, DataError) as e:
+        print(f"错误 / Error: {e}", file=sys.stderr)
+        return 1
+    accuracy, results = quiz(model, tokenizer, rows)
+    for r in results[: a.show]:
+        mark = "✓" if r["correct"] else "✗"
+        print(f"{mark} 问 / Q: {QUESTION.format(r['name'])}  答 / A: {r['answer']}  （事实 / truth: {'、'.join(r['types'])}）")
+    print(f"属性问答正确率 / type-question accuracy: {accuracy:.1f}% ({sum(r['correct'] for r in results)}/{len(results)} Pokémon)")
+    if a.json:
+        print(json.dumps({"type_accuracy": round(accuracy, 2), "pokemon": len(results)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
