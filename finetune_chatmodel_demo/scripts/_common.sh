@@ -126,7 +126,9 @@ else
     if [ "$PRECISION" = fp16 ]; then ARGS+=(--fp16); fi
 fi
 if [ "$HW_PRECISION" = cpu ]; then
-    ARGS+=(--use_cpu --ddp_backend gloo)
+    ARGS+=(--use_cpu)
+    # Several CPU processes talk over gloo (NCCL needs GPUs); a single process must not ask for a backend.
+    if [ "$NUM_GPUS" -gt 1 ] || [ "$NNODES" -gt 1 ]; then ARGS+=(--ddp_backend gloo); fi
 fi
 
 # One process: plain python (clean error messages, no rendezvous port). Several: torchrun.
