@@ -10,7 +10,9 @@
 #   NUM_GPUS         processes on this machine (GPUs; on a CPU-only machine, CPU processes)
 #   NNODES NODE_RANK MASTER_ADDR MASTER_PORT   several machines (run the launcher on each with its NODE_RANK)
 #   MAX_STEP LR PRE_SEQ_LEN MAX_SEQ_LEN DEV_BATCH_SIZE GRAD_ACCUMULATION_STEPS SAVE_INTERVAL LOG_INTERVAL
-#   RESUME           true = continue from the newest checkpoint in OUTPUT_DIR if there is one; false; or a path
+#   RESUME           true = continue from the newest complete checkpoint in OUTPUT_DIR if there is one (to
+#                    continue a run, set OUTPUT_DIR to its directory: the default name has a timestamp); false;
+#                    or a checkpoint path
 #   PACKING          1 = pack several conversations per row (default 0)
 #   GRADIENT_CHECKPOINTING  1 = recompute activations in the backward pass (less memory, ~30% slower)
 #   PRECISION        auto | bf16 | fp16 | fp32 (auto: bf16 or fp16 on CUDA, fp32 on CPU)
