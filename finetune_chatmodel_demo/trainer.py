@@ -78,15 +78,22 @@ class PrefixTrainer(Seq2SeqTrainer):
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
-        if self.save_prefix_only:
-            logger.info(f"Saving the P-Tuning v2 prefix to {output_dir}")
-            # Written by hand rather than via save_pretrained: upstream's loader expects exactly one
-            # pytorch_model.bin (never sharded, never safetensors) holding the prefix.
-            torch.save(prefix_state_dict(model, state_dict), os.path.join(output_dir, WEIGHTS_NAME))
-            model.config.save_pretrained(output_dir)
-        else:
-            logger.info(f"Saving the whole model to {output_dir}")
-            model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        # The Trainer switches use_cache off for training; a saved config.json is for inference, where
+        # upstream's code reads it, so write it as the official config has it.
+        use_cache = getattr(model.config, "use_cache", None)
+        model.config.use_cache = True
+        try:
+            if self.save_prefix_only:
+                logger.info(f"Saving the P-Tuning v2 prefix to {output_dir}")
+                # Written by hand rather than via save_pretrained: upstream's loader expects exactly one
+                # pytorch_model.bin (never sharded, never safetensors) holding the prefix.
+                torch.save(prefix_state_dict(model, state_dict), os.path.join(output_dir, WEIGHTS_NAME))
+                model.config.save_pretrained(output_dir)
+            else:
+                logger.info(f"Saving the whole model to {output_dir}")
+                model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+        finally:
+            model.config.use_cache = use_cache
         tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.save_pretrained(output_dir)

@@ -59,7 +59,7 @@ def test_ptuning_launcher_learns_and_saves_only_the_prefix(tiny_model, pokemon_j
         assert list(saved) == [PREFIX_WEIGHT]
         assert saved[PREFIX_WEIGHT].dtype == torch.float32 and saved[PREFIX_WEIGHT].shape[0] == 16
         config = json.loads((checkpoint / "config.json").read_text())
-        assert config["pre_seq_len"] == 16 and config["prefix_projection"] is False
+        assert config["pre_seq_len"] == 16 and config["prefix_projection"] is False and config["use_cache"] is True
         assert (checkpoint / "tokenizer.model").is_file()
         assert not list(checkpoint.glob("*.safetensors"))
 
@@ -122,6 +122,7 @@ def test_deepspeed_zero2_on_two_processes_saves_a_full_model(deepspeed_runs, tin
     base = ChatGLMForConditionalGeneration.from_pretrained(tiny_model)
     assert not torch.equal(trained.transformer.output_layer.weight, base.transformer.output_layer.weight)
     assert (out / "tokenizer.model").is_file()
+    assert json.loads((out / "config.json").read_text())["use_cache"] is True
 
 
 def test_deepspeed_zero3_gathers_the_same_model(deepspeed_runs):
