@@ -53,7 +53,12 @@ def parse_args():
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments))
     if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    *parsed, unknown = parser.parse_args_into_dataclasses(return_remaining_strings=True)
+    args = sys.argv[1:]
+    # transformers 5 replaced --group_by_length (batches of similar lengths, less padding) by
+    # --train_sampling_strategy group_by_length; accept the old flag on either version.
+    if "--group_by_length" in args and "group_by_length" not in Seq2SeqTrainingArguments.__dataclass_fields__:
+        args = [a for a in args if a != "--group_by_length"] + ["--train_sampling_strategy", "group_by_length"]
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
     if unknown:
         parser.print_usage(sys.stderr)
         print(

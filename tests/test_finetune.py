@@ -100,7 +100,7 @@ def test_fresh_start_then_continue_from_its_prefix_and_a_bad_resume_path(tiny_mo
     first, second = tmp_path / "first", tmp_path / "second"
     args = ["--pre_seq_len", "4", "--save_steps", "100", "--max_steps", "2"]
     result = ok(run_finetune(base_args(tiny_model, pokemon_jsonl, first, *args, "--learning_rate", "5e-2",
-                                       "--resume_from_checkpoint", "true")))
+                                       "--resume_from_checkpoint", "true", "--group_by_length")))
     assert "starting from scratch" in result.stdout
     # --ptuning_checkpoint starts from a saved prefix; with a zero learning rate it passes through unchanged.
     ok(run_finetune(base_args(tiny_model, pokemon_jsonl, second, *args, "--learning_rate", "0",

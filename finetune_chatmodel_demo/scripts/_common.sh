@@ -13,6 +13,8 @@
 #   RESUME           true = continue from the newest complete checkpoint in OUTPUT_DIR if there is one (to
 #                    continue a run, set OUTPUT_DIR to its directory: the default name has a timestamp); false;
 #                    or a checkpoint path
+#   SAVE_TOTAL_LIMIT keep only the newest N checkpoints (default: all; the DeepSpeed launcher keeps 2, as a
+#                    full 6B checkpoint with optimizer states is ~80 GB)
 #   PACKING          1 = pack several conversations per row (default 0)
 #   GRADIENT_CHECKPOINTING  1 = recompute activations in the backward pass (less memory, ~30% slower)
 #   PRECISION        auto | bf16 | fp16 | fp32 (auto: bf16 or fp16 on CUDA, fp32 on CPU)
@@ -45,6 +47,7 @@ abspath() {  # a path relative to the caller's current directory, made absolute 
 : "${SAVE_INTERVAL:=200}"
 : "${LOG_INTERVAL:=10}"
 : "${RESUME:=true}"
+: "${SAVE_TOTAL_LIMIT:=}"
 : "${PACKING:=0}"
 : "${GRADIENT_CHECKPOINTING:=1}"
 : "${PRECISION:=auto}"
@@ -114,6 +117,7 @@ ARGS=(
 if [ -n "$VALIDATION_PATH" ]; then
     ARGS+=(--validation_file "$VALIDATION_PATH" --per_device_eval_batch_size "$DEV_BATCH_SIZE")
 fi
+if [ -n "$SAVE_TOTAL_LIMIT" ]; then ARGS+=(--save_total_limit "$SAVE_TOTAL_LIMIT"); fi
 if [ "$PACKING" = 1 ]; then ARGS+=(--packing); fi
 if [ "$GRADIENT_CHECKPOINTING" = 1 ]; then ARGS+=(--gradient_checkpointing); fi
 if [ "$MODE" = pt ]; then

@@ -15,5 +15,6 @@ MODE=ds
 : "${GRAD_ACCUMULATION_STEPS:=1}"
 : "${MAX_STEP:=200}"
 : "${SAVE_INTERVAL:=50}"
+: "${SAVE_TOTAL_LIMIT:=2}"
 
 source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
