@@ -5,6 +5,8 @@ from any directory with plain `python benchmarks/bench_train.py`.
 """
 import argparse
 import math
+import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -145,6 +147,19 @@ def peak_memory_mb(device: str) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
+
+
+def machine_line(device: str, dtype) -> str:
+    """Where the figures come from; warns when other processes keep the CPUs busy (timings then vary, and several
+    torch threads wait on each other: --threads 1 measures more steadily on a shared machine)."""
+    line = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"device {device}, {str(dtype).replace('torch.', '')}")
+    if hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        line += f", load average {load:.1f}"
+        if load > (os.cpu_count() or 1) and not device.startswith("cuda"):
+            line += " (busy machine: CPU timings unreliable; --threads 1 is steadier)"
+    return line
 
 
 def synchronize(device: str):

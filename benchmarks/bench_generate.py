@@ -11,8 +11,6 @@ token counts are exact; both paths must produce the same tokens (checked and pri
 import argparse
 import datetime
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -117,8 +115,7 @@ def main(argv=None):
     config = _common.model_config(args, pre_seq_len=args.pre_seq_len, vocab_needed=tokenizer.vocab_size)
     model = _common.build_model(config, device, dtype, args.seed).eval()
 
-    print(f"# bench_generate.py  {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}, {str(dtype).replace('torch.', '')}")
+    print(f"# bench_generate.py  {datetime.datetime.now():%Y-%m-%d %H:%M}  {_common.machine_line(device, dtype)}")
     print(f"# model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads x {args.kv_channels}, {args.kv_groups} KV groups, "
           f"ffn {args.ffn}, vocab {args.vocab}" + (f", P-Tuning prefix {args.pre_seq_len}" if args.pre_seq_len else "")
           + f"; greedy, {args.new_tokens} new tokens per row, median of {args.repeats} runs after a warm-up")

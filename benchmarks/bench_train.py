@@ -12,8 +12,9 @@ Strategies (every one trains each sample of the data exactly once per epoch):
   packing              several conversations per row (pack_samples, as finetune.py --packing): block-diagonal
                        causal mask, positions restarting per conversation, the P-Tuning prefix seen by all.
 
-Each strategy runs in its own forked process (fair peak memory): warm-up steps, then timed steps; the batches
-are picked evenly across the epoch. Figures: median over the timed steps of useful (non-padding) tokens/s and
+Each strategy runs in its own forked process (so its peak memory is its own), and the processes take steps in
+turn (so a change in the machine's load touches every strategy alike): warm-up steps, then timed steps, with
+batches picked evenly across the epoch. Figures: median over the timed steps of useful (non-padding) tokens/s and
 padded tokens/s; padding share; peak memory (GPU: max allocated; CPU: the process's RSS high-water mark
 during the steps); mean loss of the timed steps; useful tokens/s relative to pad_to_max.
 
@@ -24,8 +25,6 @@ import argparse
 import datetime
 import json
 import multiprocessing
-import os
-import platform
 import random
 import statistics
 import sys
@@ -116,80 +115,122 @@ def strategy_loss(strategy: str, model, batch: dict) -> torch.Tensor:
 
 
 # --- one strategy --------------------------------------------------------------------------------------------------
-def run_strategy(strategy: str, items: list[dict], tokenizer, args, device: str, dtype: torch.dtype) -> dict:
-    batches = epoch_batches(strategy, items, tokenizer, args.batch_size, args.max_seq_length, args.seed)
-    picks = spread(len(batches), args.warmup + args.steps)
-    config = _common.model_config(args, pre_seq_len=None if args.full else args.pre_seq_len, vocab_needed=tokenizer.vocab_size)
-    model = _common.build_model(config, device, dtype, args.seed)
-    if args.full:
-        model.requires_grad_(True)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+class StrategyRun:
+    """One strategy's model, optimizer and epoch of batches; step() trains on the next picked batch."""
 
-    _common.reset_peak_memory(device)
-    rates_useful, rates_padded, rates_labelled, times, losses = [], [], [], [], []
-    useful_total = padded_total = 0
-    for n, index in enumerate(picks):
-        batch = {key: value.to(device) for key, value in batches[index].items()}
-        _common.synchronize(device)
+    def __init__(self, strategy: str, items: list[dict], tokenizer, args, device: str, dtype: torch.dtype):
+        self.strategy, self.args, self.device = strategy, args, device
+        self.batches = epoch_batches(strategy, items, tokenizer, args.batch_size, args.max_seq_length, args.seed)
+        self.picks = spread(len(self.batches), args.warmup + args.steps)
+        config = _common.model_config(args, pre_seq_len=None if args.full else args.pre_seq_len, vocab_needed=tokenizer.vocab_size)
+        self.model = _common.build_model(config, device, dtype, args.seed)
+        if args.full:
+            self.model.requires_grad_(True)
+        if args.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.model.train()
+        self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr)
+        self.timed: list[tuple[float, dict, float]] = []  # (seconds, token counts, loss) of each timed step
+        self.done = 0
+        _common.reset_peak_memory(device)  # the peak covers the training steps (model and batches are resident)
+
+    def step(self) -> str:
+        index = self.picks[self.done]
+        batch = {key: value.to(self.device) for key, value in self.batches[index].items()}
+        _common.synchronize(self.device)
         start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = strategy_loss(strategy, model, batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = strategy_loss(self.strategy, self.model, batch)
         loss.backward()
-        optimizer.step()
-        _common.synchronize(device)
+        self.optimizer.step()
+        _common.synchronize(self.device)
         seconds = time.perf_counter() - start
-        timed = n >= args.warmup
-        progress(f"  {strategy}: {'step' if timed else 'warm-up'} {n + 1}/{len(picks)} {tuple(batch['input_ids'].shape)} {seconds:.2f}s loss {loss.item():.4f}")
-        if not timed:
-            continue
-        counts = batch_counts(batches[index])
-        rates_useful.append(counts["useful"] / seconds)
-        rates_padded.append(counts["padded"] / seconds)
-        rates_labelled.append(counts["labelled"] / seconds)
-        useful_total += counts["useful"]
-        padded_total += counts["padded"]
-        times.append(seconds)
-        losses.append(loss.item())
-    return {
-        "useful_tokens_per_s": statistics.median(rates_useful),
-        "padded_tokens_per_s": statistics.median(rates_padded),
-        "labelled_tokens_per_s": statistics.median(rates_labelled),
-        "padding_share": 1 - useful_total / padded_total,
-        "peak_mem_mb": _common.peak_memory_mb(device),
-        "loss": statistics.fmean(losses),
-        "step_s": statistics.median(times),
-        "batches_per_epoch": len(batches),
-    }
+        self.done += 1
+        timed = self.done > self.args.warmup
+        if timed:
+            self.timed.append((seconds, batch_counts(self.batches[index]), loss.item()))
+        return (f"  {self.strategy}: {'step' if timed else 'warm-up'} {self.done}/{len(self.picks)} "
+                f"{tuple(batch['input_ids'].shape)} {seconds:.2f}s loss {loss.item():.4f}")
+
+    def summary(self) -> dict:
+        def rate(kind):
+            return statistics.median(counts[kind] / seconds for seconds, counts, _ in self.timed)
+
+        useful = sum(counts["useful"] for _, counts, _ in self.timed)
+        padded = sum(counts["padded"] for _, counts, _ in self.timed)
+        return {
+            "useful_tokens_per_s": rate("useful"),
+            "padded_tokens_per_s": rate("padded"),
+            "labelled_tokens_per_s": rate("labelled"),
+            "padding_share": 1 - useful / padded,
+            "peak_mem_mb": _common.peak_memory_mb(self.device),
+            "loss": statistics.fmean(loss for _, _, loss in self.timed),
+            "step_s": statistics.median(seconds for seconds, _, _ in self.timed),
+            "batches_per_epoch": len(self.batches),
+        }
 
 
-def _child(queue, strategy, items, tokenizer, args, device, dtype):
-    try:
-        queue.put(("ok", run_strategy(strategy, items, tokenizer, args, device, dtype)))
-    except torch.cuda.OutOfMemoryError:
-        queue.put(("error", "显存不足 / out of GPU memory"))
-    except BaseException as e:  # report anything to the parent instead of dying silently
-        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+class _Forked:
+    """A StrategyRun living in a forked child process, driven over a pipe: its peak memory is its own. The parent
+    has run no torch kernels and touched no GPU, which keeps fork safe."""
+
+    def __init__(self, strategy, *run_args):
+        self.strategy = strategy
+        context = multiprocessing.get_context("fork")
+        self.conn, child_conn = context.Pipe()
+        self.process = context.Process(target=self._serve, args=(child_conn, strategy, run_args), daemon=True)
+        self.process.start()
+        child_conn.close()  # only the child holds its end, so the parent sees EOF if the child dies
+        self._call(None)  # wait until it is built
+
+    @staticmethod
+    def _serve(conn, strategy, run_args):
+        try:
+            run = StrategyRun(strategy, *run_args)
+            conn.send(("ok", None))
+            while True:
+                command = conn.recv()
+                conn.send(("ok", getattr(run, command)()))
+                if command == "summary":
+                    return
+        except torch.cuda.OutOfMemoryError:
+            conn.send(("error", "显存不足 / out of GPU memory"))
+        except BaseException as e:  # report anything to the parent instead of dying silently
+            conn.send(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-1500:]}"))
+
+    def _call(self, command):
+        if command is not None:
+            self.conn.send(command)
+        try:
+            status, value = self.conn.recv()
+        except EOFError:
+            status, value = "error", f"子进程退出（可能内存不足）/ the child process died (out of memory?), exit code {self.process.exitcode}"
+        if status != "ok":
+            self.process.kill()
+            raise BenchError(f"错误：策略 {self.strategy} 运行失败 / Error: strategy {self.strategy} failed: {value}")
+        return value
+
+    def step(self) -> str:
+        return self._call("step")
+
+    def summary(self) -> dict:
+        value = self._call("summary")
+        self.process.join()
+        return value
 
 
-def run_isolated(strategy, items, tokenizer, args, device, dtype) -> dict:
-    """run_strategy in a forked child, so each strategy's peak memory is its own. The parent has run no torch
-    kernels and touched no GPU, which keeps fork safe."""
-    context = multiprocessing.get_context("fork")
-    queue = context.Queue()
-    child = context.Process(target=_child, args=(queue, strategy, items, tokenizer, args, device, dtype))
-    child.start()
-    try:
-        status, value = queue.get()
-    except KeyboardInterrupt:
-        child.terminate()
-        raise
-    child.join()
-    if status != "ok":
-        raise BenchError(f"错误：策略 {strategy} 运行失败 / Error: strategy {strategy} failed: {value}")
-    return value
+def run_strategies(strategies, items, tokenizer, args, device, dtype) -> dict:
+    """Build every strategy's run, then step them in turn (one step of each, repeated), so that a change in
+    the machine's load during the benchmark touches all strategies alike."""
+    runs = {}
+    for i, strategy in enumerate(strategies, 1):
+        progress(f"[{i}/{len(strategies)}] {strategy}: {STRATEGIES[strategy]}")
+        runs[strategy] = StrategyRun(strategy, items, tokenizer, args, device, dtype) if args.no_isolate else \
+            _Forked(strategy, items, tokenizer, args, device, dtype)
+    for _ in range(args.warmup + args.steps):
+        for run in runs.values():
+            progress(run.step())
+    return {strategy: run.summary() for strategy, run in runs.items()}
 
 
 # --- report --------------------------------------------------------------------------------------------------------
@@ -270,8 +311,7 @@ def main(argv=None):
     lengths = [len(item["input_ids"]) for item in items]
 
     method = "full fine-tuning" if args.full else f"P-Tuning v2 (pre_seq_len {args.pre_seq_len})"
-    print(f"# bench_train.py  {datetime.datetime.now():%Y-%m-%d %H:%M}  {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), device {device}, {str(dtype).replace('torch.', '')}")
+    print(f"# bench_train.py  {datetime.datetime.now():%Y-%m-%d %H:%M}  {_common.machine_line(device, dtype)}")
     print(f"# model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads x {args.kv_channels}, {args.kv_groups} KV groups, "
           f"ffn {args.ffn}, vocab {args.vocab}; {method}, AdamW lr {args.lr:g}"
           + (", gradient checkpointing" if args.gradient_checkpointing else ""))
@@ -281,11 +321,7 @@ def main(argv=None):
     print("# pad_to_max computes the loss the upstream way (float32 logits over the full vocabulary at every position); "
           "the other rows use the model's loss (labelled positions only)")
 
-    results = {}
-    for i, strategy in enumerate(args.strategies, 1):
-        progress(f"[{i}/{len(args.strategies)}] {strategy}: {STRATEGIES[strategy]}")
-        run = run_strategy if args.no_isolate else run_isolated
-        results[strategy] = run(strategy, items, tokenizer, args, device, dtype)
+    results = run_strategies(args.strategies, items, tokenizer, args, device, dtype)
     baseline = results.get(BASELINE)
     for r in results.values():
         r["ratio_to_pad_to_max"] = r["useful_tokens_per_s"] / baseline["useful_tokens_per_s"] if baseline else None
