@@ -312,6 +312,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["GLMBlock"]
     _supports_sdpa = True
+    # The loss is a plain mean over labelled tokens; transformers must not pass num_items_in_batch and assume
+    # the model rescales for gradient accumulation (forward takes **kwargs only for caller compatibility).
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module):
         # Only used for fresh (tiny) models; real checkpoints overwrite every tensor.
