@@ -390,14 +390,29 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
             logits = self.transformer.output_layer(hidden)
         return ChatGLMOutput(loss=loss, logits=logits, past_key_values=cache)
 
+    # Labelled positions per chunk of the loss: bounds the float32 logits held at once (1024 x 65024 x 4 B =
+    # 266 MB) however many tokens a batch labels.
+    loss_chunk_size = 1024
+
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels[:, 1:]
         selected = targets != -100
         h = hidden[:, :-1][selected]  # [n_labelled, hidden]
-        logits = self.transformer.output_layer(h).float()
-        if logits.shape[0] == 0:  # nothing to learn in this batch: a zero that still has a graph
-            return logits.sum()
-        return F.cross_entropy(logits, targets[selected])
+        y = targets[selected]
+        if h.shape[0] <= self.loss_chunk_size or not torch.is_grad_enabled():
+            logits = self.transformer.output_layer(h).float()
+            if logits.shape[0] == 0:  # nothing to learn in this batch: a zero that still has a graph
+                return logits.sum()
+            return F.cross_entropy(logits, y)
+        # Each chunk's logits are recomputed in the backward pass instead of being kept.
+        total = sum(
+            checkpoint(self._loss_sum, h[i:i + self.loss_chunk_size], y[i:i + self.loss_chunk_size], use_reentrant=False)
+            for i in range(0, h.shape[0], self.loss_chunk_size)
+        )
+        return total / h.shape[0]
+
+    def _loss_sum(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.transformer.output_layer(h).float(), y, reduction="sum")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
