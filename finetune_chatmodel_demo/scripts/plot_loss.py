@@ -13,7 +13,8 @@ from pathlib import Path
 
 # The original project's P-Tuning v2 run (LR 2e-5, 1000 steps): its published trainer_state.json went from
 # about 5.0 to 4.8. Only these two reported figures are drawn, as a straight reference line.
-ORIGINAL_RUN = {"steps": [0, 1000], "loss": [5.0, 4.8], "label": "原项目 / original project, LR 2e-5 (reported 5.0 → 4.8)"}
+# Labels stay ASCII: common default fonts have no CJK glyphs.
+ORIGINAL_RUN = {"steps": [0, 1000], "loss": [5.0, 4.8], "label": "original project: P-Tuning v2 of chatglm3-6b, LR 2e-5 (reported 5.0 -> 4.8)"}
 
 
 def find_state(path: Path) -> Path:
@@ -52,17 +53,17 @@ def plot(curves: dict, out: Path, title: str, original: bool = False):
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("错误：需要 matplotlib 才能画图，请运行 pip install matplotlib / Error: plotting needs matplotlib: pip install matplotlib")
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
     ax.plot(*curves["train"], label="train loss")
     if curves["eval"][0]:
-        ax.plot(*curves["eval"], "o-", label="eval loss")
+        ax.plot(*curves["eval"], "o-", label="eval loss (validation file)")
     if original:
         ax.plot(ORIGINAL_RUN["steps"], ORIGINAL_RUN["loss"], "--", color="gray", label=ORIGINAL_RUN["label"])
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, frameon=False)  # below: never over the curves
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
