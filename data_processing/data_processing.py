@@ -624,8 +624,9 @@ def run(args):
     return lines
 
 
-def main(argv=None):
-    """Command-line entry point; returns the exit status (0 ok, 1 bad input)."""
+def cli(build_parser, run, argv=None):
+    """Parse argv, run, print the report; returns the exit status (0 ok, 1 bad input). Bad input gives a
+    one-line message, never a traceback. Shared with format_tool_poke.py."""
     args = build_parser().parse_args(argv)
     try:
         lines = run(args)
@@ -638,6 +639,11 @@ def main(argv=None):
         return 1
     print("\n".join(lines))
     return 0
+
+
+def main(argv=None):
+    """Command-line entry point; returns the exit status (0 ok, 1 bad input)."""
+    return cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

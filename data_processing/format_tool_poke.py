@@ -290,18 +290,7 @@ def run(args):
 
 def main(argv=None):
     """Command-line entry point; returns the exit status (0 ok, 1 bad input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        lines = run(args)
-    except DataError as e:
-        print(e, file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"错误：{e.filename or ''} 读写失败：{e.strerror} / Error: cannot read or write "
-              f"{e.filename or ''}: {e.strerror}", file=sys.stderr)
-        return 1
-    print("\n".join(lines))
-    return 0
+    return dp.cli(build_parser, run, argv)
 
 
 if __name__ == "__main__":

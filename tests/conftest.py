@@ -43,3 +43,19 @@ def tiny_model(tmp_path_factory) -> Path:
     if not corpus.is_file():
         pytest.fail(f"bundled corpus missing: {corpus}")
     return build_tiny_model(corpus, tmp_path_factory.mktemp("tiny-chatglm3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer(shared):
+    """The real ChatGLM3-6B tokenizer (64,798 tokens) from ../shared."""
+    from chatglm3 import ChatGLMTokenizer
+
+    return ChatGLMTokenizer.from_pretrained(str(shared / "chatglm3-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tokenizer_golden(shared) -> dict:
+    """Upstream's reference token ids and labels (../shared/parity/tokenizer_golden.json)."""
+    import json
+
+    return json.loads((shared / "parity" / "tokenizer_golden.json").read_text(encoding="utf-8"))

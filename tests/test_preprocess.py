@@ -25,16 +25,6 @@ from preprocess_utils import (
 
 
 @pytest.fixture(scope="module")
-def real(shared):
-    return ChatGLMTokenizer.from_pretrained(str(shared / "chatglm3-tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def golden(shared):
-    return json.loads((shared / "parity" / "tokenizer_golden.json").read_text(encoding="utf-8"))
-
-
-@pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tokenizer trained here, so the tests below that use it run without ../shared."""
     directory = tmp_path_factory.mktemp("tiny_sp")
@@ -63,36 +53,36 @@ SAMPLES = [
 
 
 # --- upstream parity ---------------------------------------------------------------------------------------------
-def test_multiturn_ids_and_labels_match_upstream(real, golden):
-    assert len(golden["multiturn"]) == 4
-    for case in golden["multiturn"]:
-        tokens, loss_masks = format_conversation(case["example"], real)
+def test_multiturn_ids_and_labels_match_upstream(real_tokenizer, tokenizer_golden):
+    assert len(tokenizer_golden["multiturn"]) == 4
+    for case in tokenizer_golden["multiturn"]:
+        tokens, loss_masks = format_conversation(case["example"], real_tokenizer)
         assert tokens == case["input_ids"]
         assert build_labels(tokens, loss_masks) == case["labels"]
-    dataset = MultiTurnDataset([case["example"] for case in golden["multiturn"]], real, max_seq_length=None, verbose=False)
-    assert [item["input_ids"] for item in dataset] == [case["input_ids"] for case in golden["multiturn"]]
-    assert [item["labels"] for item in dataset] == [case["labels"] for case in golden["multiturn"]]
-    assert dataset.lengths == [len(case["input_ids"]) for case in golden["multiturn"]]
+    dataset = MultiTurnDataset([case["example"] for case in tokenizer_golden["multiturn"]], real_tokenizer, max_seq_length=None, verbose=False)
+    assert [item["input_ids"] for item in dataset] == [case["input_ids"] for case in tokenizer_golden["multiturn"]]
+    assert [item["labels"] for item in dataset] == [case["labels"] for case in tokenizer_golden["multiturn"]]
+    assert dataset.lengths == [len(case["input_ids"]) for case in tokenizer_golden["multiturn"]]
 
 
-def test_observation_messages_are_not_learnt(real):
+def test_observation_messages_are_not_learnt(real_tokenizer):
     sample = conversation(("user", "查一下"), ("observation", "{\"x\": 1}"), ("assistant", "好的"))
-    tokens, loss_masks = format_conversation(sample, real)
+    tokens, loss_masks = format_conversation(sample, real_tokenizer)
     labels = build_labels(tokens, loss_masks)
-    observation = real.build_single_message("observation", "", "{\"x\": 1}")
-    start = 2 + len(real.build_single_message("user", "", "查一下"))
+    observation = real_tokenizer.build_single_message("observation", "", "{\"x\": 1}")
+    start = 2 + len(real_tokenizer.build_single_message("user", "", "查一下"))
     assert tokens[start:start + len(observation)] == observation
     assert set(labels[start:start + len(observation) + 1]) == {IGNORE_INDEX}
 
 
-def test_tool_entry_observation_is_json(real):
+def test_tool_entry_observation_is_json(real_tokenizer):
     sample = {"conversations": [
         {"role": "user", "content": "几倍？"},
         {"role": "tool", "name": "type_chart", "parameters": {"attack": "电", "n": 2}, "observation": {"x": 0, "说明": "无效"}},
         {"role": "assistant", "content": "0倍。"},
     ]}
-    tokens, _ = format_conversation(sample, real)
-    text = real.decode(tokens)
+    tokens, _ = format_conversation(sample, real_tokenizer)
+    text = real_tokenizer.decode(tokens)
     assert "<|assistant|>type_chart\n ```python\ntool_call(attack='电', n=2)\n```" in text
     assert '<|observation|>\n {"x": 0, "说明": "无效"}' in text
 
@@ -213,19 +203,19 @@ def test_missing_and_unreadable_files(tmp_path):
 
 
 # --- input-output format -----------------------------------------------------------------------------------------
-def test_input_output_dataset(real, tmp_path, capsys):
+def test_input_output_dataset(real_tokenizer, tmp_path, capsys):
     path = write(tmp_path, "\n".join(json.dumps(r, ensure_ascii=False) for r in [
         {"prompt": "类型#宝可梦*属性#电", "response": "皮卡丘是电属性的宝可梦。"},
         {"prompt": "很长的提示" * 20, "response": "很长的回答" * 20},
     ]))
-    dataset = build_dataset(path, real, "input-output", max_source_length=16, max_target_length=12)
+    dataset = build_dataset(path, real_tokenizer, "input-output", max_source_length=16, max_target_length=12)
     first, second = dataset[0], dataset[1]
-    source = real.encode("类型#宝可梦*属性#电")
-    target = real.encode("皮卡丘是电属性的宝可梦。", add_special_tokens=False) + [real.eos_token_id]
+    source = real_tokenizer.encode("类型#宝可梦*属性#电")
+    target = real_tokenizer.encode("皮卡丘是电属性的宝可梦。", add_special_tokens=False) + [real_tokenizer.eos_token_id]
     assert first["input_ids"] == source + target
     assert first["labels"] == [IGNORE_INDEX] * len(source) + target
-    assert second["input_ids"][:16] == real.encode("很长的提示" * 20)[:16]
-    assert second["labels"] == [IGNORE_INDEX] * 16 + real.encode("很长的回答" * 20, add_special_tokens=False)[:12] + [real.eos_token_id]
+    assert second["input_ids"][:16] == real_tokenizer.encode("很长的提示" * 20)[:16]
+    assert second["labels"] == [IGNORE_INDEX] * 16 + real_tokenizer.encode("很长的回答" * 20, add_special_tokens=False)[:12] + [real_tokenizer.eos_token_id]
     assert dataset.num_truncated == 1 and dataset.max_seq_length == 29
     assert "1 truncated" in capsys.readouterr().out
     bad = write(tmp_path, '{"prompt": "x"}\n', name="bad.jsonl")

@@ -9,16 +9,6 @@ from chatglm3.errors import ChatGLMError
 from chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer
 
 
-@pytest.fixture(scope="module")
-def real(shared):
-    return ChatGLMTokenizer.from_pretrained(str(shared / "chatglm3-tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def golden(shared):
-    return json.loads((shared / "parity" / "tokenizer_golden.json").read_text(encoding="utf-8"))
-
-
 def train_tiny_sentencepiece(directory):
     """A ~400-piece SentencePiece model trained on generated Chinese/English lines, with the real ChatGLM3
     model's settings (BPE, byte fallback, no normalization, whitespace kept, digits split)."""
@@ -40,34 +30,34 @@ def tiny(tmp_path_factory):
     return ChatGLMTokenizer.from_pretrained(str(train_tiny_sentencepiece(tmp_path_factory.mktemp("tiny_sp"))))
 
 
-def test_special_token_ids_match_upstream(real, golden):
-    special = golden["special"]
+def test_special_token_ids_match_upstream(real_tokenizer, tokenizer_golden):
+    special = tokenizer_golden["special"]
     for token in SPECIAL_TOKENS:
-        assert real.get_command(token) == special[token], token
-        assert real.convert_tokens_to_ids(token) == special[token], token
-    assert real.eos_token_id == special["eos"] == 2
-    assert real.pad_token_id == special["pad"] == 0
-    assert real.vocab_size == len(real) == special["vocab_size"] == 64798
-    assert real.padding_side == "left"
+        assert real_tokenizer.get_command(token) == special[token], token
+        assert real_tokenizer.convert_tokens_to_ids(token) == special[token], token
+    assert real_tokenizer.eos_token_id == special["eos"] == 2
+    assert real_tokenizer.pad_token_id == special["pad"] == 0
+    assert real_tokenizer.vocab_size == len(real_tokenizer) == special["vocab_size"] == 64798
+    assert real_tokenizer.padding_side == "left"
 
 
-def test_texts_encode_and_decode_like_upstream(real, golden):
-    assert len(golden["texts"]) == 10
-    for case in golden["texts"]:
+def test_texts_encode_and_decode_like_upstream(real_tokenizer, tokenizer_golden):
+    assert len(tokenizer_golden["texts"]) == 10
+    for case in tokenizer_golden["texts"]:
         text = case["text"]
-        assert real.encode(text, add_special_tokens=False) == case["ids"], text
-        assert real.encode(text) == case["ids_with_special"], text
-        assert real(text)["input_ids"] == case["ids_with_special"], text
-        assert real.decode(case["ids"]) == case["decoded"] == text, text
-        assert real.convert_tokens_to_string(real.tokenize(text)) == text, text
+        assert real_tokenizer.encode(text, add_special_tokens=False) == case["ids"], text
+        assert real_tokenizer.encode(text) == case["ids_with_special"], text
+        assert real_tokenizer(text)["input_ids"] == case["ids_with_special"], text
+        assert real_tokenizer.decode(case["ids"]) == case["decoded"] == text, text
+        assert real_tokenizer.convert_tokens_to_string(real_tokenizer.tokenize(text)) == text, text
 
 
-def test_special_token_text_in_content_is_plain_text(real):
+def test_special_token_text_in_content_is_plain_text(real_tokenizer):
     # Upstream never turned "<|user|>" written in a message into the role token.
-    ids = real.encode("写出 <|assistant|> 和 [gMASK]", add_special_tokens=False)
-    assert not set(ids) & {real.get_command(t) for t in SPECIAL_TOKENS}
-    message = real.build_single_message("user", "", "<|user|>")
-    assert message.count(real.get_command("<|user|>")) == 1 and message[0] == real.get_command("<|user|>")
+    ids = real_tokenizer.encode("写出 <|assistant|> 和 [gMASK]", add_special_tokens=False)
+    assert not set(ids) & {real_tokenizer.get_command(t) for t in SPECIAL_TOKENS}
+    message = real_tokenizer.build_single_message("user", "", "<|user|>")
+    assert message.count(real_tokenizer.get_command("<|user|>")) == 1 and message[0] == real_tokenizer.get_command("<|user|>")
 
 
 def test_encode_special_tokens_option_splits_them(shared):
@@ -77,59 +67,59 @@ def test_encode_special_tokens_option_splits_them(shared):
     assert tok.decode(ids) == "a<|user|>b"
 
 
-def test_build_chat_input_matches_upstream(real, golden):
-    assert len(golden["chat"]) == 3
-    for case in golden["chat"]:
-        inputs = real.build_chat_input(case["query"], history=case.get("history"), role=case.get("role", "user"))
+def test_build_chat_input_matches_upstream(real_tokenizer, tokenizer_golden):
+    assert len(tokenizer_golden["chat"]) == 3
+    for case in tokenizer_golden["chat"]:
+        inputs = real_tokenizer.build_chat_input(case["query"], history=case.get("history"), role=case.get("role", "user"))
         assert set(inputs.keys()) == {"input_ids", "attention_mask"}
         assert inputs["input_ids"].shape == (1, len(case["input_ids"]))
         assert inputs["input_ids"][0].tolist() == case["input_ids"], case["query"]
         assert inputs["attention_mask"].dtype == torch.long and inputs["attention_mask"].sum() == len(case["input_ids"])
 
 
-def test_build_single_message_layout(real):
-    ids = real.build_single_message("assistant", "type_chart", "ok")
-    sp = real.tokenizer.sp_model
-    assert ids == [real.get_command("<|assistant|>")] + sp.encode("type_chart\n") + sp.encode("ok")
+def test_build_single_message_layout(real_tokenizer):
+    ids = real_tokenizer.build_single_message("assistant", "type_chart", "ok")
+    sp = real_tokenizer.tokenizer.sp_model
+    assert ids == [real_tokenizer.get_command("<|assistant|>")] + sp.encode("type_chart\n") + sp.encode("ok")
     with pytest.raises(ChatGLMError, match="bot"):
-        real.build_single_message("bot", "", "hi")
+        real_tokenizer.build_single_message("bot", "", "hi")
     with pytest.raises(ChatGLMError, match="not a ChatGLM special token"):
-        real.get_command("<|bot|>")
+        real_tokenizer.get_command("<|bot|>")
 
 
-def test_decode_renders_special_tokens_and_drops_padding(real):
-    hello = real.encode("你好", add_special_tokens=False)
-    ids = [0, 0] + real.get_prefix_tokens() + [real.get_command("<|assistant|>")] + hello + [real.eos_token_id]
-    assert real.decode(ids) == "[gMASK]sop<|assistant|>你好"
-    assert real.decode(ids, skip_special_tokens=True) == "你好"
+def test_decode_renders_special_tokens_and_drops_padding(real_tokenizer):
+    hello = real_tokenizer.encode("你好", add_special_tokens=False)
+    ids = [0, 0] + real_tokenizer.get_prefix_tokens() + [real_tokenizer.get_command("<|assistant|>")] + hello + [real_tokenizer.eos_token_id]
+    assert real_tokenizer.decode(ids) == "[gMASK]sop<|assistant|>你好"
+    assert real_tokenizer.decode(ids, skip_special_tokens=True) == "你好"
     # Rows of the model's padded vocabulary (64798..65023) are not tokens; they decode to nothing.
-    assert real.decode(hello + [65000]) == "你好"
-    assert real.decode(torch.tensor(hello)) == "你好"
+    assert real_tokenizer.decode(hello + [65000]) == "你好"
+    assert real_tokenizer.decode(torch.tensor(hello)) == "你好"
 
 
-def test_batch_left_padding(real):
+def test_batch_left_padding(real_tokenizer):
     texts = ["皮卡丘", "Pokémon GO! 2024年"]
-    batch = real(texts, padding=True, return_tensors="pt")
-    longest = len(real.encode(texts[1]))
-    short = real.encode(texts[0])
+    batch = real_tokenizer(texts, padding=True, return_tensors="pt")
+    longest = len(real_tokenizer.encode(texts[1]))
+    short = real_tokenizer.encode(texts[0])
     assert batch["input_ids"].shape == (2, longest)
     assert batch["input_ids"][0].tolist() == [0] * (longest - len(short)) + short
     assert batch["attention_mask"][0].tolist() == [0] * (longest - len(short)) + [1] * len(short)
     assert batch["attention_mask"][1].tolist() == [1] * longest
-    padded = real.pad({"input_ids": [short]}, pad_to_multiple_of=8, return_tensors="pt")
+    padded = real_tokenizer.pad({"input_ids": [short]}, pad_to_multiple_of=8, return_tensors="pt")
     assert padded["input_ids"].shape == (1, 8) and padded["input_ids"][0, -len(short):].tolist() == short
 
 
-def test_save_and_reload_round_trip(real, golden, tmp_path):
-    real.save_pretrained(str(tmp_path))
+def test_save_and_reload_round_trip(real_tokenizer, tokenizer_golden, tmp_path):
+    real_tokenizer.save_pretrained(str(tmp_path))
     config = json.loads((tmp_path / "tokenizer_config.json").read_text(encoding="utf-8"))
     assert config["tokenizer_class"] == "ChatGLMTokenizer"
-    assert (tmp_path / "tokenizer.model").read_bytes() == open(real.vocab_file, "rb").read()
+    assert (tmp_path / "tokenizer.model").read_bytes() == open(real_tokenizer.vocab_file, "rb").read()
     again = ChatGLMTokenizer.from_pretrained(str(tmp_path))
-    assert len(again) == len(real) and again.padding_side == "left"
-    for case in golden["texts"]:
+    assert len(again) == len(real_tokenizer) and again.padding_side == "left"
+    for case in tokenizer_golden["texts"]:
         assert again.encode(case["text"]) == case["ids_with_special"]
-    assert again.get_command("<|observation|>") == golden["special"]["<|observation|>"]
+    assert again.get_command("<|observation|>") == tokenizer_golden["special"]["<|observation|>"]
 
 
 def test_upstream_tokenizer_config_keys_are_tolerated(shared, tmp_path):
