@@ -19,9 +19,9 @@ FAST="${QUICKSTART_FAST:-0}"
 DEMO="$ROOT/finetune_chatmodel_demo"
 DATA="$OUT/data"
 if [ "$FAST" = 1 ]; then
-    FULL_STEPS=20; PT_STEPS=4; EVAL_SAMPLES=8; EVAL_EVERY=10
+    FULL_STEPS=20; PT_STEPS=4; EVAL_SAMPLES=8; EVAL_EVERY=10; LOG_EVERY=5; PT_LOG_EVERY=1
 else
-    FULL_STEPS=${FULL_STEPS:-450}; PT_STEPS=${PT_STEPS:-30}; EVAL_SAMPLES=${EVAL_SAMPLES:-60}; EVAL_EVERY=50
+    FULL_STEPS=${FULL_STEPS:-450}; PT_STEPS=${PT_STEPS:-30}; EVAL_SAMPLES=${EVAL_SAMPLES:-60}; EVAL_EVERY=50; LOG_EVERY=25; PT_LOG_EVERY=5
 fi
 rm -rf "$OUT"
 mkdir -p "$DATA"
@@ -57,7 +57,7 @@ python "$DEMO/scripts/build_tiny_model.py" --corpus "$ROOT/data_processing/data.
 stage 4 "全参数微调（DeepSpeed ZeRO-2，2 个 CPU 进程）/ full fine-tuning (DeepSpeed ZeRO-2, 2 CPU processes)"
 BASE_MODEL_PATH="$OUT/tiny-base" DATASET_PATH="$DATA/train.jsonl" VALIDATION_PATH="$DATA/dev.jsonl" \
     OUTPUT_DIR="$OUT/full" NUM_GPUS=2 MAX_STEP="$FULL_STEPS" LR=6e-3 DEV_BATCH_SIZE=8 MAX_SEQ_LEN=256 \
-    SAVE_INTERVAL="$FULL_STEPS" LOG_INTERVAL=25 GRADIENT_CHECKPOINTING=0 PACKING=1 RESUME=false \
+    SAVE_INTERVAL="$FULL_STEPS" LOG_INTERVAL="$LOG_EVERY" GRADIENT_CHECKPOINTING=0 PACKING=1 RESUME=false \
     EXTRA_ARGS="--warmup_steps 10 --eval_steps $EVAL_EVERY" \
     bash "$DEMO/scripts/finetune_ds_multiturn.sh" 2>&1 | tee "$OUT/full.log" | progress "$FULL_STEPS" \
     || { tail -40 "$OUT/full.log"; exit 1; }
@@ -65,7 +65,7 @@ BASE_MODEL_PATH="$OUT/tiny-base" DATASET_PATH="$DATA/train.jsonl" VALIDATION_PAT
 stage 5 "在其上做 P-Tuning v2 / P-Tuning v2 on top of it"
 BASE_MODEL_PATH="$OUT/full" DATASET_PATH="$DATA/train.jsonl" OUTPUT_DIR="$OUT/ptuning" NUM_GPUS=1 \
     MAX_STEP="$PT_STEPS" PRE_SEQ_LEN=8 LR=2e-2 DEV_BATCH_SIZE=8 GRAD_ACCUMULATION_STEPS=1 MAX_SEQ_LEN=256 \
-    SAVE_INTERVAL="$PT_STEPS" LOG_INTERVAL=5 GRADIENT_CHECKPOINTING=0 RESUME=false \
+    SAVE_INTERVAL="$PT_STEPS" LOG_INTERVAL="$PT_LOG_EVERY" GRADIENT_CHECKPOINTING=0 RESUME=false \
     bash "$DEMO/scripts/finetune_ps_pt_m.sh" 2>&1 | tee "$OUT/ptuning.log" | progress "$PT_STEPS" \
     || { tail -40 "$OUT/ptuning.log"; exit 1; }
 
@@ -74,6 +74,7 @@ python "$DEMO/evaluate.py" --data "$DATA/dev.jsonl" --model "$OUT/full" --pt-che
     --max-samples "$EVAL_SAMPLES" --output "$OUT/eval_predictions.jsonl" 2> "$OUT/evaluate.log" | tail -1
 
 stage 7 "考考模型：训练集宝可梦的属性 / quiz: types of the training Pokémon"
+if [ "$FAST" = 1 ]; then echo "（QUICKSTART_FAST=1：只训练了 $FULL_STEPS 步，模型还没学会 / only $FULL_STEPS steps: the model has not learned yet）"; fi
 python "$DEMO/scripts/quiz_types.py" --model "$OUT/full" --data "$DATA/train.jsonl" --show 5 | tee "$OUT/quiz.txt"
 echo "inference.py --prompt（真实的命令行对话脚本 / the real chat script）:"
 for name in 皮卡丘 妙蛙种子 可达鸭; do
