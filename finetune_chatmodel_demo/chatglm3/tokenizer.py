@@ -156,12 +156,16 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
             )
         if not os.path.exists(path) and (os.path.isabs(path) or path.startswith(".")):
             raise ChatGLMError(f"错误：找不到分词器目录 {path} / Error: tokenizer directory {path} not found")
+        if os.path.isdir(path):
+            # Check the file here: transformers 4.x turns errors inside __init__ into an unrelated protobuf ImportError.
+            SPTokenizer(os.path.join(path, VOCAB_FILE))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as e:  # not a local directory and not downloadable (e.g. offline)
             raise ChatGLMError(
-                f"错误：无法加载分词器 {path}（不是本地目录，也无法下载）/ Error: cannot load the tokenizer {path}: not a "
-                f"local directory and not downloadable ({e})"
+                f"错误：无法加载分词器 {path}（不是本地目录，也无法下载），请传入包含 tokenizer.model 的目录 / Error: cannot "
+                f"load the tokenizer {path}: not a local directory and not downloadable; pass a directory holding "
+                f"tokenizer.model ({e})"
             ) from None
 
     # --- vocabulary -------------------------------------------------------------------------------------------
