@@ -182,3 +182,12 @@ def resolve_dtype(name: str, device: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.startswith("cuda") else torch.float32
     return DTYPES[name]
+
+
+def setup(args):
+    """The run's device, dtype and tokenizer from the common flags (--device --dtype --threads --tokenizer)."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return device, dtype, load_tokenizer(args.tokenizer)

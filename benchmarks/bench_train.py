@@ -292,11 +292,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    device = _common.resolve_device(args.device)
-    dtype = _common.resolve_dtype(args.dtype, device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tokenizer = _common.load_tokenizer(args.tokenizer)
+    device, dtype, tokenizer = _common.setup(args)
 
     with tempfile.TemporaryDirectory() as tmp:
         data = args.data
