@@ -17,16 +17,36 @@ and the chat goes on); 2 bad flags, model or checkpoint.
 table as an observation turn and the model continues to its answer.
 """
 import argparse
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-import torch
 
-import chatglm3
-from chatglm3 import ChatGLMError
-from preprocess_utils import TOOL_DEFINITION_PREFIX
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Send whatever libraries print (DeepSpeed's notices under transformers 4.x) to stderr, at the file-descriptor
+    level: stdout carries the answers only."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+# Importing transformers 4.x may import DeepSpeed, which prints its accelerator notice on stdout.
+with stdout_to_stderr():
+    import torch
+
+    import chatglm3
+    from chatglm3 import ChatGLMError
+    from preprocess_utils import TOOL_DEFINITION_PREFIX
 
 ANSWER_PREFIX = "ChatGLM："
 USER_PROMPT = "用户 / User："
@@ -293,7 +313,8 @@ def run(args: argparse.Namespace) -> int:
         tool = PokedexTool(args.tools)
     if args.seed is not None:
         torch.manual_seed(args.seed)
-    model, tokenizer = load_from_args(args)
+    with stdout_to_stderr():
+        model, tokenizer = load_from_args(args)
     max_prompt_tokens = model.config.seq_length - args.max_new_tokens
     if max_prompt_tokens < 1:
         raise ChatGLMError(f"错误：--max-new-tokens {args.max_new_tokens} 不小于模型上下文长度 "
