@@ -2,6 +2,7 @@
 
     python scripts/plot_loss.py output/pokemon-pt/checkpoint-1000/trainer_state.json --out loss.png
     python scripts/plot_loss.py RUN_DIR --out loss.png --original   # beside the original project's flat run
+    python scripts/plot_loss.py RUN_A RUN_B --labels "LR 2e-2" "LR 2e-5" --out compare.png
 
 RUN_DIR may be an output directory: its newest checkpoint-N/trainer_state.json (or its own) is used.
 """
@@ -45,7 +46,8 @@ def read_curves(state_file: Path) -> dict:
     return curves
 
 
-def plot(curves: dict, out: Path, title: str, original: bool = False):
+def plot(runs: list, out: Path, title: str, original: bool = False):
+    """runs: [(label, curves)]; the label prefixes each run's lines when there are several."""
     try:
         import matplotlib
 
@@ -54,9 +56,11 @@ def plot(curves: dict, out: Path, title: str, original: bool = False):
     except ImportError:
         raise SystemExit("错误：需要 matplotlib 才能画图，请运行 pip install matplotlib / Error: plotting needs matplotlib: pip install matplotlib")
     fig, ax = plt.subplots(figsize=(7, 4.8), dpi=120)
-    ax.plot(*curves["train"], label="train loss")
-    if curves["eval"][0]:
-        ax.plot(*curves["eval"], "o-", label="eval loss (validation file)")
+    for label, curves in runs:
+        prefix = f"{label}: " if len(runs) > 1 else ""
+        ax.plot(*curves["train"], label=f"{prefix}train loss")
+        if curves["eval"][0]:
+            ax.plot(*curves["eval"], "o-", label=f"{prefix}eval loss (validation file)")
     if original:
         ax.plot(ORIGINAL_RUN["steps"], ORIGINAL_RUN["loss"], "--", color="gray", label=ORIGINAL_RUN["label"])
     ax.set_xlabel("step")
@@ -72,20 +76,26 @@ def plot(curves: dict, out: Path, title: str, original: bool = False):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("state", type=Path, help="trainer_state.json 或输出目录 / trainer_state.json or a run's output directory")
+    p.add_argument("state", type=Path, nargs="+", help="trainer_state.json 或输出目录（可多个）/ trainer_state.json or a run's output directory (several to compare)")
+    p.add_argument("--labels", nargs="+", default=None, help="每个运行的图例名 / a legend label per run (default: the paths)")
     p.add_argument("--out", type=Path, default=Path("loss.png"), help="输出 PNG / output PNG (default loss.png)")
     p.add_argument("--title", default="Training loss", help="图标题 / plot title")
     p.add_argument("--original", action="store_true", help="同时画出原项目的平坦曲线 / also draw the original project's flat run")
     a = p.parse_args(argv)
+    labels = a.labels or [str(s) for s in a.state]
+    if len(labels) != len(a.state):
+        p.error(f"--labels 需要 {len(a.state)} 个 / --labels needs one label per run ({len(a.state)})")
     try:
-        state = find_state(a.state)
-        curves = read_curves(state)
+        states = [find_state(s) for s in a.state]
+        runs = [(label, read_curves(state)) for label, state in zip(labels, states)]
     except (FileNotFoundError, ValueError) as e:
         print(f"错误 / Error: {e}", file=sys.stderr)
         return 1
-    plot(curves, a.out, a.title, a.original)
-    steps, losses = curves["train"]
-    print(f"已写入 / wrote {a.out} ({state}: loss {losses[0]:.3f} @ step {steps[0]} → {losses[-1]:.3f} @ step {steps[-1]})")
+    plot(runs, a.out, a.title, a.original)
+    print(f"已写入 / wrote {a.out}")
+    for state, (label, curves) in zip(states, runs):
+        steps, losses = curves["train"]
+        print(f"  {label} ({state}): loss {losses[0]:.3f} @ step {steps[0]} → {losses[-1]:.3f} @ step {steps[-1]}")
     return 0
 
 
