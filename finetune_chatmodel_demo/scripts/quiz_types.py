@@ -9,7 +9,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
 DEMO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(DEMO))
@@ -26,23 +25,13 @@ def names_in(data_file: Path, names: list[str]) -> list[str]:
     return [n for n in names if n in text]
 
 
-@torch.no_grad()
 def ask(model, tokenizer, questions: list[str], batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers to single-turn questions, batched with left padding."""
-    answers = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [tokenizer.build_chat_input(q)["input_ids"][0] for q in questions[start:start + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, p in enumerate(prompts):
-            ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=max_new_tokens)
-        stop = set(model.stop_token_ids)
-        for row in out[:, width:].tolist():
-            row = row[: next((i for i, t in enumerate(row) if t in stop), len(row))]
-            answers.append(tokenizer.decode(row).strip())
-    return answers
+    """Greedy answers to single-turn questions, batched with left padding (evaluate.py's generation)."""
+    from evaluate import generate_replies
+
+    prompts = [tokenizer.build_chat_input(q)["input_ids"][0].tolist() for q in questions]
+    return generate_replies(model, tokenizer, prompts, batch_size, {"max_new_tokens": max_new_tokens, "do_sample": False},
+                            progress=False)
 
 
 def quiz(model, tokenizer, rows: list) -> tuple[float, list[dict]]:
