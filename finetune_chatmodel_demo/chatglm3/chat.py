@@ -70,9 +70,7 @@ def stream_chat(model, tokenizer, query: str, history: Optional[list] = None, ro
     prompt_len = inputs["input_ids"].shape[1]
     if max_new_tokens is None:
         max_new_tokens = max(max_length - prompt_len, 1)
-    was_training = model.training
-    model.eval()
-    new_ids, response = [], ""
+    new_ids = []
     new_history = history + [{"role": role, "content": query}]
     for token in generate_stream(model, inputs["input_ids"], inputs["attention_mask"], max_new_tokens=max_new_tokens,
                                  do_sample=do_sample, top_p=top_p, temperature=temperature, eos_token_id=stop_ids, **gen_kwargs):
@@ -80,9 +78,7 @@ def stream_chat(model, tokenizer, query: str, history: Optional[list] = None, ro
         text = tokenizer.decode(_strip_stop(new_ids, stop_ids))
         # Wait for the metadata line (a tool name would otherwise show as text) and for whole characters.
         if "\n" in text and not text.endswith("\ufffd"):
-            response = text
-            yield process_response(response, new_history)
-    model.train(was_training)
+            yield process_response(text, new_history)
     yield process_response(tokenizer.decode(_strip_stop(new_ids, stop_ids)), new_history)
 
 

@@ -4,7 +4,6 @@ Weights are read one tensor at a time into a model built on the meta device, so 
 its own size of RAM.
 """
 import json
-import os
 import re
 from pathlib import Path
 from typing import Optional

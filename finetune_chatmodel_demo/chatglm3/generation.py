@@ -61,18 +61,23 @@ def generate_stream(
     generated = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     step_ids, cache = input_ids, None
-    for _ in range(max(max_new_tokens, 0)):
-        out = model(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, return_last_logit=True)
-        cache = out.past_key_values
-        token = next_token(out.logits[:, -1].float(), generated, do_sample, temperature, top_p, top_k, repetition_penalty)
-        token = torch.where(finished, torch.full_like(token, pad), token)
-        yield token
-        finished |= torch.isin(token, stop)
-        if bool(finished.all()):
-            return
-        generated = torch.cat([generated, token[:, None]], dim=1)
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
-        step_ids = token[:, None]
+    was_training = model.training
+    model.eval()  # no dropout while generating; the caller's mode comes back afterwards
+    try:
+        for _ in range(max(max_new_tokens, 0)):
+            out = model(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, return_last_logit=True)
+            cache = out.past_key_values
+            token = next_token(out.logits[:, -1].float(), generated, do_sample, temperature, top_p, top_k, repetition_penalty)
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            yield token
+            finished |= torch.isin(token, stop)
+            if bool(finished.all()):
+                return
+            generated = torch.cat([generated, token[:, None]], dim=1)
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(attention_mask.shape[0], 1)], dim=1)
+            step_ids = token[:, None]
+    finally:
+        model.train(was_training)
 
 
 def _drop_upstream_kwargs(kwargs: dict):
@@ -89,8 +94,6 @@ def generate(model, input_ids, attention_mask=None, streamer=None, **kwargs) -> 
     """prompt + new tokens, like transformers' generate. `streamer` follows transformers' TextStreamer
     protocol (put(prompt), put(token)..., end())."""
     _drop_upstream_kwargs(kwargs)
-    was_training = model.training
-    model.eval()
     if streamer is not None:
         streamer.put(input_ids.cpu())
     new = []
@@ -100,7 +103,6 @@ def generate(model, input_ids, attention_mask=None, streamer=None, **kwargs) -> 
             streamer.put(token.cpu())
     if streamer is not None:
         streamer.end()
-    model.train(was_training)
     if not new:
         return input_ids
     return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1)
