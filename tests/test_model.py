@@ -7,7 +7,7 @@ import torch
 
 import chatglm3
 from chatglm3 import ChatGLMConfig, ChatGLMError, ChatGLMForConditionalGeneration, ChatGLMTokenizer
-from chatglm3.checkpoint import load_ptuning_checkpoint
+from chatglm3.loading import load_ptuning_checkpoint
 
 ATOL = 1e-4
 

@@ -6,6 +6,7 @@ import sentencepiece
 import torch
 from torch.utils.data import DataLoader
 
+from chatglm3.conversation import encode_sample
 from chatglm3.tokenizer import ChatGLMTokenizer
 from preprocess_utils import (
     IGNORE_INDEX,
@@ -16,8 +17,6 @@ from preprocess_utils import (
     MultiTurnDataset,
     PackedDataset,
     build_dataset,
-    build_labels,
-    format_conversation,
     load_conversations,
     load_input_output,
     pack_samples,
@@ -56,9 +55,9 @@ SAMPLES = [
 def test_multiturn_ids_and_labels_match_upstream(real_tokenizer, tokenizer_golden):
     assert len(tokenizer_golden["multiturn"]) == 4
     for case in tokenizer_golden["multiturn"]:
-        tokens, loss_masks = format_conversation(case["example"], real_tokenizer)
+        tokens, labels = encode_sample(real_tokenizer, case["example"])
         assert tokens == case["input_ids"]
-        assert build_labels(tokens, loss_masks) == case["labels"]
+        assert labels == case["labels"]
     dataset = MultiTurnDataset([case["example"] for case in tokenizer_golden["multiturn"]], real_tokenizer, max_seq_length=None, verbose=False)
     assert [item["input_ids"] for item in dataset] == [case["input_ids"] for case in tokenizer_golden["multiturn"]]
     assert [item["labels"] for item in dataset] == [case["labels"] for case in tokenizer_golden["multiturn"]]
@@ -67,8 +66,7 @@ def test_multiturn_ids_and_labels_match_upstream(real_tokenizer, tokenizer_golde
 
 def test_observation_messages_are_not_learnt(real_tokenizer):
     sample = conversation(("user", "查一下"), ("observation", "{\"x\": 1}"), ("assistant", "好的"))
-    tokens, loss_masks = format_conversation(sample, real_tokenizer)
-    labels = build_labels(tokens, loss_masks)
+    tokens, labels = encode_sample(real_tokenizer, sample)
     observation = real_tokenizer.build_single_message("observation", "", "{\"x\": 1}")
     start = 2 + len(real_tokenizer.build_single_message("user", "", "查一下"))
     assert tokens[start:start + len(observation)] == observation
@@ -81,7 +79,7 @@ def test_tool_entry_observation_is_json(real_tokenizer):
         {"role": "tool", "name": "type_chart", "parameters": {"attack": "电", "n": 2}, "observation": {"x": 0, "说明": "无效"}},
         {"role": "assistant", "content": "0倍。"},
     ]}
-    tokens, _ = format_conversation(sample, real_tokenizer)
+    tokens, _ = encode_sample(real_tokenizer, sample)
     text = real_tokenizer.decode(tokens)
     assert "<|assistant|>type_chart\n ```python\ntool_call(attack='电', n=2)\n```" in text
     assert '<|observation|>\n {"x": 0, "说明": "无效"}' in text

@@ -6,7 +6,8 @@ import sentencepiece
 import torch
 
 from chatglm3.errors import ChatGLMError
-from chatglm3.tokenizer import SPECIAL_TOKENS, ChatGLMTokenizer
+from chatglm3.conversation import SPECIAL_TOKENS
+from chatglm3.tokenizer import ChatGLMTokenizer
 
 
 def train_tiny_sentencepiece(directory):

@@ -1,8 +1,8 @@
 """A native ChatGLM3 implementation: loads the official THUDM/chatglm3-6b files without remote code."""
-from .chat import parse_tool_call, process_response
-from .checkpoint import load_model_and_tokenizer, load_ptuning_checkpoint, read_ptuning_config
 from .configuration import ChatGLMConfig
+from .conversation import parse_tool_call, process_response
 from .errors import ChatGLMError
+from .loading import load_model_and_tokenizer, load_ptuning_checkpoint, read_ptuning_config
 from .model import ChatGLMForConditionalGeneration, ChatGLMModel
 from .tokenizer import ChatGLMTokenizer
 

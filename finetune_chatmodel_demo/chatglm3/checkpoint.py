@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from . import compat
 from .configuration import ChatGLMConfig
 from .errors import ChatGLMError
 
@@ -25,14 +26,17 @@ IGNORED_KWARGS = {
 }
 
 
-def _dtype(value) -> Optional[torch.dtype]:
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def parse_dtype(value) -> Optional[torch.dtype]:
+    """A torch dtype, its name, or None."""
     if value is None or isinstance(value, torch.dtype):
         return value
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "half": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if value not in names:
+    if value not in DTYPES:
         raise ChatGLMError(f"不支持的 dtype / unsupported dtype: {value!r} (use float32, float16 or bfloat16)")
-    return names[value]
+    return DTYPES[value]
 
 
 def read_config(path: Path) -> dict:
@@ -117,9 +121,11 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
         if not hasattr(config, key):
             raise ChatGLMError(f"未知参数 / unknown argument for from_pretrained: {key}")
         setattr(config, key, value)
-    target_dtype = _dtype(dtype or torch_dtype)
-    if target_dtype is None or target_dtype == "auto":
-        target_dtype = torch.float32
+    # "auto" (as in transformers) is the dtype config.json records, float32 when it records none.
+    target_dtype = dtype or torch_dtype
+    if target_dtype == "auto":
+        target_dtype = compat.config_dtype(config_dict)
+    target_dtype = parse_dtype(target_dtype) or torch.float32
     if device_map is not None and device is None:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device_map == "auto" else device_map
     device = torch.device(device or "cpu")
@@ -147,9 +153,7 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
         raise ChatGLMError(f"{path}: 权重缺少 {len(really_missing)} 个张量 / weights lack {len(really_missing)} tensors: {shown}")
     if fresh:
         _materialise_fresh(model, device)
-    model.eval()
-    model.stop_token_ids = default_stop_token_ids(path, config)
-    return model
+    return model.eval()
 
 
 def _materialise_fresh(model: nn.Module, device: torch.device):
@@ -167,20 +171,6 @@ def _materialise_fresh(model: nn.Module, device: torch.device):
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
         prefix.float()
-
-
-def default_stop_token_ids(path: Path, config: ChatGLMConfig) -> list[int]:
-    """eos, <|user|> and <|observation|>: the special tokens follow the SentencePiece vocabulary of the
-    checkpoint's tokenizer.model ([MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|> <|observation|>)."""
-    eos = config.eos_token_id if isinstance(config.eos_token_id, int) else 2
-    tokenizer_file = path / "tokenizer.model"
-    if not tokenizer_file.is_file():
-        return [eos]
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_file))
-    n = sp.vocab_size()
-    return [sp.eos_id(), n + 6, n + 8]
 
 
 def _parse_size(size) -> int:
@@ -201,7 +191,7 @@ def save_pretrained(model, save_directory, state_dict=None, safe_serialization=T
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = ["ChatGLMForConditionalGeneration"]
     model.config.save_pretrained(out)
-    _add_upstream_config_fields(out / "config.json")
+    compat.add_torch_dtype(out / "config.json")
     if state_dict is None:
         state_dict = model.state_dict()
     state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -235,105 +225,3 @@ def save_pretrained(model, save_directory, state_dict=None, safe_serialization=T
         total = sum(t.numel() * t.element_size() for t in state_dict.values())
         index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-
-
-def _add_upstream_config_fields(config_file: Path):
-    """transformers 5 writes `dtype`; upstream's remote code (transformers 4.x) reads `torch_dtype`."""
-    data = json.loads(config_file.read_text(encoding="utf-8"))
-    if "dtype" in data and "torch_dtype" not in data:
-        data["torch_dtype"] = data["dtype"]
-    config_file.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
-def load_ptuning_checkpoint(model, pt_checkpoint):
-    """Loads an upstream P-Tuning v2 checkpoint (`transformer.prefix_encoder.*` in pytorch_model.bin or
-    model.safetensors) into `model.transformer.prefix_encoder`."""
-    pt_path = Path(pt_checkpoint)
-    if not pt_path.is_dir():
-        raise ChatGLMError(f"找不到 P-Tuning 检查点目录 / P-Tuning checkpoint directory not found: {pt_path}")
-    prefix = getattr(model.transformer, "prefix_encoder", None)
-    if prefix is None:
-        raise ChatGLMError(f"{pt_path}: 模型没有前缀编码器（未设置 pre_seq_len）/ the model has no prefix encoder: load it with pre_seq_len set")
-    state = {}
-    for file in weight_files(pt_path):
-        for key, tensor in iter_tensors(file):
-            if key.startswith(PREFIX_KEY):
-                state[key[len(PREFIX_KEY):]] = tensor
-    if not state:
-        raise ChatGLMError(f"{pt_path}: 不含 {PREFIX_KEY}* 张量，不是 P-Tuning 检查点 / holds no {PREFIX_KEY}* tensors: not a P-Tuning checkpoint")
-    expected = prefix.state_dict()
-    if set(state) != set(expected):
-        raise ChatGLMError(
-            f"{pt_path}: 前缀编码器的张量 {sorted(state)} 与模型的 {sorted(expected)} 不符（prefix_projection 不一致？）/ "
-            "prefix encoder tensors do not match the model's (prefix_projection differs?)"
-        )
-    for key, tensor in state.items():
-        if tensor.shape != expected[key].shape:
-            raise ChatGLMError(
-                f"{pt_path}: {PREFIX_KEY}{key} 形状 {tuple(tensor.shape)}，模型为 {tuple(expected[key].shape)}（pre_seq_len 或模型尺寸不一致）/ "
-                f"shape {tuple(tensor.shape)} does not match the model's {tuple(expected[key].shape)} (pre_seq_len or model size differs)"
-            )
-    prefix.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
-    return model
-
-
-def read_ptuning_config(pt_checkpoint) -> dict:
-    """`pre_seq_len` / `prefix_projection` from a P-Tuning checkpoint's config.json, if it has one."""
-    config_file = Path(pt_checkpoint) / "config.json"
-    if not config_file.is_file():
-        return {}
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ChatGLMError(f"{config_file}: 不是合法的 JSON / not valid JSON: {e}") from None
-    return {k: data[k] for k in ("pre_seq_len", "prefix_projection") if data.get(k) is not None}
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_dtype(device) -> torch.dtype:
-    """bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU."""
-    if torch.device(device).type != "cuda":
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-
-
-def load_model_and_tokenizer(model_path, tokenizer_path=None, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None):
-    """Base or full fine-tuned model, optionally with a P-Tuning v2 checkpoint, and its tokenizer, in eval mode.
-
-    The checkpoint's config.json supplies pre_seq_len/prefix_projection; a flag that disagrees is an error."""
-    from .model import ChatGLMForConditionalGeneration
-    from .tokenizer import ChatGLMTokenizer
-
-    device = device or default_device()
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ChatGLMError(f"没有可用的 CUDA GPU / no CUDA GPU is available (device={device}): use --device cpu")
-    dtype = _dtype(dtype) or default_dtype(device)
-    overrides = {}
-    if pt_checkpoint is not None:
-        saved = read_ptuning_config(pt_checkpoint)
-        for name, flag in (("pre_seq_len", pre_seq_len), ("prefix_projection", prefix_projection)):
-            if flag is not None and name in saved and flag != saved[name]:
-                raise ChatGLMError(f"{Path(pt_checkpoint) / 'config.json'}: {name}={saved[name]}，与参数 {flag} 不一致 / disagrees with the flag ({flag})")
-            value = flag if flag is not None else saved.get(name)
-            if value is not None:
-                overrides[name] = value
-        if not overrides.get("pre_seq_len"):
-            raise ChatGLMError(f"{pt_checkpoint}: 无法确定 pre_seq_len（没有 config.json）/ cannot tell pre_seq_len (no config.json): pass --pt-pre-seq-len")
-    model = ChatGLMForConditionalGeneration.from_pretrained(model_path, torch_dtype=dtype, device=device, **overrides)
-    if pt_checkpoint is not None:
-        load_ptuning_checkpoint(model, pt_checkpoint)
-    tokenizer_dir = Path(tokenizer_path or model_path)
-    if not (tokenizer_dir / "tokenizer.model").is_file():
-        raise ChatGLMError(f"{tokenizer_dir}: 缺少 tokenizer.model / missing tokenizer.model (pass --tokenizer DIR)")
-    tokenizer = ChatGLMTokenizer.from_pretrained(str(tokenizer_dir))
-    if len(tokenizer) > model.config.padded_vocab_size:
-        raise ChatGLMError(
-            f"{tokenizer_dir}: 分词器有 {len(tokenizer)} 个词，超过模型词表 {model.config.padded_vocab_size} / tokenizer has "
-            f"{len(tokenizer)} tokens, more than the model's vocabulary ({model.config.padded_vocab_size}): wrong --tokenizer?"
-        )
-    model.stop_token_ids = [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
-    model.eval()
-    return model, tokenizer

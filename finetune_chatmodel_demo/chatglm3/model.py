@@ -197,15 +197,13 @@ class PrefixEncoder(nn.Module):
         super().__init__()
         self.prefix_projection = config.prefix_projection
         kv_size = config.num_layers * config.kv_channels * config.num_key_value_groups * 2
+        self.embedding = nn.Embedding(config.pre_seq_len, kv_size, device=device)
         if self.prefix_projection:
-            self.embedding = nn.Embedding(config.pre_seq_len, kv_size, device=device)
             self.trans = nn.Sequential(
                 nn.Linear(kv_size, config.hidden_size, device=device),
                 nn.Tanh(),
                 nn.Linear(config.hidden_size, kv_size, device=device),
             )
-        else:
-            self.embedding = nn.Embedding(config.pre_seq_len, kv_size, device=device)
 
     def forward(self, prefix: torch.Tensor) -> torch.Tensor:
         out = self.embedding(prefix)
@@ -422,7 +420,6 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
         if is_main_process:
             checkpoint_io.save_pretrained(self, save_directory, state_dict=state_dict, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
 
-    @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kwargs):
         return generate_tokens(self, input_ids, attention_mask, **kwargs)
 

@@ -11,9 +11,8 @@ import sentencepiece as spm
 import torch
 
 from .configuration import ChatGLMConfig
+from .conversation import SPECIAL_TOKENS
 from .errors import ChatGLMError
-
-NUM_SPECIAL_TOKENS = 9  # [MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|> <|observation|>
 
 
 def _strings(value) -> Iterator[str]:
@@ -121,7 +120,7 @@ def build_tiny_model(corpus, out, layers: int = 2, hidden: int = 64, heads: int 
     (out / "tokenizer.vocab").unlink(missing_ok=True)
     tokenizer = ChatGLMTokenizer(vocab_file=str(out / "tokenizer.model"))
     tokenizer.save_pretrained(str(out))
-    padded_vocab = math.ceil((sp_size + NUM_SPECIAL_TOKENS) / 64) * 64
+    padded_vocab = math.ceil((sp_size + len(SPECIAL_TOKENS)) / 64) * 64
     config = ChatGLMConfig(
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, kv_channels=hidden // heads,
         multi_query_attention=True, multi_query_group_num=kv_groups,

@@ -4,10 +4,10 @@ Upstream (THUDM/chatglm3-6b `tokenization_chatglm.py`) stopped loading on newer 
 rewrite that relies only on the public slow-tokenizer API (`transformers.PreTrainedTokenizer`).
 
 Behaviour kept from upstream, on purpose:
-- The special tokens `[MASK] [gMASK] [sMASK] sop eop <|system|> <|user|> <|assistant|> <|observation|>` get the
-  ids n, n+1, ... after the SentencePiece vocabulary of size n.
-- Text is handed to SentencePiece as is: "<|user|>" written inside a message is ordinary text, never the special
-  token (unless `encode_special_tokens=True`, upstream's opt-in). The SentencePiece dummy prefix "▁" is added
+- The nine special tokens (chatglm3.conversation.SPECIAL_TOKENS) get the ids n, n+1, ... after the
+  SentencePiece vocabulary of size n.
+- Text is handed to SentencePiece as is: a role token written inside a message is ordinary text, never the
+  special token (unless `encode_special_tokens=True`, upstream's opt-in). The SentencePiece dummy prefix "▁" is added
   as the model says, so `encode("皮卡丘")` starts with the id of "▁".
 - `encode(text)` prepends `[gMASK] sop`; eos is the SentencePiece eos (`</s>`), pad is `<unk>` (id 0).
 - `remove_space` and `do_lower_case` in tokenizer_config.json are accepted and, as upstream, have no effect.
@@ -17,7 +17,6 @@ Deliberate differences:
   attention mask, so `model.generate(**inputs)` works.
 - `decode(..., skip_special_tokens=True)` also drops the nine ChatGLM tokens (upstream only dropped eos/pad).
 """
-import json
 import os
 import re
 import shutil
@@ -25,10 +24,10 @@ import shutil
 import sentencepiece
 from transformers import BatchEncoding, PreTrainedTokenizer
 
+from . import conversation
+from .conversation import SPECIAL_TOKENS
 from .errors import ChatGLMError
 
-SPECIAL_TOKENS = ["[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
-ROLES = ("system", "user", "assistant", "observation")
 VOCAB_FILE = "tokenizer.model"
 # Keys of upstream's tokenizer_config.json that mean nothing here (auto_map points at remote code we replace).
 _IGNORED_CONFIG_KEYS = ("auto_map", "name_or_path", "tokenizer_file")
@@ -247,7 +246,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
 
     # --- special tokens around sequences ----------------------------------------------------------------------
     def get_prefix_tokens(self) -> list[int]:
-        return [self.get_command("[gMASK]"), self.get_command("sop")]
+        return [self.get_command(token) for token in conversation.PREFIX_TOKENS]
 
     def build_inputs_with_special_tokens(self, token_ids_0, token_ids_1=None):
         ids = self.get_prefix_tokens() + list(token_ids_0)
@@ -270,24 +269,12 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     def create_token_type_ids_from_sequences(self, token_ids_0, token_ids_1=None):
         return [0] * len(self.build_inputs_with_special_tokens(token_ids_0, token_ids_1))
 
-    # --- chat format --------------------------------------------------------------------------------------------
+    # --- chat format (upstream's methods; the format itself is chatglm3.conversation's) ------------------------
     def build_single_message(self, role: str, metadata: str, message: str) -> list[int]:
-        """`<|role|>` + encode(metadata + "\\n") + encode(message), without the `[gMASK] sop` prefix."""
-        if role not in ROLES:
-            raise ChatGLMError(f"未知角色 {role!r} / unknown role {role!r} (one of {', '.join(ROLES)})")
-        return [self.get_command(f"<|{role}|>")] + self.tokenizer.encode(f"{metadata}\n") + self.tokenizer.encode(message)
+        return conversation.encode_message(self, role, metadata, message)
 
     def build_chat_input(self, query: str, history=None, role: str = "user") -> BatchEncoding:
-        """Prompt ids for the model's next reply: `[gMASK] sop`, the history, `<|role|>` query, `<|assistant|>`.
-
-        history is upstream's list of {"role", "content"[, "metadata"][, "tools"]}; a system message's tools are
-        appended to its content as JSON (indent 4, non-ASCII kept)."""
-        input_ids = self.get_prefix_tokens()
-        for item in history or []:
-            content = item["content"]
-            if item["role"] == "system" and "tools" in item:
-                content = content + "\n" + json.dumps(item["tools"], indent=4, ensure_ascii=False)
-            input_ids += self.build_single_message(item["role"], item.get("metadata", ""), content)
-        input_ids += self.build_single_message(role, "", query)
-        input_ids.append(self.get_command("<|assistant|>"))
+        """Prompt for the model's next reply, as `model.generate(**inputs)` takes it (the model derives position
+        ids from the attention mask)."""
+        input_ids = conversation.prompt_ids(self, history or [], query, role)
         return BatchEncoding({"input_ids": [input_ids], "attention_mask": [[1] * len(input_ids)]}, tensor_type="pt")

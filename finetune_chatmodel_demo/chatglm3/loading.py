@@ -1,0 +1,118 @@
+"""The one loading path of every script, of training and of resuming: tokenizer, base or fine-tuned model,
+P-Tuning v2 prefix, device and dtype. Sits above model, tokenizer and checkpoint (none of them imports it)."""
+import json
+from pathlib import Path
+
+import torch
+
+from . import conversation
+from .checkpoint import PREFIX_KEY, iter_tensors, parse_dtype, weight_files
+from .errors import ChatGLMError
+from .model import ChatGLMForConditionalGeneration
+from .tokenizer import ChatGLMTokenizer
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(value, device) -> torch.dtype:
+    """A dtype or its name (float32, fp16, bf16, ...); None: bf16 where the GPU has it, fp16 on older GPUs,
+    float32 on CPU."""
+    if value is not None:
+        return parse_dtype(value)
+    if torch.device(device).type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def read_ptuning_config(path) -> dict:
+    """`pre_seq_len` / `prefix_projection` from a P-Tuning checkpoint's config.json, if it has one."""
+    config_file = Path(path) / "config.json"
+    if not config_file.is_file():
+        return {}
+    try:
+        data = json.loads(config_file.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ChatGLMError(f"{config_file}: 不是合法的 JSON / not valid JSON: {e}") from None
+    return {k: data[k] for k in ("pre_seq_len", "prefix_projection") if data.get(k) is not None}
+
+
+def load_ptuning_checkpoint(model, path):
+    """Loads a P-Tuning v2 checkpoint (upstream's, or one of finetune.py's, also when resuming):
+    `transformer.prefix_encoder.*` from its weight files into `model.transformer.prefix_encoder`, strictly."""
+    pt_path = Path(path)
+    if not pt_path.is_dir():
+        raise ChatGLMError(f"找不到 P-Tuning 检查点目录 / P-Tuning checkpoint directory not found: {pt_path}")
+    prefix = getattr(model.transformer, "prefix_encoder", None)
+    if prefix is None:
+        raise ChatGLMError(f"{pt_path}: 模型没有前缀编码器（未设置 pre_seq_len）/ the model has no prefix encoder: load it with pre_seq_len set")
+    state = {}
+    for file in weight_files(pt_path):
+        for key, tensor in iter_tensors(file):
+            if key.startswith(PREFIX_KEY):
+                state[key[len(PREFIX_KEY):]] = tensor
+    if not state:
+        raise ChatGLMError(f"{pt_path}: 不含 {PREFIX_KEY}* 张量，不是 P-Tuning 检查点 / holds no {PREFIX_KEY}* tensors: not a P-Tuning checkpoint")
+    expected = prefix.state_dict()
+    if set(state) != set(expected):
+        raise ChatGLMError(
+            f"{pt_path}: 前缀编码器的张量 {sorted(state)} 与模型的 {sorted(expected)} 不符（prefix_projection 不一致？）/ "
+            "prefix encoder tensors do not match the model's (prefix_projection differs?)"
+        )
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise ChatGLMError(
+                f"{pt_path}: {PREFIX_KEY}{key} 形状 {tuple(tensor.shape)}，模型为 {tuple(expected[key].shape)}（pre_seq_len 或模型尺寸不一致）/ "
+                f"shape {tuple(tensor.shape)} does not match the model's {tuple(expected[key].shape)} (pre_seq_len or model size differs)"
+            )
+    prefix.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()})
+    return model
+
+
+def load_tokenizer(path) -> ChatGLMTokenizer:
+    if not (Path(path) / "tokenizer.model").is_file():
+        raise ChatGLMError(
+            f"{path}: 找不到 tokenizer.model / tokenizer.model not found (pass the ChatGLM3 model directory, or --tokenizer DIR)"
+        )
+    return ChatGLMTokenizer.from_pretrained(str(path))
+
+
+def _prefix_settings(pt_checkpoint, pre_seq_len, prefix_projection) -> dict:
+    """pre_seq_len/prefix_projection from the flags and the P-Tuning checkpoint's config.json, which must agree."""
+    flags = {"pre_seq_len": pre_seq_len, "prefix_projection": prefix_projection}
+    saved = read_ptuning_config(pt_checkpoint) if pt_checkpoint is not None else {}
+    for name, flag in flags.items():
+        if flag is not None and name in saved and flag != saved[name]:
+            raise ChatGLMError(f"{Path(pt_checkpoint) / 'config.json'}: {name}={saved[name]}，与参数 {flag} 不一致 / disagrees with the flag ({flag})")
+    settings = {**saved, **{k: v for k, v in flags.items() if v is not None}}
+    if pt_checkpoint is not None and not settings.get("pre_seq_len"):
+        raise ChatGLMError(f"{pt_checkpoint}: 无法确定 pre_seq_len（没有 config.json）/ cannot tell pre_seq_len (no config.json): pass --pt-pre-seq-len")
+    return settings if settings.get("pre_seq_len") else {}
+
+
+def load_model(model_path, tokenizer, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None):
+    """Base or full fine-tuned model (with a P-Tuning v2 prefix when pre_seq_len or pt_checkpoint is given),
+    checked against `tokenizer`, in eval mode; generate() stops where a chat reply ends."""
+    device = device or default_device()
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ChatGLMError(f"没有可用的 CUDA GPU / no CUDA GPU is available (device={device}): use --device cpu")
+    settings = _prefix_settings(pt_checkpoint, pre_seq_len, prefix_projection)
+    model = ChatGLMForConditionalGeneration.from_pretrained(model_path, dtype=resolve_dtype(dtype, device), device=device, **settings)
+    if pt_checkpoint is not None:
+        load_ptuning_checkpoint(model, pt_checkpoint)
+    if len(tokenizer) > model.config.padded_vocab_size:
+        raise ChatGLMError(
+            f"{tokenizer.name_or_path}: 分词器有 {len(tokenizer)} 个词，超过模型词表 {model.config.padded_vocab_size} / tokenizer has "
+            f"{len(tokenizer)} tokens, more than the model's vocabulary ({model.config.padded_vocab_size}): wrong --tokenizer?"
+        )
+    model.stop_token_ids = conversation.stop_token_ids(tokenizer)
+    return model.eval()
+
+
+def load_model_and_tokenizer(model_path, tokenizer_path=None, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None):
+    """(model, tokenizer) for inference; the P-Tuning checkpoint's config.json supplies pre_seq_len and
+    prefix_projection, and a flag that disagrees is an error."""
+    tokenizer = load_tokenizer(tokenizer_path or model_path)
+    model = load_model(model_path, tokenizer, pt_checkpoint, pre_seq_len, prefix_projection, device, dtype)
+    return model, tokenizer
