@@ -78,7 +78,7 @@ if [ "$FAST" = 1 ]; then echo "（QUICKSTART_FAST=1：只训练了 $FULL_STEPS �
 python "$DEMO/scripts/quiz_types.py" --model "$OUT/full" --data "$DATA/train.jsonl" --show 5 | tee "$OUT/quiz.txt"
 echo "inference.py --prompt（真实的命令行对话脚本 / the real chat script）:"
 for name in 皮卡丘 妙蛙种子 可达鸭; do
-    truth=$(cd "$ROOT/data_processing" && python -c "import sys, data_processing as d; r = d.load_table().by_name()[sys.argv[1]]; print('、'.join(r.types))" "$name")
+    truth=$(cd "$DEMO" && python -c "import sys, pokedex; r = pokedex.load_table(sys.argv[2]).by_name()[sys.argv[1]]; print('、'.join(r.types))" "$name" "$ROOT/data_processing/data.csv")
     answer=$(python "$DEMO/inference.py" --model "$OUT/full" --prompt "${name}是什么属性的？" --greedy --max-new-tokens 32 2>/dev/null | tail -1 | sed 's/^ChatGLM：//')
     echo "  问 / Q: ${name}是什么属性的？  答 / A: ${answer}  （事实 / truth: ${truth}）"
 done

@@ -1,4 +1,5 @@
-"""The Pokémon data pipeline: data_processing.py and format_tool_poke.py, as functions and as scripts."""
+"""The Pokémon data pipeline: the table and the tool (finetune_chatmodel_demo/pokedex.py), the dialogues
+(data_processing/dialogues.py) and the two command lines, called in-process; one real subprocess run per script."""
 import csv
 import json
 import subprocess
@@ -7,9 +8,14 @@ from pathlib import Path
 
 import pytest
 
-import data_processing as dp
-import format_tool_poke as ftp
-from pokemon_types import TYPES, UnknownTypeError, effectiveness, split_types, weaknesses
+import data_processing as dp_cli
+import dialogues
+import format_tool_poke as ftp_cli
+import pokedex
+from chatglm3 import ChatGLMError
+from chatglm3.data import check_conversation
+from pokedex import TYPES, PokedexTool, TableError, effectiveness, load_table, lookup_pokemon, split_types, weaknesses
+from pokemon_types import UnknownTypeError
 
 REPO = Path(__file__).resolve().parents[1]
 DP_SCRIPT = REPO / "data_processing" / "data_processing.py"
@@ -18,17 +24,22 @@ BUNDLED = REPO / "data_processing" / "data.csv"
 HEADER = "姓名,属性,弱点,特征,数据\n"
 
 
-def run_script(script, *args, cwd=None):
-    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
-                          cwd=cwd or REPO, timeout=120)
+@pytest.fixture
+def cli(capsys):
+    """Run a script's main() in-process: cli(module, *args) -> (exit status, stdout, stderr)."""
+    def call(module, *args):
+        code = module.main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return call
 
 
 def assert_clean_failure(result, *needles):
-    """Exit 1, a message naming what went wrong, no traceback."""
-    assert result.returncode == 1, result.stdout + result.stderr
-    assert "Traceback" not in result.stderr
-    message = result.stderr.strip()
-    assert message.startswith("错误：") and "Error:" in message, message
+    """Exit 1 and one bilingual line on stderr naming what went wrong (never a traceback)."""
+    code, out, err = result
+    assert code == 1, out + err
+    message = err.strip()
+    assert len(message.splitlines()) == 1 and " / " in message, message
     for needle in needles:
         assert needle in message, (needle, message)
     return message
@@ -103,13 +114,16 @@ def test_bundled_table_is_complete_and_consistent():
     BUNDLED.read_text(encoding="utf-8").encode("gbk")  # a GBK copy must be possible
 
 
+@pytest.mark.slow
 def test_bundled_data_round_trips_through_both_scripts(tmp_path):
+    """The real command lines, as quickstart.sh runs them, from a folder outside the repository."""
     out_json, out_jsonl = tmp_path / "poke.json", tmp_path / "poke.jsonl"
-    result = run_script(DP_SCRIPT, "--output", out_json)
+    result = subprocess.run([sys.executable, str(DP_SCRIPT), "--output", str(out_json)], capture_output=True,
+                            text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "读取 151 行" in result.stdout and "wrote 151 conversations" in result.stdout
     samples = json.loads(out_json.read_text(encoding="utf-8"))
-    table = dp.load_table(BUNDLED)
+    table = load_table(BUNDLED)
     assert len(samples) == len(table.rows) == 151
     for row, sample in zip(table.rows, samples):
         conv = sample["conversations"]
@@ -123,49 +137,69 @@ def test_bundled_data_round_trips_through_both_scripts(tmp_path):
     assert len({first_user(s) for s in samples}) > 100  # phrasing varies
     assert any("它" in m["content"] for s in samples for m in s["conversations"] if m["role"] == "user")
 
-    result = run_script(FTP_SCRIPT, "--path", out_json, "--output", out_jsonl, cwd=tmp_path)
+    result = subprocess.run([sys.executable, str(FTP_SCRIPT), "--path", str(out_json), "--output", str(out_jsonl)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "train_examples: 151" in result.stdout and "conversation distribution" in result.stdout
     lines = out_jsonl.read_text(encoding="utf-8").splitlines()
     assert [json.loads(l) for l in lines] == samples
 
 
-def test_rich_style_is_deterministic_and_seeded(tmp_path):
+def test_rich_style_is_deterministic_and_seeded(tmp_path, cli):
     outs = []
     for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
         out = tmp_path / f"{name}.json"
-        assert run_script(DP_SCRIPT, "--output", out, "--seed", seed).returncode == 0
+        assert cli(dp_cli, "--output", out, "--seed", seed)[0] == 0
         outs.append(out.read_bytes())
     assert outs[0] == outs[1] and outs[0] != outs[2]
 
 
 def test_lookup_pokemon_gives_the_row_facts():
-    table = dp.load_table(BUNDLED)
-    facts = dp.lookup_pokemon(table, " 妙蛙种子 ")
+    table = load_table(BUNDLED)
+    facts = lookup_pokemon(table, " 妙蛙种子 ")
     assert facts["姓名"] == "妙蛙种子" and facts["属性"] == ["草", "毒"]
     assert facts["弱点"] == ["火", "冰", "飞行", "超能力"] and facts["特性"] == "茂盛" and facts["简介"]
     assert "四倍弱点" not in facts
-    assert dp.lookup_pokemon(table, "派拉斯")["四倍弱点"] == ["火", "飞行"]
-    missing = dp.lookup_pokemon(table, "不存在兽")
+    assert lookup_pokemon(table, "派拉斯")["四倍弱点"] == ["火", "飞行"]
+    missing = lookup_pokemon(table, "不存在兽")
     assert missing["姓名"] == "不存在兽" and "错误" in missing and "属性" not in missing
 
 
-def test_tool_samples(tmp_path):
+def test_pokedex_tool_answers_as_the_training_samples_and_never_raises():
+    tool = PokedexTool(str(BUNDLED))
+    assert tool.name == "pokedex_lookup" and tool.schema == pokedex.POKEDEX_TOOL
+    answer = tool({"name": "pokedex_lookup", "parameters": {"name": "皮卡丘"}})
+    assert json.loads(answer) == lookup_pokemon(tool.table, "皮卡丘") and "\\u" not in answer
+    assert "没有找到" in json.loads(tool({"name": "pokedex_lookup", "parameters": {"name": "不存在兽"}}))["错误"]
+    assert "没有名为 'weather'" in json.loads(tool({"name": "weather", "parameters": {"city": "北京"}}))["错误"]
+    for parameters in [{}, {"name": 25}, {"name": "皮卡丘", "extra": 1}, "皮卡丘", {"name": {1, 2}}]:
+        assert json.loads(tool({"name": "pokedex_lookup", "parameters": parameters}))["错误"].startswith("参数应为 name")
+    assert "错误" in json.loads(tool("pokedex_lookup(name='皮卡丘')"))
+
+
+def test_pokedex_tool_bad_table_is_a_chatglm_error(tmp_path):
+    bad = write(tmp_path / "nocol.csv", "姓名,类别\n皮卡丘,电\n")
+    with pytest.raises(TableError) as e:
+        PokedexTool(str(bad))
+    assert isinstance(e.value, ChatGLMError) and "nocol.csv" in str(e.value) and "line 1" in str(e.value)
+
+
+def test_tool_samples(tmp_path, cli):
     out = tmp_path / "tools.jsonl"
-    result = run_script(FTP_SCRIPT, "--tools", "--output", out)
-    assert result.returncode == 0, result.stderr
+    code, stdout, err = cli(ftp_cli, "--tools", "--output", out)
+    assert code == 0, err
+    assert "built 158 tool-calling conversations" in stdout and "with tools: 158" in stdout
     samples = [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()]
-    table = dp.load_table(BUNDLED)
+    table = load_table(BUNDLED)
     assert len(samples) == 151 + 7  # one per row, one not-found lookup per 20 rows
-    for sample in samples:
-        assert ftp.validate_sample(sample) == []
-        assert sample["tools"] == [ftp.POKEDEX_TOOL]
-        assert sample["tools"][0]["parameters"]["required"] == ["name"]
+    for i, sample in enumerate(samples):
+        check_conversation(sample, f"sample {i}")  # the training reader accepts them
+        assert sample["tools"] == [pokedex.POKEDEX_TOOL]
         user, call, reply = sample["conversations"][:3]
         assert (user["role"], call["role"], reply["role"]) == ("user", "tool", "assistant")
         name = call["parameters"]["name"]
         assert call["name"] == "pokedex_lookup" and name in user["content"]
-        assert call["observation"] == dp.lookup_pokemon(table, name)
+        assert call["observation"] == lookup_pokemon(table, name)
         if "错误" in call["observation"]:
             assert "没有找到" in reply["content"]
         else:  # the answer only states facts from the observation
@@ -173,33 +207,39 @@ def test_tool_samples(tmp_path):
             assert any(fact in reply["content"] for fact in
                        ["、".join(row.types), "和".join(row.types), "、".join(row.weaknesses), row.ability,
                         row.description])
+    with_path = tmp_path / "both.jsonl"
+    convs = write(tmp_path / "c.jsonl", json.dumps(samples[0], ensure_ascii=False) + "\n")
+    assert cli(ftp_cli, "--tools", "--path", convs, "--output", with_path, "--seed", 1)[0] == 0
+    both = [json.loads(l) for l in with_path.read_text(encoding="utf-8").splitlines()]
+    assert both[0] == samples[0] and len(both) == 1 + 158 and both[1:] != samples
 
 
 # ------------------------------------------------------------------------------------------- the seed table
 
-def test_seed_table_every_row_accounted_for(shared, tmp_path):
+def test_seed_table_every_row_accounted_for(shared, tmp_path, cli):
     seed_csv = shared / "pokemon" / "seed_data.csv"
     with open(seed_csv, encoding="utf-8-sig", newline="") as f:
         raw = list(csv.reader(f))[1:]
     out, report = tmp_path / "out.json", tmp_path / "report.json"
-    result = run_script(DP_SCRIPT, "--input", seed_csv, "--output", out, "--report", report, "--keep-weaknesses")
-    assert result.returncode == 0, result.stderr
-    assert "读取 1050 行" in result.stdout
+    code, stdout, err = cli(dp_cli, "--input", seed_csv, "--output", out, "--report", report, "--keep-weaknesses")
+    assert code == 0, err
+    assert "读取 1050 行" in stdout
     samples = json.loads(out.read_text(encoding="utf-8"))
     issues = json.loads(report.read_text(encoding="utf-8"))["issues"]
     skipped = [i for i in issues if i["skipped"]]
     # 魔尼尼 has the word 弱点 in its weakness cell: reported with its line, not dropped silently.
     assert [(i["line"], i["name"], i["reason"]) for i in skipped] == [(479, "魔尼尼", "bad_weakness")]
-    assert "479" in result.stdout
+    assert "479" in stdout
     assert len(samples) + len(skipped) == len(raw) == 1050
     named = {first_user(s) for s in samples}
     for line, row in enumerate(raw, 2):
-        name = dp.clean_text(row[0])
+        name = pokedex.clean_text(row[0])
         assert line == 479 or any(name in q for q in named), name
 
 
-def test_seed_table_normalisation(shared):
-    table = dp.load_table(shared / "pokemon" / "seed_data.csv")
+def test_seed_table_normalisation(shared, tmp_path, cli):
+    seed_csv = shared / "pokemon" / "seed_data.csv"
+    table = load_table(seed_csv)
     rows = table.by_name()
     assert len(table.rows) == 1050 and not table.skipped
     assert rows["波波"].types == ["一般", "飞行"]
@@ -208,15 +248,19 @@ def test_seed_table_normalisation(shared):
     assert rows["魔尼尼"].types == ["超能力", "妖精"] and not rows["魔尼尼"].description.endswith("nan")
     assert rows["超级喷火龙X"].types == ["火", "龙"] and rows["超级喷火龙Y"].types == ["火", "飞行"]
     assert {i["line"] for i in table.issues if i["reason"] == "cleaned"} >= {479}
-    kept = dp.load_table(shared / "pokemon" / "seed_data.csv", keep_weaknesses=True).by_name()
+    kept = load_table(seed_csv, keep_weaknesses=True).by_name()
     assert kept["妙蛙种子"].weaknesses == ["火", "冰"] and kept["快龙"].weaknesses == ["冰", "岩石"]
+    out = tmp_path / "out.json"
+    code, stdout, err = cli(dp_cli, "--input", seed_csv, "--output", out)  # the default (rich) run
+    assert code == 0, err
+    assert "used 1050 rows, skipped 0" in stdout and len(json.loads(out.read_text(encoding="utf-8"))) == 1050
 
 
-def test_seed_style_reproduces_the_original_conversation(shared, tmp_path):
+def test_seed_style_reproduces_the_original_conversation(shared, tmp_path, cli):
     seed_csv = shared / "pokemon" / "seed_data.csv"
     out = tmp_path / "seed.json"
-    result = run_script(DP_SCRIPT, "--input", seed_csv, "--output", out, "--style", "seed")
-    assert result.returncode == 0, result.stderr
+    code, _, err = cli(dp_cli, "--input", seed_csv, "--output", out, "--style", "seed")
+    assert code == 0, err
     samples = json.loads(out.read_text(encoding="utf-8"))
     with open(seed_csv, encoding="utf-8-sig", newline="") as f:
         raw = list(csv.DictReader(f))
@@ -234,25 +278,34 @@ def test_seed_style_reproduces_the_original_conversation(shared, tmp_path):
     # Same wording as the reference conversation made in that style.
     reference = json.loads((shared / "parity" / "cases.json").read_text(encoding="utf-8"))["multiturn"][0]
     ref = reference["conversations"]
-    mine = dp.seed_conversation("杰尼龟", "水", "草和电", "激流", ref[4]["content"])["conversations"]
+    mine = dialogues.seed_conversation("杰尼龟", "水", "草和电", "激流", ref[4]["content"])["conversations"]
     assert mine == ref
 
-    normalised = dp.build_samples(dp.load_table(seed_csv, normalize=True), style="seed", normalize=True)
+    normalised = dialogues.build_samples(load_table(seed_csv, normalize=True), style="seed", normalize=True)
     assert normalised[0][1]["conversations"][2]["content"] == \
         "妙蛙种子的属性是草、毒，弱点是火、冰、飞行、超能力，特性是茂盛。"
 
 
-def test_gbk_copy_gives_the_same_result(shared, tmp_path):
+def test_upstream_format_samples_pass_format_tool_poke(shared, tmp_path, cli):
+    cases = json.loads((shared / "parity" / "cases.json").read_text(encoding="utf-8"))["multiturn"]
+    src, out = write(tmp_path / "upstream.json", json.dumps(cases, ensure_ascii=False)), tmp_path / "up.jsonl"
+    code, stdout, err = cli(ftp_cli, "--path", src, "--output", out)
+    assert code == 0, err
+    assert f"train_examples: {len(cases)}" in stdout
+    assert [json.loads(l) for l in out.read_text(encoding="utf-8").splitlines()] == cases
+
+
+def test_gbk_copy_gives_the_same_result(shared, tmp_path, cli):
     for source, codec in [(BUNDLED, "gbk"), (shared / "pokemon" / "seed_data.csv", "gb18030")]:
         text = source.read_text(encoding="utf-8-sig")
         gbk = write(tmp_path / f"{source.stem}-gbk.csv", text, codec)
         outs = []
         for src in (source, gbk):
             out = tmp_path / f"{src.stem}.json"
-            result = run_script(DP_SCRIPT, "--input", src, "--output", out)
-            assert result.returncode == 0, result.stderr
+            code, stdout, err = cli(dp_cli, "--input", src, "--output", out)
+            assert code == 0, err
             outs.append(out.read_bytes())
-        assert "GBK" in result.stdout
+        assert "GBK" in stdout
         assert outs[0] == outs[1]
 
 
@@ -276,12 +329,12 @@ MESSY = (
 )
 
 
-def test_messy_table_reports_every_row(tmp_path):
+def test_messy_table_reports_every_row(tmp_path, cli):
     src = write(tmp_path / "messy.csv", MESSY)
     out, report = tmp_path / "out.json", tmp_path / "report.json"
-    result = run_script(DP_SCRIPT, "--input", src, "--output", out, "--report", report)
-    assert result.returncode == 0, result.stderr
-    assert "读取 12 行" in result.stdout and "skipped 7" in result.stdout and "blank lines 1" in result.stdout
+    code, stdout, err = cli(dp_cli, "--input", src, "--output", out, "--report", report)
+    assert code == 0, err
+    assert "读取 12 行" in stdout and "skipped 7" in stdout and "blank lines 1" in stdout
     issues = json.loads(report.read_text(encoding="utf-8"))["issues"]
     got = {(i["line"], i["reason"]) for i in issues}
     assert got == {(3, "blank_line"), (4, "cleaned"), (5, "duplicate_name"), (6, "empty_name"), (7, "partial"),
@@ -290,10 +343,10 @@ def test_messy_table_reports_every_row(tmp_path):
     assert next(i for i in issues if i["line"] == 5)["detail"].startswith("与第 2 行重复")
     assert "光明" in next(i for i in issues if i["line"] == 9)["detail"]
     for line in ("5", "6", "8", "9", "10", "11", "14"):
-        assert line in result.stdout
+        assert line in stdout
     samples = json.loads(out.read_text(encoding="utf-8"))
     assert len(samples) == 5
-    table = dp.load_table(src).by_name()
+    table = load_table(src).by_name()
     assert list(table) == ["妙蛙种子", "波波", "小火龙", "腕力", "卡咪龟"]
     assert table["腕力"].ability == "毅力" and table["卡咪龟"].types == ["水", "冰"]
     assert table["卡咪龟"].description == "有尾巴，很长寿。" and table["波波"].description == "小鸟宝可梦。"
@@ -302,31 +355,35 @@ def test_messy_table_reports_every_row(tmp_path):
     assert len([m for m in xiao["conversations"] if m["role"] == "user"]) == 2
 
 
-def test_configurable_columns_and_delimiter(tmp_path):
+def test_configurable_columns_and_delimiter(tmp_path, cli):
     src = write(tmp_path / "en.tsv", "Name\tType\tSkill\tText\nPikachu\tElectric\tStatic\tA mouse.\n")
     out = tmp_path / "out.json"
-    result = run_script(DP_SCRIPT, "--input", src, "--output", out, "--ability-col", "Skill", "--desc-col", "Text")
-    assert result.returncode == 0, result.stderr
+    code, _, err = cli(dp_cli, "--input", src, "--output", out, "--ability-col", "Skill", "--desc-col", "Text")
+    assert code == 0, err
     assert "Pikachu" in first_user(json.loads(out.read_text(encoding="utf-8"))[0])
-    row = dp.load_table(src, columns={"ability": "Skill", "description": "Text"}).rows[0]
+    row = load_table(src, columns={"ability": "Skill", "description": "Text"}).rows[0]
     assert (row.name, row.types, row.weaknesses, row.ability, row.description) == \
         ("Pikachu", ["电"], ["地面"], "Static", "A mouse.")
 
-    missing = run_script(DP_SCRIPT, "--input", src, "--output", out, "--type-col", "属性")
-    assert_clean_failure(missing, "line 1", "属性", "--type-col")
+    assert_clean_failure(cli(dp_cli, "--input", src, "--output", out, "--type-col", "属性"),
+                         "line 1", "属性", "--type-col")
+    tools = tmp_path / "tools.jsonl"  # format_tool_poke.py takes the same column flags for --table
+    code, _, err = cli(ftp_cli, "--tools", "--table", src, "--ability-col", "Skill", "--output", tools)
+    assert code == 0, err
+    assert "Pikachu" in tools.read_text(encoding="utf-8")
 
     # Traditional header names and an extra column; the optional columns may be absent.
     extra = write(tmp_path / "trad.csv", "编号,名稱,屬性\n25,皮卡丘,电\n26,雷丘,電\n")
-    rows = dp.load_table(extra).rows
+    rows = load_table(extra).rows
     assert [(r.name, r.types, r.ability) for r in rows] == [("皮卡丘", ["电"], ""), ("雷丘", ["电"], "")]
 
 
-def test_dev_split_by_pokemon(tmp_path):
+def test_dev_split_by_pokemon(tmp_path, cli):
     train, dev = tmp_path / "train.json", tmp_path / "dev.json"
     args = ["--output", train, "--dev-ratio", "0.2", "--dev-output", dev, "--variants", "2"]
-    result = run_script(DP_SCRIPT, *args)
-    assert result.returncode == 0, result.stderr
-    names = {row.name for row in dp.load_table(BUNDLED).rows}
+    code, _, err = cli(dp_cli, *args)
+    assert code == 0, err
+    names = {row.name for row in load_table(BUNDLED).rows}
 
     def pokemon(path):  # the longest name in the first question (拉达 is inside 小拉达)
         return [max((n for n in names if n in first_user(s)), key=len)
@@ -336,14 +393,14 @@ def test_dev_split_by_pokemon(tmp_path):
     assert len(t) + len(d) == 2 * 151 and len(set(d)) == round(0.2 * 151)
     assert not set(t) & set(d)
     first = (train.read_bytes(), dev.read_bytes())
-    assert run_script(DP_SCRIPT, *args).returncode == 0
+    assert cli(dp_cli, *args)[0] == 0
     assert (train.read_bytes(), dev.read_bytes()) == first
-    assert dp.split_dev(["a", "b", "c"], 0.5, seed=3) == dp.split_dev(["c", "b", "a"], 0.5, seed=3)
+    assert dialogues.split_dev(["a", "b", "c"], 0.5, seed=3) == dialogues.split_dev(["c", "b", "a"], 0.5, seed=3)
 
 
 # ------------------------------------------------------------------------------------------- bad input
 
-def test_bad_tables_fail_cleanly_and_write_nothing(tmp_path):
+def test_bad_tables_fail_cleanly_and_write_nothing(tmp_path, cli):
     out = tmp_path / "out.json"
     out.write_text("previous", encoding="utf-8")
     cases = [
@@ -361,16 +418,17 @@ def test_bad_tables_fail_cleanly_and_write_nothing(tmp_path):
     (tmp_path / "undecodable.csv").write_bytes((HEADER + "皮卡丘,电,地面,静电,老鼠\n").encode("utf-8")
                                               + b"\xb2\xbb,\xff\xfe,x,y,z\n")
     for src, needles in cases:
-        result = run_script(DP_SCRIPT, "--input", src, "--output", out)
-        message = assert_clean_failure(result, *needles)
-        assert len(message.splitlines()) == 1, message
+        message = assert_clean_failure(cli(dp_cli, "--input", src, "--output", out), *needles)
+        assert message.startswith("错误：") and "Error:" in message, message
         assert out.read_text(encoding="utf-8") == "previous"
-    assert_clean_failure(run_script(DP_SCRIPT, "--output", out, "--dev-ratio", "0.1"), "--dev-output")
-    assert_clean_failure(run_script(DP_SCRIPT, "--input", BUNDLED, "--output", BUNDLED), "input")
+    assert_clean_failure(cli(dp_cli, "--output", out, "--dev-ratio", "0.1"), "--dev-output")
+    assert_clean_failure(cli(dp_cli, "--output", out, "--variants", "0"), "--variants")
+    assert_clean_failure(cli(dp_cli, "--input", BUNDLED, "--output", BUNDLED), "input")
+    assert_clean_failure(cli(dp_cli, "--output", tmp_path), "directory")
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_bad_conversation_files_fail_cleanly(tmp_path):
+def test_bad_conversation_files_fail_cleanly(tmp_path, cli):
     out = tmp_path / "out.jsonl"
     good = {"conversations": [{"role": "user", "content": "皮卡丘是什么属性？"},
                               {"role": "assistant", "content": "电。"}]}
@@ -380,65 +438,48 @@ def test_bad_conversation_files_fail_cleanly(tmp_path):
     listing = json.dumps([good, good, bad_role], ensure_ascii=False, indent=2)
     bad_role_line = listing[:listing.rindex('{\n    "conversations"')].count("\n") + 1
     cases = [
-        (write(tmp_path / "role.json", listing), ["line %d" % bad_role_line, "unknown role 'bot'", "message 2"]),
+        (write(tmp_path / "role.json", listing), [f"role.json:{bad_role_line}", "unknown role 'bot'"]),
         (write(tmp_path / "role.jsonl", "\n".join(json.dumps(s) for s in (good, bad_role)) + "\n"),
-         ["line 2", "unknown role 'bot'"]),
-        (write(tmp_path / "tool.jsonl", json.dumps(bad_tool) + "\n"),
-         ["line 1", "\"parameters\" must be an object", "without an \"observation\""]),
-        (write(tmp_path / "object.json", '{"conversations": "x", "b": 2}'), ["line 1", "\"conversations\""]),
-        (write(tmp_path / "numbers.json", "[1, 2]"), ["line 1", "must be an object"]),
-        (write(tmp_path / "string.json", '"hello"'), ["line 1", "list of conversations"]),
-        (write(tmp_path / "broken.jsonl", json.dumps(good) + "\n{oops\n"), ["line 2", "invalid JSON"]),
+         ["role.jsonl:2", "unknown role 'bot'"]),
+        (write(tmp_path / "tool.jsonl", json.dumps(bad_tool) + "\n"), ["tool.jsonl:1", "\"parameters\""]),
+        (write(tmp_path / "object.json", '{"conversations": "x", "b": 2}'), ["object.json:1", "\"conversations\""]),
+        (write(tmp_path / "numbers.json", "[1, 2]"), ["numbers.json:1", "must be a JSON object"]),
+        (write(tmp_path / "broken.jsonl", json.dumps(good) + "\n{oops\n"), ["broken.jsonl:2", "invalid JSON"]),
         (write(tmp_path / "broken.json", "[\n" + json.dumps(good) + "\n" + json.dumps(good) + "\n]"),
-         ["line 3", "','"]),
-        (write(tmp_path / "empty.json", ""), ["empty"]),
-        (tmp_path / "absent.json", ["not found"]),
+         ["broken.json:3", "','"]),
+        (write(tmp_path / "empty.json", ""), ["empty.json", "no samples"]),
+        (tmp_path / "absent.json", ["absent.json", "not found"]),
     ]
     for src, needles in cases:
-        result = run_script(FTP_SCRIPT, "--path", src, "--output", out)
-        assert_clean_failure(result, str(src.name), *needles)
+        assert_clean_failure(cli(ftp_cli, "--path", src, "--output", out), *needles)
         assert not out.exists()
-    ok = run_script(FTP_SCRIPT, "--path", write(tmp_path / "ok.json", json.dumps([good, good])),
-                    "--output", out)
-    assert ok.returncode == 0 and "{2: 2}" in ok.stdout
+    code, stdout, _ = cli(ftp_cli, "--path", write(tmp_path / "ok.json", json.dumps([good, good])), "--output", out)
+    assert code == 0 and "{2: 2}" in stdout
+    assert_clean_failure(cli(ftp_cli, "--path", out, "--output", out), "is an input file")
 
 
-def test_validate_sample_accepts_the_upstream_format(shared):
-    cases = json.loads((shared / "parity" / "cases.json").read_text(encoding="utf-8"))
-    for sample in cases["multiturn"]:
-        assert ftp.validate_sample(sample) == []
-    assert ftp.validate_sample({"conversations": [{"role": "assistant", "content": "x", "loss": "no"}]})
-    assert ftp.validate_sample({"conversations": [{"role": "user", "content": "x"}]})  # nothing to learn
-    assert ftp.validate_sample({"conversations": [{"role": "user", "content": "x"},
-                                                  {"role": "system", "content": "late"},
-                                                  {"role": "assistant", "content": "y"}]})
+def test_default_paths_do_not_depend_on_the_working_directory(tmp_path, monkeypatch):
+    """Upstream's layout: data_processing.py writes formatted_data/pokemon_data.json, which format_tool_poke.py
+    reads by default and turns into formatted_data/pokemon_conversations.jsonl, wherever they are run from."""
+    monkeypatch.chdir(tmp_path)
+    formatted = REPO / "finetune_chatmodel_demo" / "formatted_data"
+    dp_args, ftp_args = dp_cli.build_parser().parse_args([]), ftp_cli.build_parser().parse_args([])
+    assert Path(dp_args.input) == BUNDLED and Path(dp_args.output) == formatted / "pokemon_data.json"
+    assert Path(ftp_args.output) == formatted / "pokemon_conversations.jsonl"
+    assert Path(ftp_args.table) == BUNDLED and ftp_args.path is None
+    path_help = next(a.help for a in ftp_cli.build_parser()._actions if "--path" in a.option_strings)
+    assert str(formatted / "pokemon_data.json") in path_help
 
 
-def test_default_output_lands_in_formatted_data_wherever_run(tmp_path):
-    src = write(tmp_path / "one.json", json.dumps([{"conversations": [
-        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}]}]))
-    target = REPO / "finetune_chatmodel_demo" / "formatted_data" / "pokemon_conversations.jsonl"
-    before = target.read_bytes() if target.exists() else None
-    try:
-        result = run_script(FTP_SCRIPT, "--path", src, cwd=tmp_path)
-        assert result.returncode == 0, result.stderr
-        assert json.loads(target.read_text(encoding="utf-8").splitlines()[0])["conversations"][1]["content"] \
-            == "你好！"
-        assert not (tmp_path / "formatted_data").exists()
-    finally:
-        if before is None:
-            target.unlink(missing_ok=True)
-        else:
-            target.write_bytes(before)
-
-
-@pytest.mark.parametrize("script, flags", [
-    (DP_SCRIPT, ["--input", "--output", "--style", "--keep-weaknesses", "--seed", "--dev-ratio", "--dev-output",
-                 "--report", "--encoding", "--name-col", "--normalize", "--variants"]),
-    (FTP_SCRIPT, ["--path", "--output", "--tools", "--table", "--seed"]),
+@pytest.mark.parametrize("module, flags", [
+    (dp_cli, ["--input", "--output", "--style", "--keep-weaknesses", "--seed", "--dev-ratio", "--dev-output",
+              "--report", "--encoding", "--name-col", "--type-col", "--weakness-col", "--ability-col", "--desc-col",
+              "--normalize", "--variants"]),
+    (ftp_cli, ["--path", "--output", "--tools", "--table", "--seed", "--encoding", "--name-col", "--type-col",
+               "--weakness-col", "--ability-col", "--desc-col"]),
 ])
-def test_help_explains_each_flag(script, flags):
-    result = run_script(script, "--help")
-    assert result.returncode == 0
+def test_help_explains_each_flag(module, flags):
+    parser = module.build_parser()
+    documented = {opt: action.help for action in parser._actions for opt in action.option_strings}
     for flag in flags:
-        assert flag in result.stdout
+        assert flag in documented and " / " in documented[flag], flag  # Chinese / English

@@ -1,0 +1,73 @@
+"""What data_processing.py and format_tool_poke.py share: the paths, the table flags, atomic writing and the runner
+that turns a bad input into one line on stderr and exit status 1.
+
+Importing this module puts finetune_chatmodel_demo/ on sys.path (the one place that does), so that the pipeline
+reads tables with `pokedex` and conversation files with `chatglm3.data`, as training does.
+"""
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+DEMO = REPO / "finetune_chatmodel_demo"
+if str(DEMO) not in sys.path:
+    sys.path.insert(0, str(DEMO))
+
+from chatglm3.errors import ChatGLMError  # noqa: E402
+from pokedex import COLUMN_FLAGS, COLUMNS  # noqa: E402
+
+DEFAULT_TABLE = HERE / "data.csv"
+DEFAULT_CONVERSATIONS = DEMO / "formatted_data" / "pokemon_data.json"  # data_processing.py's output
+DEFAULT_JSONL = DEMO / "formatted_data" / "pokemon_conversations.jsonl"  # format_tool_poke.py's output
+
+
+def add_table_args(parser, zh_prefix="", en_suffix=""):
+    """--encoding and one flag per column name (--name-col ...), as both scripts take them."""
+    parser.add_argument("--encoding", default="auto",
+                        help=f"{zh_prefix}输入编码，默认自动识别 UTF-8/GBK / input encoding{en_suffix} "
+                             "(default: auto = UTF-8 or GBK)")
+    for role, flag in COLUMN_FLAGS.items():
+        parser.add_argument(flag, dest=f"col_{role}", metavar="NAME",
+                            help=f"{zh_prefix}「{COLUMNS[role]}」列的列名 / header of the {role} column{en_suffix} "
+                                 f"(default: {COLUMNS[role]})")
+
+
+def table_columns(args):
+    """The column names given on the command line, {role: header}."""
+    return {role: getattr(args, f"col_{role}") for role in COLUMNS if getattr(args, f"col_{role}")}
+
+
+def write_atomic(path, text):
+    """Write `text` to `path` through a temporary file in the same folder, so a failure leaves no half file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ChatGLMError(f"错误：输出路径 {path} 是目录 / Error: output path {path} is a directory")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def run_cli(build_parser, run, argv=None):
+    """Parse argv, run, print the report; returns the exit status (0 ok, 1 bad input). Bad input gives a one-line
+    message, never a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        lines = run(args)
+    except ChatGLMError as e:
+        print(e, file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"错误：{e.filename or ''} 读写失败：{e.strerror} / Error: cannot read or write "
+              f"{e.filename or ''}: {e.strerror}", file=sys.stderr)
+        return 1
+    print("\n".join(lines))
+    return 0
