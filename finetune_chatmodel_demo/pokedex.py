@@ -136,18 +136,18 @@ def read_text(path, encoding="auto"):
         except UnicodeDecodeError as e:
             line, col = _line_of(raw, e.start)
             raise TableError(f"错误：{path} 第 {line} 行第 {col} 字节无法按 {encoding} 解码 / "
-                            f"Error: {path} line {line}, byte {col}: cannot decode as {encoding}") from None
+                             f"Error: {path} line {line}, byte {col}: cannot decode as {encoding}") from None
 
     if raw.startswith((b"\xff\xfe", b"\xfe\xff")) or b"\x00" in raw:
         raise TableError(f"错误：{path} 看起来是 UTF-16 或二进制文件；请另存为 UTF-8 / "
-                        f"Error: {path} looks like UTF-16 or binary; save it as UTF-8")
+                         f"Error: {path} looks like UTF-16 or binary; save it as UTF-8")
     if raw.startswith(b"\xef\xbb\xbf"):
         try:
             return raw[3:].decode("utf-8"), "UTF-8 (BOM)"
         except UnicodeDecodeError as e:
             line, col = _line_of(raw, e.start + 3)
             raise TableError(f"错误：{path} 第 {line} 行第 {col} 字节不是合法的 UTF-8 / "
-                            f"Error: {path} line {line}, byte {col}: invalid UTF-8") from None
+                             f"Error: {path} line {line}, byte {col}: invalid UTF-8") from None
     try:
         return raw.decode("utf-8"), "UTF-8"
     except UnicodeDecodeError as e:
@@ -156,20 +156,20 @@ def read_text(path, encoding="auto"):
     if any(b > 0x7F for b in raw[:utf8_error]):
         line, col = _line_of(raw, utf8_error)
         raise TableError(f"错误：{path} 第 {line} 行第 {col} 字节不是合法的 UTF-8（前面的内容是 UTF-8，文件混用了编码）；"
-                        f"请统一另存为 UTF-8 / Error: {path} line {line}, byte {col}: invalid UTF-8 after UTF-8 "
-                        f"text (mixed encodings); save the whole file as UTF-8")
+                         f"请统一另存为 UTF-8 / Error: {path} line {line}, byte {col}: invalid UTF-8 after UTF-8 "
+                         f"text (mixed encodings); save the whole file as UTF-8")
     try:
         text = raw.decode("gb18030")
     except UnicodeDecodeError as e:
         line, col = _line_of(raw, max(e.start, utf8_error))
         raise TableError(f"错误：{path} 第 {line} 行第 {col} 字节无法按 UTF-8 或 GBK 解码；请另存为 UTF-8 / "
-                        f"Error: {path} line {line}, byte {col}: cannot decode as UTF-8 or GBK; "
-                        f"save the file as UTF-8") from None
+                         f"Error: {path} line {line}, byte {col}: cannot decode as UTF-8 or GBK; "
+                         f"save the file as UTF-8") from None
     if not _looks_like_gbk(text):
         line, col = _line_of(raw, utf8_error)
         raise TableError(f"错误：{path} 既不是 UTF-8 也不像 GBK（第 {line} 行起），请另存为 UTF-8，或用 --encoding "
-                        f"指定编码 / Error: {path} is neither UTF-8 nor plausible GBK (from line {line}); save it "
-                        f"as UTF-8 or name the encoding with --encoding")
+                         f"指定编码 / Error: {path} is neither UTF-8 nor plausible GBK (from line {line}); save it "
+                         f"as UTF-8 or name the encoding with --encoding")
     return text, "GBK/GB18030"
 
 
@@ -197,7 +197,7 @@ def _resolve_columns(header, path, line, columns, explicit, needed):
     for i, name in enumerate(normed):
         if name and name in seen:
             raise TableError(f"错误：{path} 第 {line} 行（表头）：列名「{header[i].strip()}」出现了两次 / "
-                            f"Error: {path} line {line} (header): column {header[i].strip()!r} appears twice")
+                             f"Error: {path} line {line} (header): column {header[i].strip()!r} appears twice")
         seen[name] = i
     index = {}
     for role, col in columns.items():
@@ -213,9 +213,9 @@ def _resolve_columns(header, path, line, columns, explicit, needed):
                 if len(header) == 1 and "，" in header[0]:
                     hint_zh, hint_en = "；表头用了中文逗号，请改用英文逗号", "; the header uses full-width commas (，), use ASCII commas"
                 raise TableError(f"错误：{path} 第 {line} 行（表头）缺少必需的列「{col}」，找到的列：{found}；"
-                                f"可用 {COLUMN_FLAGS[role]} 指定列名{hint_zh} / Error: {path} line {line} (header): "
-                                f"required column {col!r} not found (columns: {found}); name it with "
-                                f"{COLUMN_FLAGS[role]}{hint_en}")
+                                 f"可用 {COLUMN_FLAGS[role]} 指定列名{hint_zh} / Error: {path} line {line} (header): "
+                                 f"required column {col!r} not found (columns: {found}); name it with "
+                                 f"{COLUMN_FLAGS[role]}{hint_en}")
     return index
 
 
@@ -276,8 +276,8 @@ def load_table(path, columns=None, encoding="auto", normalize=True, keep_weaknes
                        first_line_of, delimiter)
     except csv.Error as e:
         raise TableError(f"错误：{path} 第 {reader.line_num} 行：CSV 格式错误（{e}），可能有未闭合的引号 / "
-                        f"Error: {path} line {reader.line_num}: malformed CSV ({e}), probably an unclosed "
-                        f"quote") from None
+                         f"Error: {path} line {reader.line_num}: malformed CSV ({e}), probably an unclosed "
+                         f"quote") from None
     if index is None:
         raise TableError(f"错误：文件 {path} 是空的 / Error: file {path} is empty")
     return table
