@@ -2,26 +2,26 @@
 """在验证集上评测 ChatGLM3：ROUGE-1/2/L 与 BLEU-4 / Score ChatGLM3 on a dev set with ROUGE-1/2/L and BLEU-4.
 
 For every assistant message (with loss) of every conversation in --data (JSONL or a JSON list, the training
-format), the model generates a reply from the conversation before it (same prompt format as training and
-inference.py; batched, left padded, greedy unless --do-sample). Predictions and references are segmented with jieba and scored as upstream ChatGLM3's finetune
-demo does (see metrics.py). Predictions are written beside their references to --output (JSONL); the last line
-of stdout is the JSON summary {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "samples"}.
+format), the model generates a reply from the conversation before it (the prompt is training's ids up to the
+reply; batched, left padded, greedy unless --do-sample). Predictions and references are segmented with jieba and
+scored as upstream ChatGLM3's finetune demo does (see metrics.py). Predictions are written beside their
+references to --output (JSONL); the last line of stdout is the JSON summary {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "samples"}.
 """
 import argparse
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
-from tqdm import tqdm
 
-from chatglm3 import ChatGLMError, process_response
-from inference import TOOL_SYSTEM_PROMPT, add_model_args, load_from_args
+from chatglm3 import ChatGLMError
+from chatglm3.batch import generate_replies
+from chatglm3.conversation import prompt_ids, sample_to_messages
+from chatglm3.data import load_conversations
+from cli import add_model_args, load_from_args
 from metrics import METRIC_KEYS, compute_metrics, score_pair
-from preprocess_utils import (CONVERSATION_KEY, FUNCTION_CALL_NAME, FUNCTION_CALL_POSTFIX, FUNCTION_CALL_PREFIX,
-                              TOOL_DESC_KEY, format_function_call, load_conversations)
 
 DEFAULT_OUTPUT = "output/eval_predictions.jsonl"
 
@@ -29,50 +29,25 @@ DEFAULT_OUTPUT = "output/eval_predictions.jsonl"
 @dataclass
 class EvalSample:
     location: str  # "file:line" of the conversation in --data
-    turn: int  # index of the assistant message within the conversation
-    history: List[dict]  # upstream chat history before the reply
+    turn: int  # index of the reply within the conversation's messages
+    history: List[dict]  # chat-history messages before the reply
     reference: str
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Reading the dev set
-# ---------------------------------------------------------------------------------------------------------------
-def to_history(sample: dict) -> Tuple[List[dict], List[int]]:
-    """A checked multi-turn sample as upstream chat history (what tokenizer.build_chat_input renders, laid out as
-    preprocess_utils.format_conversation lays out training data), and the indices in it of the replies to score:
-    assistant messages with loss. Tool calls are context, not scored."""
-    history, targets = [], []
-    if TOOL_DESC_KEY in sample:
-        history.append({"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": sample[TOOL_DESC_KEY]})
-    for message in sample[CONVERSATION_KEY]:
-        role = message["role"]
-        if role == "tool":
-            call = FUNCTION_CALL_PREFIX + format_function_call(FUNCTION_CALL_NAME, message["parameters"]) \
-                + FUNCTION_CALL_POSTFIX
-            observation = message.get("observation")
-            if not isinstance(observation, str):
-                observation = json.dumps(observation, ensure_ascii=False)
-            history.append({"role": "assistant", "metadata": message["name"], "content": call})
-            history.append({"role": "observation", "content": observation})
-            continue
-        if role == "assistant" and message.get("loss", True):
-            targets.append(len(history))
-        history.append({"role": role, "content": message["content"]})
-    return history, targets
-
-
 def load_samples(path: str, max_samples: Optional[int] = None) -> List[EvalSample]:
-    """One EvalSample per loss-bearing assistant message that has something before it; bad files and samples
-    raise DataFormatError (a ChatGLMError) naming file:line."""
+    """One EvalSample per reply training learns (an assistant message with loss; tool calls are context, not
+    scored) that has something before it; bad files and samples raise DataFormatError naming file:line."""
     records = load_conversations(path)
     samples, no_context = [], 0
     for sample, location in zip(records, records.locations):
-        history, targets = to_history(sample)
-        for turn in targets:
+        messages = sample_to_messages(sample)
+        for turn, message in enumerate(messages):
+            if message["role"] != "assistant" or not message["loss"] or message.get("metadata"):
+                continue
             if turn == 0:
                 no_context += 1
                 continue
-            samples.append(EvalSample(location, turn, history[:turn], history[turn]["content"]))
+            samples.append(EvalSample(location, turn, messages[:turn], message["content"]))
     if no_context:
         print(f"提示：跳过 {no_context} 条没有上文的助手消息 / Note: skipped {no_context} assistant message(s) "
               f"with nothing before them", file=sys.stderr)
@@ -86,52 +61,6 @@ def load_samples(path: str, max_samples: Optional[int] = None) -> List[EvalSampl
     return samples
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Generation
-# ---------------------------------------------------------------------------------------------------------------
-def build_prompt(tokenizer, history: List[dict]) -> List[int]:
-    """Prompt ids for the reply after `history`: its last message is the query, the rest the chat history."""
-    *before, last = history
-    return tokenizer.build_chat_input(last["content"], history=before, role=last["role"])["input_ids"][0].tolist()
-
-
-def clean_response(text: str) -> str:
-    """The reply text as model.chat returns it (metadata line removed, stripped); a tool call stays as written."""
-    response, _ = process_response(text, [])
-    return response if isinstance(response, str) else text.strip()
-
-
-@torch.no_grad()
-def generate_replies(model, tokenizer, prompts: List[List[int]], batch_size: int, gen_kwargs: Dict,
-                     progress: bool = True) -> List[str]:
-    """Replies to each prompt; prompts of similar length are batched together, left padded."""
-    stop_ids = {tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")}
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: List[Optional[str]] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="生成 / generating", file=sys.stderr, disable=not progress)
-    for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in batch)
-        input_ids = torch.full((len(batch), width), tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, i in enumerate(batch):
-            ids = prompts[i]
-            input_ids[row, width - len(ids):] = torch.tensor(ids)
-            attention_mask[row, width - len(ids):] = 1
-        output = model.generate(input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
-                                **gen_kwargs)
-        for row, i in enumerate(batch):
-            new_ids = output[row, width:].tolist()
-            stop = next((k for k, t in enumerate(new_ids) if t in stop_ids), len(new_ids))
-            replies[i] = clean_response(tokenizer.decode(new_ids[:stop]))
-        bar.update(len(batch))
-    bar.close()
-    return replies
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="在验证集上计算 ROUGE 与 BLEU / Score a model on a dev set with ROUGE-1/2/L and BLEU-4",
@@ -170,7 +99,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
     model, tokenizer = load_from_args(args)
 
     limit = model.config.seq_length - args.max_new_tokens
-    prompts = [build_prompt(tokenizer, s.history) for s in samples]
+    prompts = [prompt_ids(tokenizer, s.history) for s in samples]
     fitting = [i for i, p in enumerate(prompts) if len(p) <= limit]
     if len(fitting) < len(samples):
         print(f"提示：跳过 {len(samples) - len(fitting)} 条过长的样本（输入超过 {limit} 个 token）/ Note: skipped "
