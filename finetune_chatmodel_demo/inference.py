@@ -40,83 +40,33 @@ def stdout_to_stderr():
         os.close(saved)
 
 
-# Importing transformers 4.x may import DeepSpeed, which prints its accelerator notice on stdout.
-with stdout_to_stderr():
+# Importing transformers 4.x imports DeepSpeed, which prints its accelerator notice on stdout: run as a script, that
+# goes to stderr (imported, e.g. by tests, nothing is redirected).
+with stdout_to_stderr() if __name__ == "__main__" else contextlib.nullcontext():
     import torch
 
-    import chatglm3
     from chatglm3 import ChatGLMError
-    from preprocess_utils import TOOL_DEFINITION_PREFIX
+    from chatglm3.conversation import prompt_ids, tool_system_message
+    from cli import add_model_args, load_from_args
+    from pokedex import PokedexTool
 
 ANSWER_PREFIX = "ChatGLM："
 USER_PROMPT = "用户 / User："
-# build_chat_input appends "\n" + the tools as JSON, which makes training's tool system message.
-TOOL_SYSTEM_PROMPT = TOOL_DEFINITION_PREFIX.rstrip("\n")
 MAX_TOOL_ROUNDS = 3  # tool calls answered per user turn before the turn is given up (stops call loops)
 EXIT_COMMANDS = ("exit", "quit", "stop")
 CLEAR_COMMAND = "clear"
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model flags, shared with evaluate.py
-# ---------------------------------------------------------------------------------------------------------------
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """The model flags of upstream's inference.py (also used by evaluate.py)."""
-    group = parser.add_argument_group("模型 / model")
-    group.add_argument("--model", required=True,
-                       help="基座模型或全参微调后的模型目录 / base model or full fine-tuned checkpoint directory")
-    group.add_argument("--tokenizer", default=None,
-                       help="分词器目录，默认与 --model 相同 / tokenizer directory (default: --model)")
-    group.add_argument("--pt-checkpoint", default=None,
-                       help="P-Tuning v2 检查点目录 / P-Tuning v2 checkpoint directory")
-    group.add_argument("--pt-pre-seq-len", type=int, default=None,
-                       help="P-Tuning 前缀长度，默认读取检查点的 config.json / prefix length "
-                            "(default: read from the checkpoint's config.json; a different value is an error)")
-    group.add_argument("--device", default=None,
-                       help="运行设备，默认有 GPU 用 cuda，否则 cpu / device (default: cuda if available, else cpu)")
-
-
-def load_from_args(args: argparse.Namespace):
-    """Load (model, tokenizer) from the model flags and say on stderr what was loaded."""
-    if args.pt_pre_seq_len is not None and args.pt_checkpoint is None:
-        raise ChatGLMError("错误：--pt-pre-seq-len 需要配合 --pt-checkpoint 使用 / "
-                           "Error: --pt-pre-seq-len only makes sense with --pt-checkpoint")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ChatGLMError(f"错误：--device {args.device} 不可用，本机没有可用的 CUDA GPU；去掉 --device 将使用 CPU / "
-                           f"Error: --device {args.device} but no CUDA GPU is available; drop --device to use the CPU")
-    model, tokenizer = chatglm3.load_model_and_tokenizer(
-        args.model,
-        tokenizer_path=args.tokenizer,
-        pt_checkpoint=args.pt_checkpoint,
-        pre_seq_len=args.pt_pre_seq_len,
-        device=args.device,
-    )
-    details = f"device {model.device}, dtype {str(model.dtype).replace('torch.', '')}"
-    if getattr(model.config, "pre_seq_len", None):
-        details += f", P-Tuning pre_seq_len {model.config.pre_seq_len}"
-    print(f"已加载模型 / Loaded model: {args.model} ({details})", file=sys.stderr)
-    return model, tokenizer
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Prompt building and history trimming
+# History: the start of a conversation, trimming
 # ---------------------------------------------------------------------------------------------------------------
 def initial_history(system: Optional[str] = None, tools: Optional[List[dict]] = None) -> List[dict]:
     """The history a new conversation starts from: the tool system message first (as training renders a sample
     with "tools"; model.chat looks for the tools there), then the --system prompt."""
-    history = []
-    if tools:
-        history.append({"role": "system", "content": TOOL_SYSTEM_PROMPT, "tools": tools})
+    history = [tool_system_message(tools)] if tools else []
     if system:
         history.append({"role": "system", "content": system})
     return history
-
-
-def prompt_ids(tokenizer, query: str, history: List[dict], role: str = "user") -> List[int]:
-    """Token ids the model is given for `query` after `history` (ending in <|assistant|>)."""
-    return tokenizer.build_chat_input(query, history=history, role=role)["input_ids"][0].tolist()
 
 
 def trim_history(tokenizer, query: str, history: List[dict], role: str, max_prompt_tokens: int) -> List[dict]:
@@ -129,12 +79,12 @@ def trim_history(tokenizer, query: str, history: List[dict], role: str, max_prom
     head, rest = history[:first_user], history[first_user:]
     turn_starts = [i for i, m in enumerate(rest) if m["role"] == "user"]
     droppable = len(turn_starts) - (1 if role == "observation" and turn_starts else 0)
-    length = len(prompt_ids(tokenizer, query, history, role))
+    length = len(prompt_ids(tokenizer, history, query, role))
     dropped = 0
     while length > max_prompt_tokens and dropped < droppable:
         dropped += 1
         cut = turn_starts[dropped] if dropped < len(turn_starts) else len(rest)
-        length = len(prompt_ids(tokenizer, query, head + rest[cut:], role))
+        length = len(prompt_ids(tokenizer, head + rest[cut:], query, role))
     if length > max_prompt_tokens:
         raise ChatGLMError(
             f"错误：输入过长（{length} 个 token，最多 {max_prompt_tokens}）。请缩短问题，或用 clear 开始新对话，"
@@ -147,44 +97,6 @@ def trim_history(tokenizer, query: str, history: List[dict], role: str, max_prom
         cut = turn_starts[dropped] if dropped < len(turn_starts) else len(rest)
         return head + rest[cut:]
     return history
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The pokedex_lookup tool
-# ---------------------------------------------------------------------------------------------------------------
-class PokedexTool:
-    """Answers `pokedex_lookup` calls from a Pokémon table, with the observations the tool-calling training samples
-    of data_processing/format_tool_poke.py hold (data_processing.lookup_pokemon)."""
-
-    def __init__(self, csv_path: str):
-        data_dir = str(REPO_ROOT / "data_processing")
-        if data_dir not in sys.path:
-            sys.path.append(data_dir)
-        import data_processing
-        from format_tool_poke import POKEDEX_TOOL
-
-        self.schema = POKEDEX_TOOL
-        self.name = POKEDEX_TOOL["name"]
-        try:
-            self.table = data_processing.load_table(csv_path)
-        except data_processing.DataError as exc:
-            raise ChatGLMError(str(exc)) from None
-        self._lookup = data_processing.lookup_pokemon
-        print(f"工具 / Tool {self.name}: {len(self.table.rows)} 只宝可梦 / Pokémon from {csv_path}", file=sys.stderr)
-
-    def __call__(self, call: dict) -> str:
-        """The observation (JSON text) for a tool call {"name": ..., "parameters": {...}}; never raises.
-        Mistakes become an error observation (model-facing, so in Chinese, as in the training data)."""
-        name, parameters = call.get("name"), call.get("parameters")
-        if name != self.name:
-            return _error_observation(f"没有名为 {name!r} 的工具，可用的工具：{self.name}")
-        if not isinstance(parameters, dict) or set(parameters) != {"name"} or not isinstance(parameters["name"], str):
-            return _error_observation(f"参数应为 name（宝可梦的中文名字），收到：{json.dumps(parameters, ensure_ascii=False)}")
-        return json.dumps(self._lookup(self.table, parameters["name"]), ensure_ascii=False)
-
-
-def _error_observation(message: str) -> str:
-    return json.dumps({"错误": message}, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -240,7 +152,7 @@ def chat_turn(model, tokenizer, query: str, history: List[dict], gen_kwargs: Dic
     role, content = "user", query
     for _ in range(max_tool_rounds + 1):
         history = trim_history(tokenizer, content, history, role, max_prompt_tokens)
-        display.debug_prompt(prompt_ids(tokenizer, content, history, role))
+        display.debug_prompt(prompt_ids(tokenizer, history, content, role))
         display.begin_answer()
         response, new_history = "", history
         for response, new_history in model.stream_chat(tokenizer, content, history, role=role, **gen_kwargs):
@@ -311,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     tool = None
     if args.tools:
         tool = PokedexTool(args.tools)
+        print(f"工具 / Tool {tool.name}: {len(tool.table.rows)} 只宝可梦 / Pokémon from {args.tools}", file=sys.stderr)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     with stdout_to_stderr():

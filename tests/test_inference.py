@@ -9,7 +9,10 @@ import pytest
 import torch
 
 import inference
-from chatglm3 import ChatGLMError, ChatGLMTokenizer, load_model_and_tokenizer, process_response
+from chatglm3 import ChatGLMError, ChatGLMTokenizer
+from chatglm3.conversation import encode_message, prompt_ids, tool_system_message
+from chatglm3.loading import load_model_and_tokenizer
+from pokedex import POKEDEX_TOOL, PokedexTool
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "finetune_chatmodel_demo" / "inference.py"
@@ -47,28 +50,27 @@ def test_piped_turns_answer_each_line_keep_history_and_survive_bad_lines(tiny, t
     assert len(answers) == 2 and all(a.startswith(inference.ANSWER_PREFIX) for a in answers), result.stdout
     assert "device cpu" in result.stderr and "float32" in result.stderr
     first, second = debug_ids(result.stderr)
-    assert first == tokenizer.build_chat_input("皮卡丘是什么属性？")["input_ids"][0].tolist()
+    assert first == prompt_ids(tokenizer, [], "皮卡丘是什么属性？")
     # The second prompt is the first one, the first answer, then the new question (the failed turn left no trace).
     assert second[:len(first)] == first
     assert second.count(tokenizer.get_command("<|user|>")) == 2
-    tail = tokenizer.build_single_message("user", "", "那它的弱点呢？") + [tokenizer.get_command("<|assistant|>")]
+    tail = encode_message(tokenizer, "user", "", "那它的弱点呢？") + [tokenizer.get_command("<|assistant|>")]
     assert second[-len(tail):] == tail
 
 
-def test_prompt_mode_reads_the_ptuning_config_and_offers_the_tool(tiny, shared, tokenizer):
-    from format_tool_poke import POKEDEX_TOOL
-
+def test_prompt_mode_reads_the_ptuning_config_and_offers_the_tool(tiny, shared, tokenizer, capsys):
     pt = shared / "parity" / "tiny-ptuning"
-    result = run_script("--model", tiny, "--pt-checkpoint", pt, "--prompt", "皮卡丘是什么属性？", "--max-new-tokens", 5,
-                        "--greedy", "--tools", BUNDLED_TABLE, "--verbose")
-    assert result.returncode == 0, result.stderr
-    assert "pre_seq_len 4" in result.stderr
-    assert result.stdout.startswith(inference.ANSWER_PREFIX)
+    code = inference.main(["--model", str(tiny), "--pt-checkpoint", str(pt), "--prompt", "皮卡丘是什么属性？",
+                           "--max-new-tokens", "5", "--greedy", "--tools", str(BUNDLED_TABLE), "--verbose"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "pre_seq_len 4" in err
+    assert out.startswith(inference.ANSWER_PREFIX)
     # The system message carries the pokedex_lookup tool as the tool-calling training samples do.
-    history = inference.initial_history(None, [POKEDEX_TOOL])
-    assert debug_ids(result.stderr)[0] == inference.prompt_ids(tokenizer, "皮卡丘是什么属性？", history)
+    assert debug_ids(err)[0] == prompt_ids(tokenizer, [tool_system_message([POKEDEX_TOOL])], "皮卡丘是什么属性？")
 
 
+@pytest.mark.slow
 def test_interactive_chat_in_a_terminal(tiny, tokenizer):
     import os
     import pty
@@ -93,7 +95,7 @@ def test_interactive_chat_in_a_terminal(tiny, tokenizer):
     assert text.count(inference.ANSWER_PREFIX) == 2
     assert "Started a new conversation" in text and "empty lines are ignored" in text
     # After `clear` the second question starts a fresh conversation.
-    assert debug_ids(text)[1] == tokenizer.build_chat_input("那你呢")["input_ids"][0].tolist()
+    assert debug_ids(text)[1] == prompt_ids(tokenizer, [], "那你呢")
 
 
 def test_bad_model_flags_give_a_clear_error(tiny, shared, tmp_path, capsys):
@@ -110,7 +112,7 @@ def test_bad_model_flags_give_a_clear_error(tiny, shared, tmp_path, capsys):
     no_weights.mkdir()
     (no_weights / "config.json").write_text((tiny / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
     assert "no weights" in error("--model", no_weights, "--tokenizer", tiny)
-    assert "not found" in error("--model", tmp_path / "missing")
+    assert str(tmp_path / "missing") in error("--model", tmp_path / "missing")
     if not torch.cuda.is_available():
         assert "CUDA" in error("--model", tiny, "--device", "cuda")
     assert "empty" in error("--model", tiny, "--prompt", "  ")
@@ -137,15 +139,15 @@ def test_trim_history_drops_oldest_turns_and_keeps_the_system_prompt(tokenizer):
     turns = [("皮卡丘是什么属性？", "电属性。"), ("它的弱点呢？", "地面。"), ("杰尼龟呢？", "水属性，弱点是草和电。")]
     history = _history(turns)
     query = "妙蛙种子呢？"
-    full = len(inference.prompt_ids(tokenizer, query, history))
+    full = len(prompt_ids(tokenizer, history, query))
     assert inference.trim_history(tokenizer, query, history, "user", full) is history
 
     kept_last = _history(turns[-1:])
-    limit = len(inference.prompt_ids(tokenizer, query, kept_last))
+    limit = len(prompt_ids(tokenizer, kept_last, query))
     assert inference.trim_history(tokenizer, query, history, "user", limit) == kept_last
     assert inference.trim_history(tokenizer, query, history, "user", limit - 1) == _history([])
 
-    alone = len(inference.prompt_ids(tokenizer, query, _history([])))
+    alone = len(prompt_ids(tokenizer, _history([]), query))
     with pytest.raises(ChatGLMError, match="prompt too long"):
         inference.trim_history(tokenizer, query, history, "user", alone - 1)
 
@@ -157,7 +159,7 @@ def test_trim_history_keeps_the_current_turn_while_answering_an_observation(toke
     ]
     observation = json.dumps({"name": "胖丁"}, ensure_ascii=False)
     current = [history[0]] + history[3:]
-    limit = len(inference.prompt_ids(tokenizer, observation, current, "observation"))
+    limit = len(prompt_ids(tokenizer, current, observation, "observation"))
     assert inference.trim_history(tokenizer, observation, history, "observation", limit) == current
     with pytest.raises(ChatGLMError):
         inference.trim_history(tokenizer, observation, history, "observation", limit - 1)
@@ -166,7 +168,7 @@ def test_trim_history_keeps_the_current_turn_while_answering_an_observation(toke
 def test_initial_history_puts_the_tool_system_message_first(tokenizer):
     tools = [{"name": "pokedex_lookup", "parameters": {"type": "object"}}]
     history = inference.initial_history("你是宝可梦图鉴。", tools)
-    assert history[0] == {"role": "system", "content": inference.TOOL_SYSTEM_PROMPT, "tools": tools}
+    assert history[0] == tool_system_message(tools)
     assert history[1] == {"role": "system", "content": "你是宝可梦图鉴。"}
     assert inference.initial_history(None, None) == []
 
@@ -176,33 +178,7 @@ def test_initial_history_puts_the_tool_system_message_first(tokenizer):
 
 @pytest.fixture(scope="module")
 def pokedex():
-    return inference.PokedexTool(str(BUNDLED_TABLE))
-
-
-def test_tool_calls_are_parsed_without_eval_and_answered_from_the_table(pokedex, tmp_path):
-    import data_processing
-
-    call, _ = process_response("pokedex_lookup\n```python\ntool_call(name='皮卡丘')\n```", [])
-    assert call == {"name": "pokedex_lookup", "parameters": {"name": "皮卡丘"}}
-    observation = json.loads(pokedex(call))
-    assert observation == data_processing.lookup_pokemon(pokedex.table, "皮卡丘")
-    assert observation["属性"] == ["电"]
-
-    # The answer the tool-calling training samples teach for a name the table lacks.
-    assert "错误" in json.loads(pokedex({"name": "pokedex_lookup", "parameters": {"name": "星光狐"}}))
-    # Anything else is an error observation, never an exception.
-    for bad in ({"name": "weather", "parameters": {"city": "北京"}},
-                {"name": "pokedex_lookup", "parameters": {}},
-                {"name": "pokedex_lookup", "parameters": {"name": "皮卡丘", "level": 5}},
-                {"name": "pokedex_lookup", "parameters": {"name": 25}},
-                {"name": "pokedex_lookup", "content": "not a call"}):
-        assert set(json.loads(pokedex(bad))) == {"错误"}, bad
-
-    marker = tmp_path / "evaluated"
-    code = f"pokedex_lookup\n```python\ntool_call(name=__import__('pathlib').Path({str(marker)!r}).touch())\n```"
-    call, _ = process_response(code, [])
-    assert "parameters" not in call and not marker.exists()
-    assert "错误" in json.loads(pokedex(call))
+    return PokedexTool(str(BUNDLED_TABLE))
 
 
 def _tool_calling_model(shared):
@@ -239,10 +215,10 @@ def test_tool_loop_answers_the_call_and_bounds_the_rounds(shared, pokedex, capsy
                             max_prompt_tokens=400, tool=pokedex, display=display, max_tool_rounds=1)
     err = capsys.readouterr().err
     first, second = debug_ids(err)
-    assert first == inference.prompt_ids(tokenizer, "皮卡丘是什么属性？", history)
+    assert first == prompt_ids(tokenizer, history, "皮卡丘是什么属性？")
     # The second round sees the call and the observation from the table, and again asks for a reply.
     observation = json.dumps(json.loads(pokedex({"name": "pokedex_lookup", "parameters": {"name": "皮卡丘"}})),
                              ensure_ascii=False)
-    tail = tokenizer.build_single_message("observation", "", observation) + [tokenizer.get_command("<|assistant|>")]
+    tail = encode_message(tokenizer, "observation", "", observation) + [tokenizer.get_command("<|assistant|>")]
     assert second[:len(first)] == first and second[-len(tail):] == tail
     assert "pokedex_lookup" in err and "皮卡丘" in err  # the call and its observation are shown (stderr when piped)
