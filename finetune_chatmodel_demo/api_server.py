@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""OpenAI 兼容的 ChatGLM3 服务 / An OpenAI-compatible server for ChatGLM3, base or fine-tuned.
+
+  python api_server.py --model THUDM/chatglm3-6b [--pt-checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
+
+Serves `GET /v1/models`, `POST /v1/chat/completions` (streaming, tools) and a chat page at `/`. Requests that
+arrive together are decoded together (--max-batch); at most --max-queue wait, more are answered 503.
+Tool calls are returned to the client, never executed.
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from chatglm3 import ChatGLMError
+
+from cli import add_model_args, load_from_args
+
+PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"须是正整数 / must be a positive integer: {text!r}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(parser)
+    server = parser.add_argument_group("服务 / server")
+    server.add_argument("--host", default="127.0.0.1",
+                        help="监听地址，默认仅本机 / address to listen on (default: 127.0.0.1, this machine only)")
+    server.add_argument("--port", type=int, default=8000, help="端口 / port (default: 8000)")
+    server.add_argument("--api-key", default=os.environ.get("API_KEY"),
+                        help="要求 Authorization: Bearer KEY（默认读取环境变量 API_KEY）/ require this bearer key "
+                             "(default: $API_KEY; none: no key needed)")
+    server.add_argument("--served-model-name", default=None,
+                        help="客户端使用的模型名，默认为 --model 的目录名 / the model name clients use "
+                             "(default: the last part of --model)")
+    limits = parser.add_argument_group("限制 / limits")
+    limits.add_argument("--max-batch", type=positive_int, default=8,
+                        help="同时解码的请求数 / requests decoded together (default: 8)")
+    limits.add_argument("--max-queue", type=positive_int, default=16,
+                        help="排队请求数上限，超出返回 503 / requests waiting at most; more get 503 (default: 16)")
+    limits.add_argument("--max-tokens", type=positive_int, default=2048,
+                        help="单个请求最多生成的 token 数 / most new tokens one request may ask for (default: 2048)")
+    limits.add_argument("--max-messages", type=positive_int, default=128,
+                        help="单个请求的消息数上限 / most messages in one request (default: 128)")
+    limits.add_argument("--max-request-bytes", type=positive_int, default=1 << 20,
+                        help="请求体字节数上限 / largest request body in bytes (default: 1048576)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import uvicorn
+
+    from chatglm3.conversation import stop_token_ids
+    from chatglm3.openai_api import Limits, create_app
+    from chatglm3.serving import Engine
+
+    try:
+        model, tokenizer = load_from_args(args)
+    except ChatGLMError as e:
+        print(e, file=sys.stderr)
+        return 2
+    engine = Engine(model, stop_token_ids(tokenizer), max_batch=args.max_batch, max_queue=args.max_queue)
+    name = args.served_model_name or Path(args.model.rstrip("/\\")).name
+    limits = Limits(max_request_bytes=args.max_request_bytes, max_messages=args.max_messages, max_tokens=args.max_tokens)
+    app = create_app(engine, tokenizer, name, model.config.seq_length, limits, api_key=args.api_key, page=PAGE)
+    print(f"服务地址 / serving {name!r} at http://{args.host}:{args.port}/ (API: /v1)", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
