@@ -21,7 +21,6 @@ import contextlib
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 
@@ -207,8 +206,6 @@ def check_args(args: argparse.Namespace) -> None:
                            f"Error: --temperature must be > 0 (got {args.temperature}); use --greedy instead")
     if not 0 < args.top_p <= 1:
         raise ChatGLMError(f"错误：--top-p 必须在 (0, 1] 内 / Error: --top-p must be in (0, 1] (got {args.top_p})")
-    if args.tools is not None and not Path(args.tools).is_file():
-        raise ChatGLMError(f"错误：找不到工具数据表 {args.tools} / Error: tool table {args.tools} not found")
 
 
 def generation_kwargs(args: argparse.Namespace) -> Dict:
