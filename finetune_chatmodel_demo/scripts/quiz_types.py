@@ -9,12 +9,14 @@ import json
 import sys
 from pathlib import Path
 
-
 DEMO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(DEMO))
-sys.path.insert(0, str(DEMO.parent / "data_processing"))
 
-from chatglm3 import ChatGLMError, load_model_and_tokenizer  # noqa: E402
+from chatglm3 import ChatGLMError  # noqa: E402
+from chatglm3.batch import generate_replies  # noqa: E402
+from chatglm3.conversation import prompt_ids  # noqa: E402
+from cli import add_model_args, load_from_args  # noqa: E402
+from pokedex import load_table  # noqa: E402
 
 QUESTION = "{}是什么属性的？"
 
@@ -26,10 +28,8 @@ def names_in(data_file: Path, names: list[str]) -> list[str]:
 
 
 def ask(model, tokenizer, questions: list[str], batch_size: int = 16, max_new_tokens: int = 32) -> list[str]:
-    """Greedy answers to single-turn questions, batched with left padding (evaluate.py's generation)."""
-    from evaluate import generate_replies
-
-    prompts = [tokenizer.build_chat_input(q)["input_ids"][0].tolist() for q in questions]
+    """Greedy answers to single-turn questions."""
+    prompts = [prompt_ids(tokenizer, [], q) for q in questions]
     return generate_replies(model, tokenizer, prompts, batch_size, {"max_new_tokens": max_new_tokens, "do_sample": False},
                             progress=False)
 
@@ -42,11 +42,8 @@ def quiz(model, tokenizer, rows: list) -> tuple[float, list[dict]]:
 
 
 def main(argv=None) -> int:
-    from data_processing import DataError, load_table
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="模型目录 / model directory (base or full fine-tuned)")
-    p.add_argument("--pt-checkpoint", default=None, help="P-Tuning v2 检查点 / P-Tuning v2 checkpoint directory")
+    add_model_args(p)
     p.add_argument("--data", required=True, type=Path, help="训练对话 JSON/JSONL，决定考哪些宝可梦 / conversations naming the Pokémon to quiz")
     p.add_argument("--table", default=str(DEMO.parent / "data_processing" / "data.csv"), help="宝可梦表格（标准答案）/ Pokémon table with the true types")
     p.add_argument("--show", type=int, default=5, help="打印几条问答 / answers to print beside the facts")
@@ -60,8 +57,8 @@ def main(argv=None) -> int:
         rows = [by_name[n] for n in names_in(a.data, list(by_name))]
         if not rows:
             raise ChatGLMError(f"{a.data}: 没有提到表格里的任何宝可梦 / names no Pokémon of {a.table}")
-        model, tokenizer = load_model_and_tokenizer(a.model, pt_checkpoint=a.pt_checkpoint)
-    except (ChatGLMError, DataError) as e:
+        model, tokenizer = load_from_args(a)
+    except ChatGLMError as e:
         print(f"错误 / Error: {e}", file=sys.stderr)
         return 1
     accuracy, results = quiz(model, tokenizer, rows)
