@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatglm3.errors import ChatGLMError
-from pokemon_types import TYPES, UnknownTypeError, clean_text, effectiveness, split_types, weaknesses
+from pokemon_types import UnknownTypeError, clean_text, split_types, weaknesses
 
-__all__ = ["TYPES", "split_types", "weaknesses", "effectiveness", "clean_text", "TableError", "PokemonRow",
-           "PokemonTable", "read_text", "load_table", "format_report", "lookup_pokemon", "POKEDEX_TOOL",
-           "PokedexTool"]
+__all__ = ["split_types", "weaknesses", "clean_text", "TableError", "PokemonRow", "PokemonTable", "read_text",
+           "load_table", "format_report", "lookup_pokemon", "POKEDEX_TOOL", "PokedexTool"]
 
 # Column roles and their default header names (the original project's schema).
 COLUMNS = {"name": "姓名", "types": "属性", "weaknesses": "弱点", "ability": "特征", "description": "数据"}

@@ -14,8 +14,8 @@ import format_tool_poke as ftp_cli
 import pokedex
 from chatglm3 import ChatGLMError
 from chatglm3.data import check_conversation
-from pokedex import TYPES, PokedexTool, TableError, effectiveness, load_table, lookup_pokemon, split_types, weaknesses
-from pokemon_types import UnknownTypeError
+from pokedex import PokedexTool, TableError, load_table, lookup_pokemon
+from pokemon_types import TYPES, UnknownTypeError, clean_text, effectiveness, split_types, weaknesses
 
 REPO = Path(__file__).resolve().parents[1]
 DP_SCRIPT = REPO / "data_processing" / "data_processing.py"
@@ -233,7 +233,7 @@ def test_seed_table_every_row_accounted_for(shared, tmp_path, cli):
     assert len(samples) + len(skipped) == len(raw) == 1050
     named = {first_user(s) for s in samples}
     for line, row in enumerate(raw, 2):
-        name = pokedex.clean_text(row[0])
+        name = clean_text(row[0])
         assert line == 479 or any(name in q for q in named), name
 
 
