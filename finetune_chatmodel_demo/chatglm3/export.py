@@ -1,0 +1,109 @@
+"""Exporting a complete model folder: a base or full fine-tuning checkpoint, optionally with a LoRA adapter merged
+into its weights, in upstream's ChatGLM3 layout (the layout of a full fine-tuning checkpoint) or as transformers'
+built-in GLM (`hf_glm`). The folder is written next to its destination under a temporary name and renamed at
+the end, so a failed export leaves nothing behind."""
+import json
+import os
+import shutil
+from pathlib import Path
+
+from . import hf_glm
+from .checkpoint import parse_dtype, read_config
+from .compat import config_dtype
+from .configuration import ChatGLMConfig
+from .errors import ChatGLMError
+from .loading import load_model_and_tokenizer, read_ptuning_config
+
+FORMATS = ("chatglm", "hf-glm")
+PTUNING_CANNOT_MERGE = (
+    "P-Tuning v2 的前缀是每层注意力前额外的键值，不是对权重的修改，无法合并进模型；请用 inference.py --pt-checkpoint DIR"
+    "（或 api_server.py 的同名参数）加载 / a P-Tuning v2 prefix is extra keys and values in front of every layer's "
+    "attention, not a change of any weight, so it cannot be merged: serve it with inference.py --pt-checkpoint DIR "
+    "(or api_server.py's flag of the same name)"
+)
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _check_folder(path: Path, zh: str, en: str) -> None:
+    if not path.is_dir():
+        raise ChatGLMError(f"找不到{zh}目录 / {en} folder not found: {path}")
+    if read_ptuning_config(path).get("pre_seq_len"):
+        raise ChatGLMError(f"{path}: 这是 P-Tuning v2 检查点 / this is a P-Tuning v2 checkpoint. {PTUNING_CANNOT_MERGE}")
+
+
+def check_inputs(model_dir: Path, adapter_dir, out: Path, force: bool) -> None:
+    """Everything that can be told before loading: folders exist, none is P-Tuning, the output is free."""
+    _check_folder(model_dir, "模型", "model")
+    if adapter_dir is not None:
+        _check_folder(adapter_dir, "适配器", "adapter")
+        if not (adapter_dir / ADAPTER_CONFIG).is_file():
+            raise ChatGLMError(f"{adapter_dir}: 缺少 {ADAPTER_CONFIG}，不是 LoRA 适配器 / no {ADAPTER_CONFIG}: not a LoRA adapter (PEFT format)")
+    for source in filter(None, (model_dir, adapter_dir)):
+        if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
+            raise ChatGLMError(f"{out}: 输出目录包含输入 {source}，不能覆盖 / the output folder holds the input {source}: choose another --output")
+    if out.exists() and not out.is_dir():
+        raise ChatGLMError(f"{out}: 已存在且不是目录 / exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ChatGLMError(f"{out}: 目录非空；加 --force 覆盖 / the folder is not empty: pass --force to replace it")
+
+
+def merge_lora(model, adapter_dir: Path):
+    """`model` with the LoRA adapter's low-rank updates added into its weights (PEFT's merge_and_unload)."""
+    from peft import PeftConfig, PeftModel
+
+    config = PeftConfig.from_pretrained(str(adapter_dir))
+    if config.peft_type != "LORA":
+        raise ChatGLMError(f"{adapter_dir}: 只能合并 LoRA 适配器，这是 {config.peft_type} / only LoRA adapters can be merged, this is {config.peft_type}")
+    # Merging needs none of the generation hooks of PEFT's task classes: load it as a plain PeftModel.
+    config.task_type = None
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter_dir), config=config)
+    except (RuntimeError, ValueError, KeyError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
+        raise ChatGLMError(f"{adapter_dir}: 适配器与基座模型不匹配 / the adapter does not fit this base model: {reason}") from None
+    return merged.merge_and_unload()
+
+
+def _record_dtype(config_file: Path, dtype) -> None:
+    """config.json says the dtype the weights were written in (the loaded config says the source's)."""
+    data = json.loads(config_file.read_text(encoding="utf-8"))
+    data["dtype"] = data["torch_dtype"] = str(dtype).replace("torch.", "")
+    config_file.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_model(model, tokenizer, folder: Path, fmt: str, max_shard_size) -> None:
+    if fmt == "hf-glm":
+        hf_glm.save(model, tokenizer, folder, max_shard_size=max_shard_size)
+        return
+    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    _record_dtype(folder / "config.json", model.get_input_embeddings().weight.dtype)
+    tokenizer.save_pretrained(str(folder))
+
+
+def export(model_dir, out, fmt: str = "chatglm", adapter_dir=None, dtype=None, force: bool = False,
+           max_shard_size="2GB") -> Path:
+    """Writes the model folder `out`; `dtype` defaults to the checkpoint's own (config.json), else float32."""
+    if fmt not in FORMATS:
+        raise ChatGLMError(f"未知格式 / unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    model_dir, out = Path(model_dir), Path(out)
+    adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+    check_inputs(model_dir, adapter_dir, out, force)
+    config = read_config(model_dir)
+    if fmt == "hf-glm":
+        hf_glm.check_convertible(ChatGLMConfig.from_dict(config))
+    dtype = parse_dtype(dtype or config_dtype(config) or "float32")
+    model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu", dtype=dtype)
+    if adapter_dir is not None:
+        model = merge_lora(model, adapter_dir)
+    staging = out.parent / f".{out.name}.export-{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
+    staging.mkdir(parents=True)
+    try:
+        write_model(model, tokenizer, staging, fmt, max_shard_size)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
