@@ -18,7 +18,6 @@ float32 weights and takes --bf16/--fp16 (mixed precision, or DeepSpeed's) as usu
 `--resume_from_checkpoint true` continues from the newest complete checkpoint-N in --output_dir (or starts
 fresh when there is none); a path continues from that checkpoint. Optimizer, scheduler and RNG are restored.
 """
-import inspect
 import logging
 import os
 import sys
@@ -33,32 +32,28 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed  #
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
 from arguments import ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments  # noqa: E402
-from chatglm3 import ChatGLMError, ChatGLMForConditionalGeneration, ChatGLMTokenizer  # noqa: E402
-from chatglm3 import load_ptuning_checkpoint  # noqa: E402
+from chatglm3 import ChatGLMError, compat, loading  # noqa: E402
+from chatglm3.data import Records, load_conversations, load_input_output  # noqa: E402
 import preprocess_utils  # noqa: E402
 from trainer import PrefixTrainer, find_last_checkpoint  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
-# Errors that carry a message for the user: printed without a traceback, exit status 1.
-# (preprocess_utils.DataFormatError is a ChatGLMError.)
+# Errors that carry a message for the user: printed without a traceback, exit status 1
+# (chatglm3.data.DataFormatError is a ChatGLMError).
 USER_ERRORS = (ArgumentsError, ChatGLMError)
 
 
-def parse_args():
-    # finetune.py handles --gradient_checkpointing itself (see main), so transformers 5's rename warning is noise.
-    warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
+def parse_args(argv=None):
+    compat.silence_renamed_flag_warnings()
     # Printed once per collective by DeepSpeed's CPU path; says nothing actionable to a user.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments))
-    if len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(sys.argv[1]))
-    args = sys.argv[1:]
-    # transformers 5 replaced --group_by_length (batches of similar lengths, less padding) by
-    # --train_sampling_strategy group_by_length; accept the old flag on either version.
-    if "--group_by_length" in args and "group_by_length" not in Seq2SeqTrainingArguments.__dataclass_fields__:
-        args = [a for a in args if a != "--group_by_length"] + ["--train_sampling_strategy", "group_by_length"]
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=args, return_remaining_strings=True)
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    argv = compat.training_argv(argv, Seq2SeqTrainingArguments.__dataclass_fields__)
+    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:
         parser.print_usage(sys.stderr)
         print(
@@ -103,14 +98,6 @@ def resolve_resume(training_args):
             "training checkpoint (no trainer_state.json); pass true to use the newest one in --output_dir"
         )
     return path
-
-
-def choose_dtype(pre_seq_len) -> torch.dtype:
-    """P-Tuning v2 freezes the base model, so it can sit in half precision; full fine-tuning keeps float32
-    master weights (mixed precision or DeepSpeed handle the half-precision compute)."""
-    if pre_seq_len is None or not torch.cuda.is_available():
-        return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def check_quantization(model_args):
@@ -161,17 +148,15 @@ def quantize_frozen_linears(model, bits: int, compute_dtype: torch.dtype):
 
 
 def read_and_tokenize(path, data_args, tokenizer, training_args, limit=None):
-    """Load, check and tokenize one data file, once. preprocess_utils names file:line in its errors and
-    prints how many samples were truncated or dropped (and why)."""
+    """Load, check and tokenize one data file, once. Errors name file:line; the dataset prints how many samples
+    were truncated or dropped (and why)."""
     verbose = is_main_process(training_args)
-    if data_args.train_format == "multi-turn":
-        records = preprocess_utils.load_conversations(path)
-    else:
-        records = preprocess_utils.load_input_output(path)
+    multi_turn = data_args.train_format == "multi-turn"
+    records = (load_conversations if multi_turn else load_input_output)(path)
     if limit is not None and limit < len(records):
         main_print(training_args, f"只使用 {path} 的前 {limit} 条样本 / Using the first {limit} samples of {path}")
-        records = preprocess_utils.Records(records[:limit], records.locations[:limit])
-    if data_args.train_format == "multi-turn":
+        records = Records(records[:limit], records.locations[:limit])
+    if multi_turn:
         dataset = preprocess_utils.MultiTurnDataset(records, tokenizer, data_args.max_seq_length, verbose=verbose)
     else:
         dataset = preprocess_utils.InputOutputDataset(
@@ -195,48 +180,30 @@ def setup_logging(training_args):
     transformers.utils.logging.enable_explicit_format()
 
 
-def configure_evaluation(training_args, data_args):
-    # transformers renamed evaluation_strategy to eval_strategy in 4.41.
-    attr = "eval_strategy" if hasattr(training_args, "eval_strategy") else "evaluation_strategy"
-    strategy = IntervalStrategy(getattr(training_args, attr))
-    if data_args.validation_file is None:
-        if strategy != IntervalStrategy.NO:
-            raise ArgumentsError(
-                f"错误：--{attr} {strategy.value} 需要 --validation_file / "
-                f"Error: --{attr} {strategy.value} needs --validation_file"
-            )
-        return
-    if strategy == IntervalStrategy.NO:
-        setattr(training_args, attr, IntervalStrategy.STEPS)
-        training_args.eval_steps = training_args.eval_steps or training_args.save_steps
-    training_args.do_eval = True
-
-
-def main():
-    model_args, data_args, training_args = parse_args()
-    check_arguments(model_args, data_args)
-    check_quantization(model_args)
-    configure_evaluation(training_args, data_args)
-    resume = resolve_resume(training_args)
-    setup_logging(training_args)
-
-    # Our dataset items are plain dicts for our collator; the model's forward takes **kwargs, so the Trainer
-    # cannot guess which columns it uses.
+def configure_training(training_args, data_args) -> bool:
+    """Evaluation follows --validation_file; settings our model and datasets need. Returns whether activation
+    recomputation was asked for (the model's own switch does it, see compat.take_gradient_checkpointing)."""
+    strategy = IntervalStrategy(training_args.eval_strategy)
+    if data_args.validation_file is None and strategy != IntervalStrategy.NO:
+        raise ArgumentsError(
+            f"错误：--eval_strategy {strategy.value} 需要 --validation_file / "
+            f"Error: --eval_strategy {strategy.value} needs --validation_file"
+        )
+    if data_args.validation_file is not None:
+        if strategy == IntervalStrategy.NO:
+            training_args.eval_strategy = IntervalStrategy.STEPS
+            training_args.eval_steps = training_args.eval_steps or training_args.save_steps
+        training_args.do_eval = True
+    # Dataset items are plain dicts for our collator, and forward takes **kwargs, so the Trainer cannot guess
+    # which columns the model uses.
     training_args.remove_unused_columns = False
     training_args.label_names = ["labels"]
     training_args.prediction_loss_only = True  # the model returns no logits with labels (memory)
     training_args.ddp_find_unused_parameters = False
-    # The model's own (non-reentrant) checkpointing switch; the Trainer's hook differs between releases.
-    # (transformers 5 calls it activation_checkpointing; both names are switched off for the Trainer.)
-    gradient_checkpointing = bool(
-        training_args.gradient_checkpointing or getattr(training_args, "activation_checkpointing", False)
-    )
-    training_args.gradient_checkpointing = False
-    if hasattr(training_args, "activation_checkpointing"):
-        training_args.activation_checkpointing = False
+    return compat.take_gradient_checkpointing(training_args)
 
-    set_seed(training_args.seed)
 
+def load_tokenizer(model_args):
     if not os.path.isdir(model_args.model_name_or_path):
         raise ArgumentsError(
             f"错误：找不到基座模型目录 {model_args.model_name_or_path}。请先下载 THUDM/chatglm3-6b 的权重，"
@@ -244,79 +211,81 @@ def main():
             f"{model_args.model_name_or_path} not found. Download the THUDM/chatglm3-6b weights and point "
             "--model_name_or_path (BASE_MODEL_PATH in the launchers) at that directory"
         )
-    tokenizer = ChatGLMTokenizer.from_pretrained(model_args.tokenizer_name or model_args.model_name_or_path)
+    return loading.load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
 
-    # Data first: a bad file fails in seconds, before gigabytes of weights are read.
-    train_dataset = read_and_tokenize(
-        data_args.train_file, data_args, tokenizer, training_args, data_args.max_train_samples
-    )
-    eval_dataset = None
-    if data_args.validation_file is not None:
-        eval_dataset = read_and_tokenize(
-            data_args.validation_file, data_args, tokenizer, training_args, data_args.max_eval_samples
-        )
 
-    dtype = choose_dtype(model_args.pre_seq_len)
-    overrides = {}
-    if model_args.pre_seq_len is not None:
-        overrides = {"pre_seq_len": model_args.pre_seq_len, "prefix_projection": model_args.prefix_projection}
-    model = ChatGLMForConditionalGeneration.from_pretrained(
-        model_args.model_name_or_path, torch_dtype=dtype, **overrides
+def load_model(model_args, tokenizer, training_args, gradient_checkpointing: bool):
+    """On the CPU (the Trainer or DeepSpeed places it). P-Tuning v2 freezes the base model, so it can sit in half
+    precision on a GPU; full fine-tuning keeps float32 master weights (AMP or DeepSpeed compute in half)."""
+    pt = model_args.pre_seq_len is not None
+    dtype = loading.resolve_dtype(None, loading.default_device()) if pt else torch.float32
+    model = loading.load_model(
+        model_args.model_name_or_path, tokenizer, pt_checkpoint=model_args.ptuning_checkpoint,
+        pre_seq_len=model_args.pre_seq_len, prefix_projection=model_args.prefix_projection if pt else None,
+        device="cpu", dtype=dtype,
     )
     if model_args.ptuning_checkpoint is not None:
-        load_ptuning_checkpoint(model, model_args.ptuning_checkpoint)
         main_print(training_args, f"已加载 P-Tuning 前缀 / Loaded the prefix from {model_args.ptuning_checkpoint}")
     if model_args.quantization_bit is not None:
         model = quantize_frozen_linears(model, model_args.quantization_bit, dtype)
         main_print(training_args, f"已量化为 {model_args.quantization_bit} 比特 / Quantized to {model_args.quantization_bit} bit")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    model.train()
-
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     main_print(
         training_args,
-        f"{'P-Tuning v2' if model_args.pre_seq_len else '全参数微调 / full fine-tuning'}: "
+        f"{'P-Tuning v2' if pt else '全参数微调 / full fine-tuning'}: "
         f"可训练参数 / trainable parameters {trainable:,} / {total:,}; 权重精度 / weights {dtype}",
     )
+    return model.train()
 
+
+def make_collator(data_args, tokenizer, train_dataset):
     if data_args.packing:
-        collator = preprocess_utils.DataCollatorForPacking(tokenizer)
-    else:
-        collator = preprocess_utils.DataCollatorForChatGLM(
-            tokenizer,
-            padding="max_length" if data_args.pad_to_max_length else "longest",
-            max_length=train_dataset.max_seq_length,
-        )
+        return preprocess_utils.DataCollatorForPacking(tokenizer)
+    return preprocess_utils.DataCollatorForChatGLM(
+        tokenizer, padding="max_length" if data_args.pad_to_max_length else "longest",
+        max_length=train_dataset.max_seq_length,
+    )
 
-    trainer_kwargs = dict(
-        model=model,
-        args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        data_collator=collator,
+
+def train(model_args, data_args, training_args):
+    check_arguments(model_args, data_args)
+    check_quantization(model_args)
+    gradient_checkpointing = configure_training(training_args, data_args)
+    resume = resolve_resume(training_args)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    tokenizer = load_tokenizer(model_args)
+    # Data first: a bad file fails in seconds, before gigabytes of weights are read.
+    train_dataset = read_and_tokenize(data_args.train_file, data_args, tokenizer, training_args, data_args.max_train_samples)
+    eval_dataset = None
+    if data_args.validation_file is not None:
+        eval_dataset = read_and_tokenize(data_args.validation_file, data_args, tokenizer, training_args, data_args.max_eval_samples)
+    model = load_model(model_args, tokenizer, training_args, gradient_checkpointing)
+
+    trainer = PrefixTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=make_collator(data_args, tokenizer, train_dataset), processing_class=tokenizer,
         save_prefix_only=model_args.pre_seq_len is not None,
     )
-    # transformers >= 4.46 calls it processing_class; older releases tokenizer.
-    if "processing_class" in inspect.signature(transformers.Trainer.__init__).parameters:
-        trainer_kwargs["processing_class"] = tokenizer
-    else:
-        trainer_kwargs["tokenizer"] = tokenizer
-    trainer = PrefixTrainer(**trainer_kwargs)
-
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     trainer.save_state()
-    main_print(
-        training_args,
-        f"训练完成，模型保存在 / Training finished, model saved to {os.path.abspath(training_args.output_dir)}",
-    )
+    main_print(training_args, f"训练完成，模型保存在 / Training finished, model saved to {os.path.abspath(training_args.output_dir)}")
+
+
+def main(argv=None) -> int:
+    """finetune.py's command line (sys.argv when argv is None); bad input: one line on stderr, exit status 1."""
+    try:
+        train(*parse_args(argv))
+    except USER_ERRORS as err:
+        print(err, file=sys.stderr, flush=True)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except USER_ERRORS as err:
-        print(err, file=sys.stderr, flush=True)
-        sys.exit(1)
+    sys.exit(main())

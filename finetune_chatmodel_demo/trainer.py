@@ -4,8 +4,8 @@
   `pytorch_model.bin` with `transformer.prefix_encoder.*` (float32) and `config.json` with `pre_seq_len` /
   `prefix_projection`, plus the tokenizer files. Upstream's inference.py loads it unchanged.
 - Full fine-tuning: the whole model via `model.save_pretrained` (sharded safetensors, upstream tensor names).
-- Resuming a prefix-only checkpoint loads the prefix strictly (the Trainer's default would load it
-  non-strictly and warn about every frozen tensor).
+- Resuming a prefix-only checkpoint loads the prefix strictly, with chatglm3.loading's P-Tuning loader (the
+  Trainer's default would load it non-strictly and warn about every frozen tensor).
 - Logs tokens per second: all real (non-padding) tokens and labelled tokens, summed over all processes.
 """
 import os
@@ -19,9 +19,12 @@ import torch.distributed as dist
 from transformers import Seq2SeqTrainer
 from transformers.utils import logging
 
+from chatglm3.checkpoint import PREFIX_KEY
+from chatglm3.errors import ChatGLMError
+from chatglm3.loading import load_ptuning_checkpoint
+
 logger = logging.get_logger(__name__)
 
-PREFIX_KEY = "transformer.prefix_encoder."
 WEIGHTS_NAME = "pytorch_model.bin"
 TRAINING_ARGS_NAME = "training_args.bin"
 # The Trainer writes trainer_state.json last: a checkpoint without it was cut short (e.g. the run was killed).
@@ -56,7 +59,7 @@ def prefix_state_dict(model, state_dict: Optional[Dict[str, torch.Tensor]] = Non
         state_dict = model.state_dict()
     prefix = {k: v.detach().float().cpu().contiguous() for k, v in state_dict.items() if k.startswith(PREFIX_KEY)}
     if not prefix:
-        raise ValueError(f"模型中没有 P-Tuning 前缀参数 / The model has no P-Tuning prefix ({PREFIX_KEY}*)")
+        raise ChatGLMError(f"模型中没有 P-Tuning 前缀参数 / The model has no P-Tuning prefix ({PREFIX_KEY}*)")
     return prefix
 
 
@@ -64,10 +67,6 @@ class PrefixTrainer(Seq2SeqTrainer):
     def __init__(self, *args, save_prefix_only: bool = False, **kwargs):
         self.save_prefix_only = save_prefix_only
         super().__init__(*args, **kwargs)
-        # ChatGLM3's forward takes **kwargs, which makes transformers >= 4.46 believe the model divides its loss
-        # by the token count of the whole accumulated batch, and skip the 1/gradient_accumulation_steps scaling.
-        # Our model returns the mean over its micro-batch, so keep the classic scaling.
-        self.model_accepts_loss_kwargs = False
         self._tokens = torch.zeros(2, dtype=torch.float64)  # [all real tokens, labelled tokens] since last log
         self._last_log_time: Optional[float] = None
 
@@ -94,36 +93,16 @@ class PrefixTrainer(Seq2SeqTrainer):
                 model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
         finally:
             model.config.use_cache = use_cache
-        tokenizer = getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self.save_prefix_only:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        path = os.path.join(resume_from_checkpoint, WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"错误：检查点 {resume_from_checkpoint} 中没有 {WEIGHTS_NAME} / "
-                f"Error: checkpoint {resume_from_checkpoint} has no {WEIGHTS_NAME}"
-            )
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        prefix = {k[len(PREFIX_KEY):]: v for k, v in saved.items() if k.startswith(PREFIX_KEY)}
-        if len(prefix) != len(saved):
-            raise ValueError(
-                f"错误：{path} 不是 P-Tuning 检查点（含有前缀以外的参数）/ "
-                f"Error: {path} is not a P-Tuning checkpoint (it holds more than the prefix)"
-            )
-        try:
-            model.transformer.prefix_encoder.load_state_dict(prefix, strict=True)
-        except RuntimeError as err:
-            raise ValueError(
-                f"错误：{path} 的前缀与当前设置（--pre_seq_len/--prefix_projection）不符 / "
-                f"Error: the prefix in {path} does not match --pre_seq_len/--prefix_projection: {err}"
-            ) from None
-        logger.info(f"Loaded the P-Tuning prefix from {path}")
+        load_ptuning_checkpoint(model, resume_from_checkpoint)
+        logger.info(f"Loaded the P-Tuning prefix from {resume_from_checkpoint}")
 
     # ---- tokens per second ----------------------------------------------------------------------------------
     def training_step(self, model, inputs, *args, **kwargs):

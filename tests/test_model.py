@@ -134,6 +134,57 @@ def test_load_in_half_precision(tmp_path):
         assert logits.dtype == dtype and torch.isfinite(logits.float()).all()
 
 
+def test_auto_dtype_is_the_dtype_config_json_records(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "float32"  # both names, for transformers 4 and 5 readers
+    assert ChatGLMForConditionalGeneration.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.float32
+    for key in ("dtype", "torch_dtype"):
+        (tmp_path / "config.json").write_text(json.dumps({**{k: v for k, v in config.items() if k not in ("dtype", "torch_dtype")}, key: "bfloat16"}))
+        assert ChatGLMForConditionalGeneration.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.bfloat16
+        assert ChatGLMForConditionalGeneration.from_pretrained(tmp_path, dtype="auto").dtype == torch.bfloat16
+    del config["dtype"], config["torch_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert ChatGLMForConditionalGeneration.from_pretrained(tmp_path, torch_dtype="auto").dtype == torch.float32
+
+
+def test_the_chatglm3_package_has_no_import_cycle():
+    """Every module's imports of its siblings (also those inside functions), as a graph without a cycle."""
+    import ast
+    from pathlib import Path
+
+    package = Path(chatglm3.__file__).parent
+    modules = {f.stem for f in package.glob("*.py")}
+    graph = {}
+    for name in modules:
+        deps = set()
+        for node in ast.walk(ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("chatglm3")):
+                module = (node.module or "").removeprefix("chatglm3").lstrip(".")
+                # `from . import x` and `from chatglm3 import x` name a module, or something of __init__'s.
+                deps |= {module.split(".")[0]} if module else {a.name if a.name in modules else "__init__" for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("chatglm3.")}
+        graph[name] = deps - {name}
+    assert graph["checkpoint"] <= {"compat", "configuration", "errors"}
+    assert not {"loading", "__init__"} & (graph["model"] | graph["tokenizer"] | graph["conversation"])
+    done, path = set(), []
+
+    def visit(name):
+        assert name not in path, f"import cycle: {' -> '.join(path[path.index(name):] + [name])}"
+        if name in done:
+            return
+        path.append(name)
+        for dep in sorted(graph[name]):
+            visit(dep)
+        path.pop()
+        done.add(name)
+
+    for name in sorted(modules):
+        visit(name)
+
+
 def test_load_errors_name_file_and_key(tmp_path):
     with pytest.raises(ChatGLMError, match="not found"):
         ChatGLMForConditionalGeneration.from_pretrained(tmp_path / "nope")

@@ -175,3 +175,80 @@ def test_bad_tokenizer_file_is_a_clear_error(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"not a sentencepiece model")
     with pytest.raises(ChatGLMError, match="SentencePiece"):
         ChatGLMTokenizer.from_pretrained(str(tmp_path))
+
+
+# --- the chat format (chatglm3.conversation): one layout for training and generation ------------------------------
+MULTI_CALL_SAMPLES = [
+    {"tools": [{"name": "pokedex_lookup", "parameters": {"name": "string"}}, {"name": "type_chart", "description": "倍率"}],
+     "conversations": [
+         {"role": "system", "content": "你是宝可梦图鉴。"},
+         {"role": "user", "content": "皮卡丘和妙蛙种子是什么属性？"},
+         {"role": "tool", "name": "pokedex_lookup", "parameters": {"name": "皮卡丘"}, "observation": {"types": ["电"]}},
+         {"role": "tool", "name": "pokedex_lookup", "parameters": {"name": "妙蛙种子", "level": 5}, "observation": "草/毒"},
+         {"role": "assistant", "content": "皮卡丘是电属性，妙蛙种子是草/毒属性。"},
+         {"role": "user", "content": "电打草几倍？"},
+         {"role": "tool", "name": "type_chart", "parameters": {"attack": "电", "defend": ["草", "毒"]}, "observation": {"x": 0.5}},
+         {"role": "assistant", "content": "0.5 倍。", "loss": False},
+         {"role": "user", "content": "谢谢"},
+         {"role": "assistant", "content": "不客气！"},
+     ]},
+    {"conversations": [{"role": "user", "content": "hi <|user|>"}, {"role": "assistant", "content": "Hello!"},
+                       {"role": "observation", "content": "{}"}, {"role": "assistant", "content": "ok"}]},
+]
+
+
+@pytest.mark.parametrize("which", ["real", "tiny"])
+def test_prompt_for_every_prefix_equals_the_training_ids(request, which):
+    from chatglm3.conversation import encode_sample, prompt_ids, sample_to_messages
+
+    tokenizer = request.getfixturevalue("real_tokenizer" if which == "real" else "tiny")
+    assistant = tokenizer.get_command("<|assistant|>")
+    checked = 0
+    for sample in MULTI_CALL_SAMPLES:
+        ids, labels = encode_sample(tokenizer, sample)
+        messages = sample_to_messages(sample)
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            prompt = prompt_ids(tokenizer, messages[:k])
+            assert prompt == ids[:len(prompt)], (k, message)
+            assert prompt[-1] == assistant
+            # The same prompt from upstream's (history, query) form, and the reply is learnt exactly when it has loss.
+            before = messages[k - 1]
+            if "metadata" not in before:
+                assert prompt_ids(tokenizer, messages[:k - 1], before["content"], before["role"]) == prompt
+            assert (labels[len(prompt)] != -100) == message["loss"]
+            checked += 1
+    assert checked == 8
+
+
+def test_tool_calls_format_and_parse_back():
+    from chatglm3.conversation import format_tool_call, parse_tool_call
+
+    parameters = {"name": "皮卡丘", "level": 5, "tags": ["a", "b"], "shiny": False, "note": "it's \"quoted\"\n"}
+    text = format_tool_call(parameters)
+    assert text == "```python\ntool_call(name='皮卡丘', level=5, tags=['a', 'b'], shiny=False, note='it\\'s \"quoted\"\\n')\n```"
+    assert parse_tool_call(text) == parameters
+
+
+@pytest.mark.parametrize("text", [
+    "tool_call(a=" + "-" * 5000 + "1)",  # RecursionError inside Python's parser
+    "tool_call(a=" + "not " * 30000 + "1)",  # MemoryError inside Python's parser
+    "tool_call(a=" + "(" * 300 + "1" + ")" * 300 + ")",
+    "tool_call(a='" + "x" * 30000 + "')",
+    "tool_call(a=1)\x00",
+])
+def test_pathological_tool_calls_raise_value_error(text):
+    from chatglm3.conversation import parse_tool_call, process_response
+
+    with pytest.raises(ValueError, match="not a tool call"):
+        parse_tool_call(text)
+    response, _ = process_response("pokedex_lookup\n" + text, [])
+    assert response == {"name": "pokedex_lookup", "content": text}
+
+
+def test_stop_ids_are_eos_user_and_observation(real_tokenizer, tokenizer_golden):
+    from chatglm3.conversation import stop_token_ids
+
+    special = tokenizer_golden["special"]
+    assert stop_token_ids(real_tokenizer) == [2, special["<|user|>"], special["<|observation|>"]]

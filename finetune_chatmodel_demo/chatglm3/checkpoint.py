@@ -191,7 +191,7 @@ def save_pretrained(model, save_directory, state_dict=None, safe_serialization=T
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = ["ChatGLMForConditionalGeneration"]
     model.config.save_pretrained(out)
-    compat.add_torch_dtype(out / "config.json")
+    compat.record_dtype(out / "config.json", model.get_input_embeddings().weight.dtype)
     if state_dict is None:
         state_dict = model.state_dict()
     state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}

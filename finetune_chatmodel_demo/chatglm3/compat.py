@@ -1,6 +1,7 @@
 """Every difference between the transformers releases this project supports (>= 4.51; tested 4.51.3 and 5.24),
 each with the releases it is for. Nothing else in the package or in finetune.py looks at the version."""
 import json
+import warnings
 from pathlib import Path
 
 
@@ -10,11 +11,11 @@ def config_dtype(config: dict):
     return config.get("dtype") or config.get("torch_dtype")
 
 
-def add_torch_dtype(config_file: Path):
-    """transformers >= 5 writes `dtype` only; upstream's remote code (run on transformers 4.x) reads `torch_dtype`."""
+def record_dtype(config_file: Path, dtype):
+    """Write the weights' dtype under both names: `dtype` (read by transformers >= 5) and `torch_dtype` (read by
+    transformers 4.x, hence by upstream's remote code)."""
     data = json.loads(config_file.read_text(encoding="utf-8"))
-    if "dtype" in data and "torch_dtype" not in data:
-        data["torch_dtype"] = data["dtype"]
+    data["dtype"] = data["torch_dtype"] = str(dtype).removeprefix("torch.")
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
@@ -24,6 +25,11 @@ def training_argv(argv: list[str], fields) -> list[str]:
     if "--group_by_length" in argv and "group_by_length" not in fields:
         return [a for a in argv if a != "--group_by_length"] + ["--train_sampling_strategy", "group_by_length"]
     return argv
+
+
+def silence_renamed_flag_warnings():
+    """transformers >= 5 warns that --gradient_checkpointing is renamed; take_gradient_checkpointing reads both."""
+    warnings.filterwarnings("ignore", message="`gradient_checkpointing", category=FutureWarning)
 
 
 def take_gradient_checkpointing(training_args) -> bool:
