@@ -22,7 +22,8 @@ for _p in (DEMO, DATA_PROCESSING):
 
 import torch  # noqa: E402
 
-from chatglm3 import ChatGLMConfig, ChatGLMError, ChatGLMForConditionalGeneration, ChatGLMTokenizer  # noqa: E402
+from chatglm3 import ChatGLMConfig, ChatGLMError, ChatGLMForConditionalGeneration  # noqa: E402
+from chatglm3.loading import default_device, load_tokenizer, resolve_dtype  # noqa: E402
 
 
 class BenchError(ChatGLMError):
@@ -91,16 +92,6 @@ def matmul_params(model) -> int:
 
 
 # --- tokenizer and data ---------------------------------------------------------------------------------------------
-def load_tokenizer(path) -> ChatGLMTokenizer:
-    path = Path(path)
-    if not (path / "tokenizer.model").is_file():
-        raise BenchError(
-            f"错误：{path} 中没有 tokenizer.model / Error: no tokenizer.model in {path}; pass --tokenizer DIR "
-            "(the ChatGLM3 tokenizer folder, e.g. ../shared/chatglm3-tokenizer or a model folder)"
-        )
-    return ChatGLMTokenizer.from_pretrained(str(path))
-
-
 def pokemon_conversations(workdir: Path) -> Path:
     """Run the data pipeline (data_processing.py, then format_tool_poke.py) into `workdir`; returns the JSONL."""
     conversations, jsonl = workdir / "pokemon_data.json", workdir / "pokemon_conversations.jsonl"
@@ -168,26 +159,18 @@ def synchronize(device: str):
 
 
 def resolve_device(name: str) -> str:
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise BenchError("错误：没有可用的 CUDA GPU / Error: --device cuda given but no CUDA GPU is available")
-    return name
+    return default_device() if name == "auto" else name
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return DTYPES[name]
+DTYPES = ("fp32", "bf16", "fp16")  # --dtype choices besides auto (auto: bf16 on GPU, fp16 where it lacks bf16, fp32 on CPU)
 
 
 def setup(args):
     """The run's device, dtype and tokenizer from the common flags (--device --dtype --threads --tokenizer)."""
     device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+    dtype = resolve_dtype(None if args.dtype == "auto" else args.dtype, device)
     if args.threads:
         torch.set_num_threads(args.threads)
     return device, dtype, load_tokenizer(args.tokenizer)

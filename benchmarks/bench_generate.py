@@ -22,6 +22,8 @@ from _common import ChatGLMError, progress  # noqa: E402
 
 import torch  # noqa: E402
 
+from chatglm3.batch import left_pad  # noqa: E402
+from chatglm3.conversation import prompt_ids  # noqa: E402
 from chatglm3.generation import generate_stream  # noqa: E402
 
 # A short multi-turn chat, so the prompt has the length of a typical follow-up question (about 100 tokens).
@@ -38,12 +40,9 @@ QUERIES = ["它有什么特性？", "皮卡丘是什么属性？", "小火龙的
 
 
 def prompts(tokenizer, batch_size: int, device: str):
-    """Left-padded chat inputs (the tokenizer's padding side), each row a different question."""
-    rows = [tokenizer.build_chat_input(QUERIES[i % len(QUERIES)], history=HISTORY)["input_ids"][0].tolist() for i in range(batch_size)]
-    width = max(len(r) for r in rows)
-    ids = [[tokenizer.pad_token_id] * (width - len(r)) + r for r in rows]
-    mask = [[0] * (width - len(r)) + [1] * len(r) for r in rows]
-    return torch.tensor(ids, device=device), torch.tensor(mask, device=device)
+    """Left-padded chat inputs, each row a different question."""
+    rows = [prompt_ids(tokenizer, HISTORY, QUERIES[i % len(QUERIES)]) for i in range(batch_size)]
+    return left_pad(rows, tokenizer.pad_token_id, device)
 
 
 @torch.no_grad()

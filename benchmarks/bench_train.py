@@ -41,9 +41,8 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from transformers.trainer_pt_utils import LengthGroupedSampler  # noqa: E402
 
-from preprocess_utils import (  # noqa: E402
-    IGNORE_INDEX, DataCollatorForChatGLM, DataCollatorForPacking, build_dataset, pack_samples,
-)
+from chatglm3.conversation import IGNORE_INDEX  # noqa: E402
+from preprocess_utils import DataCollatorForChatGLM, DataCollatorForPacking, build_dataset, pack_samples  # noqa: E402
 
 STRATEGIES = {
     "pad_to_max": "补齐到最大长度 + 上游损失 / pad to max_seq_length + upstream loss (fp32 logits, full vocabulary)",
