@@ -26,7 +26,7 @@ def left_pad(rows: List[List[int]], pad_token_id: int, device="cpu") -> Tuple[to
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: List[List[int]], batch_size: int, gen_kwargs: Dict,
                      progress: bool = True) -> List[str]:
-    """The reply to each prompt (token ids ending in <|assistant|>), in the order of `prompts`."""
+    """The reply to each prompt (ids from conversation.prompt_ids), in the order of `prompts`."""
     stop_ids = stop_token_ids(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: List[Optional[str]] = [None] * len(prompts)
