@@ -116,6 +116,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
     predictions = generate_replies(model, tokenizer, prompts, args.batch_size, gen_kwargs)
 
     output = Path(args.output)
+    replaced = "（替换了旧文件）/ (replaced the previous file)" if output.exists() else ""
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", encoding="utf-8") as f:
         for sample, prediction in zip(samples, predictions):
@@ -123,7 +124,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
                       "prediction": prediction, "reference": sample.reference,
                       **score_pair(prediction, sample.reference)}
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    print(f"预测结果已写入 / Predictions written to {output}", file=sys.stderr)
+    print(f"预测结果已写入 / Predictions written to {output} {replaced}".rstrip(), file=sys.stderr)
     return compute_metrics(predictions, [s.reference for s in samples])
 
 
