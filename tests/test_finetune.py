@@ -1,5 +1,6 @@
-"""finetune.py end to end, as real subprocesses on tiny models (CPU): resume after SIGKILL, padding, packing,
-P-Tuning from an existing prefix, and every bad input giving its message and a non-zero exit."""
+"""finetune.py on tiny models (CPU). Bad input: one line on stderr and exit status 1, checked in-process through
+main(argv). End to end as real subprocesses (slow): resume after SIGKILL, padding, packing, P-Tuning from an
+existing prefix."""
 import json
 import os
 import signal
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import finetune
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "finetune_chatmodel_demo"
@@ -23,12 +26,12 @@ def pokemon_jsonl(tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("pokemon-data")
     subprocess.run(
         [sys.executable, str(REPO / "data_processing" / "data_processing.py"), "--output", str(work / "data.json")],
-        check=True, capture_output=True,
+        check=True, capture_output=True, cwd=work,
     )
     subprocess.run(
         [sys.executable, str(REPO / "data_processing" / "format_tool_poke.py"), "--path", str(work / "data.json"),
          "--output", str(work / "all.jsonl")],
-        check=True, capture_output=True,
+        check=True, capture_output=True, cwd=work,
     )
     lines = (work / "all.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) >= 96
@@ -47,7 +50,9 @@ def base_args(model: Path, data: Path, out: Path, *extra: str) -> list:
     ]
 
 
-def run_finetune(args, cwd=None, timeout=600) -> subprocess.CompletedProcess:
+def run_finetune(args, timeout=600) -> subprocess.CompletedProcess:
+    """A real run, from the directory above --output_dir (so nothing lands in the repository)."""
+    cwd = Path(args[args.index("--output_dir") + 1]).parent
     return subprocess.run(
         [sys.executable, str(FINETUNE), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
     )
@@ -68,6 +73,7 @@ def prefix_of(checkpoint: Path) -> torch.Tensor:
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_to_the_same_weights(tiny_model, pokemon_jsonl, tmp_path):
     """P-Tuning with the prefix dropout active, so the data order and the RNG state must both be restored."""
     args = ["--pre_seq_len", "4", "--learning_rate", "5e-2", "--max_steps", "10", "--save_steps", "2"]
@@ -76,7 +82,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_weights(tiny_model, pokemon
 
     killed = tmp_path / "killed"
     command = [sys.executable, str(FINETUNE), *base_args(tiny_model, pokemon_jsonl, killed, *args)]
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # trainer_state.json is the last file of a checkpoint: once it exists, checkpoint-2 is complete.
         while not (killed / "checkpoint-2" / "trainer_state.json").exists():
@@ -96,7 +102,8 @@ def test_run_killed_with_sigkill_resumes_to_the_same_weights(tiny_model, pokemon
     assert n > 0 and train_losses(killed) == pytest.approx(train_losses(straight)[-n:], abs=1e-4)
 
 
-def test_fresh_start_then_continue_from_its_prefix_and_a_bad_resume_path(tiny_model, pokemon_jsonl, tmp_path):
+@pytest.mark.slow
+def test_fresh_start_then_continue_from_its_prefix(tiny_model, pokemon_jsonl, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"
     args = ["--pre_seq_len", "4", "--save_steps", "100", "--max_steps", "2"]
     result = ok(run_finetune(base_args(tiny_model, pokemon_jsonl, first, *args, "--learning_rate", "5e-2",
@@ -107,13 +114,9 @@ def test_fresh_start_then_continue_from_its_prefix_and_a_bad_resume_path(tiny_mo
                               "--ptuning_checkpoint", str(first))))
     torch.testing.assert_close(prefix_of(second), prefix_of(first), atol=0, rtol=0)
 
-    bad = run_finetune(base_args(tiny_model, pokemon_jsonl, second, *args, "--resume_from_checkpoint",
-                                 str(tmp_path / "nope")))
-    assert bad.returncode == 1 and "Traceback" not in bad.stderr
-    assert "--resume_from_checkpoint" in bad.stderr and "trainer_state.json" in bad.stderr
-
 
 # ---- padding and packing ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dynamic_padding_trains_exactly_like_padding_to_max_length(tiny_model, pokemon_jsonl, tmp_path):
     args = ["--pre_seq_len", "4", "--learning_rate", "5e-2", "--max_steps", "3", "--save_steps", "100",
             "--gradient_accumulation_steps", "2"]
@@ -127,6 +130,7 @@ def test_dynamic_padding_trains_exactly_like_padding_to_max_length(tiny_model, p
     torch.testing.assert_close(prefix_of(tmp_path / "dynamic"), prefix_of(tmp_path / "padded"), atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_packing_trains_on_fewer_rows_and_logs_tokens_per_second(tiny_model, pokemon_jsonl, tmp_path):
     out = tmp_path / "packed"
     result = ok(run_finetune(base_args(tiny_model, pokemon_jsonl, out, "--packing", "--learning_rate", "1e-2",
@@ -136,7 +140,8 @@ def test_packing_trains_on_fewer_rows_and_logs_tokens_per_second(tiny_model, pok
     assert rows < 48
     state = json.loads((out / "trainer_state.json").read_text())
     logs = [entry for entry in state["log_history"] if "loss" in entry]
-    assert len(logs) == 4 and all(0 < entry["loss"] < 20 for entry in logs)
+    # A random model starts near ln(vocab) and full fine-tuning at this rate lowers the loss within 4 steps.
+    assert len(logs) == 4 and 6 < logs[0]["loss"] < 9 and logs[-1]["loss"] < logs[0]["loss"] - 0.1, logs
     assert all(entry["tokens_per_second"] > entry["labelled_tokens_per_second"] > 0 for entry in logs)
     # Full fine-tuning writes the whole model, which loads back.
     from chatglm3 import ChatGLMForConditionalGeneration
@@ -146,11 +151,11 @@ def test_packing_trains_on_fewer_rows_and_logs_tokens_per_second(tiny_model, pok
     assert not torch.equal(model.transformer.output_layer.weight, base.transformer.output_layer.weight)
 
 
-# ---- bad input ----------------------------------------------------------------------------------------------
+# ---- bad input (in-process) ---------------------------------------------------------------------------------
 GOOD = {"conversations": [{"role": "user", "content": "皮卡丘是什么属性？"}, {"role": "assistant", "content": "电属性。"}]}
 
 # tests/test_preprocess.py checks every data message in detail (missing "conversations", non-string content, ...);
-# these check that finetune.py passes such errors on: file:line, the reason, exit status 1, no traceback.
+# these check that finetune.py passes such errors on: file:line, the reason, exit status 1, one line, no traceback.
 BAD_DATA = {
     "bad_json": ("{\"conversations\": [", "data.jsonl:2", "JSON"),
     "unknown_role": (json.dumps({"conversations": [{"role": "bot", "content": "x"}]}), "data.jsonl:2", "'bot'"),
@@ -158,44 +163,62 @@ BAD_DATA = {
 }
 
 
-def assert_clean_failure(result: subprocess.CompletedProcess, *fragments: str):
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+@pytest.fixture
+def good_jsonl(tmp_path) -> Path:
+    path = tmp_path / "good.jsonl"
+    path.write_text((json.dumps(GOOD, ensure_ascii=False) + "\n") * 8, encoding="utf-8")
+    return path
+
+
+def fails_cleanly(capsys, args, *fragments: str) -> str:
+    """Runs finetune.main(args): exit status 1 and one error line on stderr holding every fragment."""
+    code = finetune.main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 1, err[-2000:]
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
     for fragment in fragments:
-        assert fragment in result.stderr, (fragment, result.stderr[-2000:])
+        assert fragment in last, (fragment, err[-2000:])
+    return last
 
 
 @pytest.mark.parametrize("case", sorted(BAD_DATA))
-def test_bad_training_data_is_reported_with_file_and_line(tiny_model, tmp_path, case):
+def test_bad_training_data_is_reported_with_file_and_line(tiny_model, tmp_path, capsys, case):
     line, where, what = BAD_DATA[case]
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps(GOOD, ensure_ascii=False) + "\n" + line + "\n", encoding="utf-8")
-    result = run_finetune(base_args(tiny_model, data, tmp_path / "out", "--pre_seq_len", "4", "--max_steps", "1"))
-    assert_clean_failure(result, where, what)
+    fails_cleanly(capsys, base_args(tiny_model, data, tmp_path / "out", "--pre_seq_len", "4", "--max_steps", "1"), where, what)
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
-def test_missing_train_file_and_empty_dataset(tiny_model, tmp_path):
-    missing = run_finetune(base_args(tiny_model, tmp_path / "nope.jsonl", tmp_path / "out", "--max_steps", "1"))
-    assert_clean_failure(missing, "nope.jsonl", "not found")
-
+def test_missing_train_file_and_empty_dataset(tiny_model, tmp_path, capsys):
+    fails_cleanly(capsys, base_args(tiny_model, tmp_path / "nope.jsonl", tmp_path / "out", "--max_steps", "1"), "nope.jsonl", "not found")
     # Only a user turn: nothing to learn, the sample is dropped and nothing is left.
     data = tmp_path / "nothing.jsonl"
     data.write_text(json.dumps({"conversations": [{"role": "user", "content": "你好"}]}) + "\n", encoding="utf-8")
-    empty = run_finetune(base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"))
-    assert_clean_failure(empty, "nothing.jsonl:1", "empty")
+    fails_cleanly(capsys, base_args(tiny_model, data, tmp_path / "out", "--max_steps", "1"), "nothing.jsonl:1", "empty")
 
 
-def test_flags_that_cannot_work_are_refused(tiny_model, pokemon_jsonl, tmp_path):
+def test_flags_that_cannot_work_are_refused(tiny_model, good_jsonl, tmp_path, capsys):
     out = tmp_path / "out"
-    missing_model = run_finetune(base_args(tmp_path / "no-model", pokemon_jsonl, out, "--max_steps", "1"))
-    assert_clean_failure(missing_model, "no-model", "not found", "BASE_MODEL_PATH")
+    fails_cleanly(capsys, base_args(tmp_path / "no-model", good_jsonl, out), "no-model", "not found", "BASE_MODEL_PATH")
     if not torch.cuda.is_available():
-        quantized = run_finetune(base_args(tiny_model, pokemon_jsonl, out, "--pre_seq_len", "4", "--max_steps", "1",
-                                           "--quantization_bit", "4"))
-        assert_clean_failure(quantized, "--quantization_bit 4", "CUDA")
-    no_validation = run_finetune(base_args(tiny_model, pokemon_jsonl, out, "--max_steps", "1",
-                                           "--eval_strategy", "steps", "--eval_steps", "1"))
-    assert_clean_failure(no_validation, "--validation_file")
-    unknown_flag = run_finetune(base_args(tiny_model, pokemon_jsonl, out, "--lora_rank", "8"))
-    assert unknown_flag.returncode == 2 and "--lora_rank" in unknown_flag.stderr
+        fails_cleanly(capsys, base_args(tiny_model, good_jsonl, out, "--pre_seq_len", "4", "--quantization_bit", "4"),
+                      "--quantization_bit 4", "CUDA")
+    fails_cleanly(capsys, base_args(tiny_model, good_jsonl, out, "--eval_strategy", "steps", "--eval_steps", "1"),
+                  "--eval_strategy steps", "--validation_file")
+    fails_cleanly(capsys, base_args(tiny_model, good_jsonl, out, "--pre_seq_len", "0"), "--pre_seq_len", "0")
+    fails_cleanly(capsys, base_args(tiny_model, good_jsonl, out, "--resume_from_checkpoint", tmp_path / "nope"),
+                  "--resume_from_checkpoint", "trainer_state.json")
+    with pytest.raises(SystemExit) as exit_info:
+        finetune.main([str(a) for a in base_args(tiny_model, good_jsonl, out, "--lora_rank", "8")])
+    assert exit_info.value.code == 2 and "--lora_rank" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resuming_with_another_prefix_length_is_one_line(tiny_model, good_jsonl, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert finetune.main([str(a) for a in base_args(tiny_model, good_jsonl, out, "--pre_seq_len", "4", "--max_steps", "1", "--save_steps", "1")]) == 0
+    capsys.readouterr()
+    fails_cleanly(capsys, base_args(tiny_model, good_jsonl, out, "--pre_seq_len", "8", "--max_steps", "2", "--resume_from_checkpoint", "true"),
+                  str(out / "checkpoint-1"), "pre_seq_len")
