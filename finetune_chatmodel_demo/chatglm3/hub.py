@@ -1,0 +1,93 @@
+"""Model and tokenizer names as upstream takes them: a local folder, or a Hugging Face Hub id such as
+`THUDM/chatglm3-6b`, found in the Hub cache or downloaded with `huggingface_hub` (which honours `HF_HOME`,
+`HF_HUB_CACHE`, `HF_ENDPOINT` mirrors, `HF_HUB_OFFLINE` and `HF_TOKEN`).
+
+A local folder always wins. The official repository's `*.py` files are fetched as plain files, only so that full
+fine-tuning checkpoints can carry them for upstream's tools (chatglm3.carry); nothing here imports or runs them.
+"""
+import os
+from pathlib import Path
+from typing import Optional
+
+from .errors import ChatGLMError
+
+# What each use needs from a repository. Weights come in two copies on the official repository (safetensors and
+# .bin shards, 12 GB each): the safetensors ones are fetched, the .bin ones only when there are no others.
+TOKENIZER_FILES = ["tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"]
+MODEL_FILES = ["config.json", "generation_config.json", "*.py", *TOKENIZER_FILES]
+SAFETENSORS_WEIGHTS = ["model*.safetensors", "model.safetensors.index.json"]
+BIN_WEIGHTS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+
+
+class HubError(ChatGLMError):
+    """A name that is neither a local folder nor a model the Hub (or its cache) can give; one line for the user."""
+
+
+def looks_like_path(name: str) -> bool:
+    """Written as a path (absolute, ./ ../ ~, a Windows drive, or more than one '/'): never a Hub id."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
+            or (len(name) > 1 and name[1] == ":"))
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def _download(repo_id: str, patterns: list, revision, cache_dir, token) -> Path:
+    """snapshot_download, its exceptions turned into one line naming the id and what to do."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    endpoint = constants.ENDPOINT
+    cache = cache_dir or constants.HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
+                                      allow_patterns=patterns))
+    except HFValidationError:
+        raise HubError(f"错误：{repo_id} 既不是本地目录，也不是合法的 Hub 模型名 / Error: {repo_id} is neither a local "
+                       "folder nor a valid Hub id (owner/name): check the path") from None
+    except GatedRepoError:
+        raise HubError(f"错误：{endpoint} 上的 {repo_id} 需要授权，请设置 HF_TOKEN / Error: {repo_id} on {endpoint} is gated: "
+                       "accept its terms and set HF_TOKEN, or pass a local folder") from None
+    except RepositoryNotFoundError:
+        raise HubError(f"错误：{repo_id} 不是本地目录，{endpoint} 上也没有这个模型 / Error: {repo_id} is neither a local folder "
+                       f"nor a model on {endpoint}: check the name, or pass a local folder") from None
+    except RevisionNotFoundError:
+        raise HubError(f"错误：{repo_id} 没有版本 {revision} / Error: {repo_id} has no revision {revision!r} "
+                       "(--model_revision)") from None
+    except LocalEntryNotFoundError:
+        if constants.HF_HUB_OFFLINE:
+            zh, en = "HF_HUB_OFFLINE=1 禁止下载", "downloads are off (HF_HUB_OFFLINE=1)"
+        else:
+            zh, en = f"无法连接 {endpoint}", f"cannot reach {endpoint} (a mirror: HF_ENDPOINT=https://hf-mirror.com)"
+        raise HubError(f"错误：{repo_id} 不是本地目录，Hugging Face 缓存 {cache} 中也没有，且{zh}；请先联网下载一次或传入本地目录 / "
+                       f"Error: {repo_id} is not a local folder nor in the Hugging Face cache {cache}, and {en}: "
+                       "download it once online, or pass a local folder") from None
+    except OSError as e:  # IncompleteSnapshotError, disk full, proxy errors ...
+        raise HubError(f"错误：无法获取 {repo_id} / Error: cannot fetch {repo_id} from {endpoint} or the cache {cache}: "
+                       f"{str(e).splitlines()[0]}") from None
+
+
+def resolve(name_or_path, need: str = "model", revision: Optional[str] = None, cache_dir=None, token=None) -> str:
+    """The local folder for `name_or_path`: the folder itself when it exists, else the Hub snapshot holding what
+    `need` ("model": config, weights, tokenizer, code files; "tokenizer": the tokenizer files) asks for."""
+    name = os.fspath(name_or_path)
+    if os.path.isdir(name):
+        return name
+    if os.path.exists(name) or looks_like_path(name) or not name.strip():
+        raise HubError(f"错误：找不到目录 {name}（也不是 Hub 模型名）/ Error: folder {name} not found (nor a Hub id)")
+    if need == "tokenizer":
+        folder = _download(name, TOKENIZER_FILES, revision, cache_dir, token)
+    else:
+        folder = _download(name, MODEL_FILES + SAFETENSORS_WEIGHTS, revision, cache_dir, token)
+        if not _has_weights(folder):
+            folder = _download(name, MODEL_FILES + BIN_WEIGHTS, revision, cache_dir, token)
+    wanted = ["tokenizer.model"] if need == "tokenizer" else ["config.json"]
+    missing = [f for f in wanted if not (folder / f).is_file()]
+    if need == "model" and not _has_weights(folder):
+        missing.append("weights")
+    if missing:
+        raise HubError(f"错误：{name} 的缓存副本 {folder} 缺少 {', '.join(missing)}；请联网重新下载 / Error: the cached copy "
+                       f"of {name} ({folder}) lacks {', '.join(missing)}: download it again online")
+    return str(folder)
