@@ -34,6 +34,8 @@ def _check_folder(path: Path, zh: str, en: str) -> None:
 def check_inputs(model_dir: Path, adapter_dir, out: Path, force: bool) -> None:
     """Everything that can be told before loading: folders exist, none is P-Tuning, the output is free."""
     _check_folder(model_dir, "模型", "model")
+    if (model_dir / ADAPTER_CONFIG).is_file():
+        raise ChatGLMError(f"{model_dir}: 这是 LoRA 适配器，请用 --adapter 传入，--model 传基座 / this is a LoRA adapter: pass it as --adapter and its base as --model")
     if adapter_dir is not None:
         _check_folder(adapter_dir, "适配器", "adapter")
         if not (adapter_dir / ADAPTER_CONFIG).is_file():
@@ -51,7 +53,10 @@ def merge_lora(model, adapter_dir: Path):
     """`model` with the LoRA adapter's low-rank updates added into its weights (PEFT's merge_and_unload)."""
     from peft import PeftConfig, PeftModel
 
-    config = PeftConfig.from_pretrained(str(adapter_dir))
+    try:
+        config = PeftConfig.from_pretrained(str(adapter_dir))
+    except (ValueError, KeyError, TypeError) as e:  # broken JSON, unknown peft_type, unknown fields
+        raise ChatGLMError(f"{adapter_dir / ADAPTER_CONFIG}: 无法读取 / cannot read it: {e}") from None
     if config.peft_type != "LORA":
         raise ChatGLMError(f"{adapter_dir}: 只能合并 LoRA 适配器，这是 {config.peft_type} / only LoRA adapters can be merged, this is {config.peft_type}")
     # Merging needs none of the generation hooks of PEFT's task classes: load it as a plain PeftModel.
@@ -98,12 +103,14 @@ def export(model_dir, out, fmt: str = "chatglm", adapter_dir=None, dtype=None, f
         model = merge_lora(model, adapter_dir)
     staging = out.parent / f".{out.name}.export-{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
-    staging.mkdir(parents=True)
     try:
+        staging.mkdir(parents=True)
         write_model(model, tokenizer, staging, fmt, max_shard_size)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
+    except OSError as e:  # disk full, no permission
+        raise ChatGLMError(f"{out}: 写入失败 / cannot write the export: {e}") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
