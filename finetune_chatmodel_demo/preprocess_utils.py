@@ -15,16 +15,6 @@ from chatglm3.conversation import IGNORE_INDEX, encode_sample
 from chatglm3.data import (DataFormatError, INPUT_OUTPUT_KEYS, as_records, check_conversation, check_input_output,
                            load_conversations, load_input_output)
 
-# TEMPORARY re-exports while evaluate.py / inference.py move to chatglm3.conversation and chatglm3.data.
-from chatglm3.conversation import CONVERSATION_KEY, TOOL_SYSTEM_PROMPT, TOOLS_KEY as TOOL_DESC_KEY  # noqa: E402,F401
-from chatglm3.data import Records, read_json_records  # noqa: F401
-TOOL_DEFINITION_PREFIX = TOOL_SYSTEM_PROMPT + "\n"
-FUNCTION_CALL_NAME, FUNCTION_CALL_PREFIX, FUNCTION_CALL_POSTFIX = "tool_call", "```python\n", "\n```"
-
-
-def format_function_call(function_name: str, parameters: dict) -> str:
-    return f"{function_name}(" + ", ".join(f"{name}={value!r}" for name, value in parameters.items()) + ")"
-
 
 # --- datasets ------------------------------------------------------------------------------------------------------
 class _TokenizedDataset(Dataset):

@@ -11,6 +11,7 @@ import torch
 from test_finetune import PREFIX_WEIGHT, pokemon_jsonl, train_losses  # noqa: F401  (pokemon_jsonl is a fixture)
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "finetune_chatmodel_demo" / "scripts"
+pytestmark = pytest.mark.slow  # every test here runs a launcher (bash, Python, often torchrun and DeepSpeed)
 
 
 def launch(script: str, cwd: Path, timeout=600, **env) -> subprocess.CompletedProcess:

@@ -1,4 +1,5 @@
-"""preprocess_utils: upstream's multi-turn ids and labels, truncation, data checks, collators and packing."""
+"""chatglm3.data and preprocess_utils: upstream's multi-turn ids and labels, truncation, data checks, collators
+and packing."""
 import json
 
 import pytest
@@ -6,19 +7,16 @@ import sentencepiece
 import torch
 from torch.utils.data import DataLoader
 
-from chatglm3.conversation import encode_sample
+from chatglm3.conversation import IGNORE_INDEX, encode_sample
+from chatglm3.data import DataFormatError, load_conversations, load_input_output
 from chatglm3.tokenizer import ChatGLMTokenizer
 from preprocess_utils import (
-    IGNORE_INDEX,
     DataCollatorForChatGLM,
     DataCollatorForPacking,
-    DataFormatError,
     InputOutputDataset,
     MultiTurnDataset,
     PackedDataset,
     build_dataset,
-    load_conversations,
-    load_input_output,
     pack_samples,
 )
 
@@ -110,6 +108,14 @@ def test_samples_without_a_reply_to_learn_are_dropped_and_named(tiny, tmp_path, 
     assert len(dataset) == 2 and dataset.num_dropped == 2 and dataset.num_truncated == 0
     assert dataset.dropped == [f"{path}:2", f"{path}:4"]
     assert f"{path}:2, {path}:4" in capsys.readouterr().out
+
+
+def test_samples_given_as_a_plain_list_are_checked_and_named_by_position(tiny):
+    bad = {"conversations": [{"role": "user", "content": 3}]}
+    with pytest.raises(DataFormatError, match=r"sample 2: conversations\[0\]: .* must be a string, got number"):
+        MultiTurnDataset([SAMPLES[0], bad], tiny, max_seq_length=None, verbose=False)
+    with pytest.raises(DataFormatError, match=r"sample 1: .*\"response\""):
+        InputOutputDataset([{"prompt": "x"}], tiny, 8, 8, verbose=False)
 
 
 def test_dataset_with_nothing_left_is_an_error(tiny):
