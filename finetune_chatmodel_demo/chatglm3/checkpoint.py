@@ -121,7 +121,8 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
         if not hasattr(config, key):
             raise ChatGLMError(f"未知参数 / unknown argument for from_pretrained: {key}")
         setattr(config, key, value)
-    # "auto" (as in transformers) is the dtype config.json records, float32 when it records none.
+    # Callers pass torch_dtype (transformers 4 habit) or dtype (transformers 5). "auto", as in transformers, is the
+    # dtype config.json records, float32 when it records none.
     target_dtype = dtype or torch_dtype
     if target_dtype == "auto":
         target_dtype = compat.config_dtype(config_dict)
@@ -161,8 +162,7 @@ def _materialise_fresh(model: nn.Module, device: torch.device):
     transformer = model.transformer
     rotary = transformer.rotary_pos_emb
     if rotary.inv_freq.is_meta:
-        dim = rotary.dim
-        rotary._buffers["inv_freq"] = 1.0 / (rotary.base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+        rotary._buffers["inv_freq"] = rotary.frequencies(device)
     prefix = getattr(transformer, "prefix_encoder", None)
     if prefix is not None and any(p.is_meta for p in prefix.parameters()):
         # torch's default init, as upstream (its _init_weights does nothing for the prefix).

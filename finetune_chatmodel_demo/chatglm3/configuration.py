@@ -65,7 +65,7 @@ class ChatGLMConfig(PretrainedConfig):
         self.prefix_projection = prefix_projection
         self.original_rope = original_rope
         kwargs.setdefault("tie_word_embeddings", False)
-        # The real tokenizer's eos and pad (<unk>); transformers 5 no longer defines them on every config.
+        # ChatGLM3's eos and pad (<unk>), as the official config.json has them, also for configs built in code.
         kwargs.setdefault("eos_token_id", 2)
         kwargs.setdefault("pad_token_id", 0)
         super().__init__(**kwargs)

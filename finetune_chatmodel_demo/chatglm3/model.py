@@ -60,13 +60,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.dim = dim
         self.base = 10000 * rope_ratio
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim))
-        self.register_buffer("inv_freq", inv_freq)
+        self.register_buffer("inv_freq", self.frequencies(device))
+
+    def frequencies(self, device) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float32, device=device) / self.dim))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(batch, seq) positions -> (batch, seq, dim/2, 2) of (cos, sin)."""
-        theta = 1.0 / (self.base ** (torch.arange(0, self.dim, 2, dtype=torch.float, device=position_ids.device) / self.dim))
-        angles = position_ids.float()[..., None] * theta
+        angles = position_ids.float()[..., None] * self.frequencies(position_ids.device)
         cache = torch.stack([torch.cos(angles), torch.sin(angles)], dim=-1)
         # Upstream rounds the tables to the model's half-precision dtype.
         return cache.to(dtype) if dtype in (torch.float16, torch.bfloat16) else cache
@@ -328,8 +329,7 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, RotaryEmbedding):
-            dim = module.dim
-            module.inv_freq.copy_(1.0 / (module.base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=module.inv_freq.device) / dim)))
+            module.inv_freq.copy_(module.frequencies(module.inv_freq.device))
 
 
 class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
@@ -339,7 +339,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
         if config.pre_seq_len:
             # P-Tuning v2 trains only the prefix.
             for name, param in self.named_parameters():
-                param.requires_grad = name.startswith("transformer.prefix_encoder.")
+                param.requires_grad = name.startswith(checkpoint_io.PREFIX_KEY)
         self.post_init()
 
     def get_input_embeddings(self):
