@@ -1,0 +1,88 @@
+"""Writing a script's output files without ever clobbering its inputs or a half-written file.
+
+`check_outputs` runs before any work: an output may not be one of the inputs or another output (same resolved
+path, or same file through a link: inode and device), and must be a regular file or a new path whose nearest
+existing folder is a folder. `write_atomic` writes through a temporary file in the same folder and renames it
+over the target, so a failure (a full disk) leaves the old file as it was.
+"""
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import Mapping, Optional
+
+from .errors import ChatGLMError
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return os.path.normcase(os.path.realpath(a)) == os.path.normcase(os.path.realpath(b))
+
+
+def _check_writable_path(label: str, path: Path) -> None:
+    """A regular file, or a new path under a folder (existing or to be made)."""
+    if path.exists():
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise ChatGLMError(f"错误：{label} {path} 是目录，请给出文件路径 / Error: {label} {path} is a folder; "
+                               "give a file path")
+        if not stat.S_ISREG(mode):
+            raise ChatGLMError(f"错误：{label} {path} 不是普通文件（设备、管道或套接字）/ Error: {label} {path} is not "
+                               "a regular file (a device, pipe or socket); give a file path")
+        return
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ChatGLMError(f"错误：{label} {path} 无法创建：{parent} 不是目录 / Error: cannot create {label} {path}: "
+                           f"{parent} is not a folder")
+
+
+def check_outputs(inputs: Mapping[str, Optional[os.PathLike]] = None,
+                  outputs: Mapping[str, Optional[os.PathLike]] = None) -> None:
+    """Refuse (ChatGLMError, one line naming both flags) an output that is an input or another output, or that
+    cannot be a file. Keys are what the user typed (flag names), values paths; None values are skipped."""
+    inputs = {k: Path(v) for k, v in (inputs or {}).items() if v is not None}
+    outputs = {k: Path(v) for k, v in (outputs or {}).items() if v is not None}
+    seen = []
+    for label, path in outputs.items():
+        _check_writable_path(label, path)
+        for input_label, input_path in inputs.items():
+            if _same(path, input_path):
+                raise ChatGLMError(f"错误：输出 {label} {path} 与输入 {input_label} {input_path} 是同一个文件，会被覆盖 / "
+                                   f"Error: output {label} {path} is the input {input_label} {input_path}; choose "
+                                   "another output path")
+        for other_label, other in seen:
+            if _same(path, other):
+                raise ChatGLMError(f"错误：输出 {label} 与 {other_label} 是同一个文件 {path} / Error: outputs "
+                                   f"{label} and {other_label} are the same file ({path}); give each its own path")
+        seen.append((label, path))
+
+
+def write_atomic(path, data) -> None:
+    """Write `data` (str, as UTF-8 with \\n line ends, or bytes) to `path` (through a link, to the file it names)
+    via a temporary file in the same folder and a rename: a failure leaves no half file and the old one intact.
+    The new file gets the old file's permissions, or the usual ones for a new file."""
+    path = Path(os.path.realpath(path))
+    if path.is_dir():
+        raise ChatGLMError(f"错误：输出路径 {path} 是目录 / Error: output path {path} is a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        mode = stat.S_IMODE(path.stat().st_mode)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        mode = 0o666 & ~umask
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,160 @@
+"""Reading torch pickle files (DeepSpeed, Trainer and P-Tuning checkpoints) without running code from them.
+
+A torch file is a pickle, and a pickle can call any function while it is read. Every torch file the project
+reads goes through `torch_load`: torch's restricted unpickler (`weights_only=True`) with an allow-list of the
+few classes DeepSpeed's and the Trainer's own checkpoints hold (`ALLOWED_GLOBALS`, checked against
+deepspeed 0.19 ZeRO-1/2/3 in float32, bf16 and fp16, and transformers 4.51/5.x). The checkpoint is read once,
+as before; nothing in it depends on the machine that wrote it.
+
+DeepSpeed's `engine.load_checkpoint` calls `torch.load(weights_only=False)` itself (deepspeed/runtime/
+checkpoint_engine/torch_checkpoint_engine.py; the other checkpoint engines and ZeRO-3 helpers call torch.load
+too), so training runs inside `only_safe_torch_load()`, which routes every `torch.load` through `torch_load`.
+`verify_checkpoint` checks a checkpoint folder before a resume starts: every file training will read is whole
+(a truncated file is found by its missing zip directory or safetensors size, without reading the tensors) and
+holds no object outside the allow-list.
+"""
+import contextlib
+import importlib
+import json
+import os
+import pickle
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import ChatGLMError
+
+# Classes (module.name, as pickle spells them) the checkpoints of DeepSpeed and the Trainer hold, beyond the
+# tensors, containers and numbers torch's restricted unpickler always allows.
+ALLOWED_GLOBALS = (
+    # DeepSpeed's optimizer states (zero_pp_rank_*_optim_states.pt, bf16_zero_pp_rank_*).
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",
+    "deepspeed.runtime.zero.config.ZeroStageEnum",
+    "deepspeed.utils.tensor_fragment.fragment_address",
+    # numpy's random state in the Trainer's rng_state*.pth (numpy >= 2 / numpy 1.x spelling).
+    "numpy._core.multiarray._reconstruct",
+    "numpy.core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+)
+# The files a resume reads, by name (training_args.bin is written for the user and never read back).
+RESUME_FILES = ("global_step*/*.pt", "rng_state*.pth", "optimizer.pt", "scheduler.pt", "scaler.pt",
+                "*.safetensors", "pytorch_model*.bin", "*.json")
+_UNSAFE = "Weights only load failed"
+_WHAT_RE = re.compile(r"GLOBAL ([\w.]+)|WeightsUnpickler error:\s*(.+)")
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6; older files are plain pickles
+_torch_load = torch.load  # the real one, kept before only_safe_torch_load replaces it
+
+
+class UnsafeFileError(ChatGLMError):
+    """A file holds an object that could run code when read; never loaded."""
+
+
+class CorruptFileError(ChatGLMError):
+    """A file cannot be read: truncated, damaged or not what its name says."""
+
+
+def _unsafe(path, what: str) -> UnsafeFileError:
+    return UnsafeFileError(
+        f"错误：{path} 含有不允许的内容 {what}（读取时可能执行代码），已拒绝加载；请删除该文件所在的检查点，或从可信的副本恢复 / "
+        f"Error: {path} holds something that is not allowed ({what}) and could run code when read; it was not "
+        "loaded. Delete the checkpoint it belongs to, or restore it from a trusted copy"
+    )
+
+
+def _corrupt(path, error) -> CorruptFileError:
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return CorruptFileError(f"错误：无法读取 {path}（文件损坏或不完整）/ Error: cannot read {path} (damaged or "
+                            f"incomplete file): {reason}")
+
+
+def allowed_globals() -> list:
+    """The allow-listed classes whose module is loaded: a DeepSpeed checkpoint is only read by DeepSpeed, so its
+    classes are looked up only once DeepSpeed runs (importing it just to read a P-Tuning prefix would be slow)."""
+    found = []
+    for name in ALLOWED_GLOBALS:
+        module, _, attr = name.rpartition(".")
+        if module.split(".")[0] not in sys.modules:
+            continue
+        try:
+            found.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):  # the other numpy spelling, or a DeepSpeed without fp16 scalers
+            continue
+    return found
+
+
+def torch_load(file, map_location="cpu", mmap: bool = False):
+    """torch.load with the restricted unpickler and ALLOWED_GLOBALS. Raises UnsafeFileError (naming the file and
+    the object) or CorruptFileError, both one line."""
+    name = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", "<stream>")
+    try:
+        with torch.serialization.safe_globals(allowed_globals()):
+            return _torch_load(file, map_location=map_location, weights_only=True, mmap=mmap or None)
+    except pickle.UnpicklingError as e:
+        if _UNSAFE in str(e):
+            found = _WHAT_RE.search(str(e))
+            raise _unsafe(name, (found.group(1) or found.group(2)).strip() if found else "?") from None
+        raise _corrupt(name, e) from None
+    except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
+        raise _corrupt(name, e) from None
+
+
+def _safe_torch_load(f, map_location=None, pickle_module=None, *, weights_only=None, mmap=None, **kwargs):
+    """Stands in for torch.load: whatever the caller asks (DeepSpeed asks weights_only=False), it gets torch_load."""
+    return torch_load(f, map_location=map_location, mmap=bool(mmap))
+
+
+@contextlib.contextmanager
+def only_safe_torch_load():
+    """Within the block every torch.load (DeepSpeed's and the Trainer's included) is `torch_load`."""
+    saved = torch.load
+    torch.load = _safe_torch_load
+    try:
+        yield
+    finally:
+        torch.load = saved
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(magic)) == magic
+
+
+def check_file(path: Path) -> None:
+    """Whole and safe, read without the tensors: a torch zip file's directory and pickle (its globals against
+    the allow-list), a safetensors header against the file size, a JSON file parsed."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_text(encoding="utf-8"))
+        elif path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt", device="cpu"):
+                pass
+        elif _starts_with(path, _ZIP_MAGIC):
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - set(ALLOWED_GLOBALS))
+            if unsafe:
+                raise _unsafe(path, ", ".join(unsafe))
+        # Anything else is an old-style (pre-zip) torch pickle: torch_load checks it when it is read.
+    except ChatGLMError:
+        raise
+    except Exception as e:  # safetensors, json and torch each have their own errors for a bad file
+        raise _corrupt(path, e) from None
+
+
+def verify_checkpoint(folder) -> None:
+    """Every file a resume from `folder` reads (RESUME_FILES, and DeepSpeed's `latest` tag) is whole and safe.
+    Raises UnsafeFileError or CorruptFileError."""
+    folder = Path(folder)
+    latest = folder / "latest"
+    if latest.is_file():
+        tag = latest.read_text(encoding="utf-8", errors="replace").strip()
+        if not (folder / tag).is_dir():
+            raise CorruptFileError(f"错误：{latest} 指向不存在的 {tag} / Error: {latest} names {tag!r}, which is "
+                                   "not a folder of this checkpoint")
+    files = sorted({f for pattern in RESUME_FILES for f in folder.glob(pattern) if f.is_file()})
+    for file in files:
+        check_file(file)
