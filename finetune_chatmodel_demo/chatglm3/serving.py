@@ -63,6 +63,7 @@ class Engine:
         self._waiting = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self.finished = collections.Counter()  # replies ended, by reason: every submitted job ends exactly once
         self._reset_batch()
         self._thread = threading.Thread(target=self._run, name="chatglm3-engine", daemon=True)
         self._thread.start()
@@ -86,8 +87,9 @@ class Engine:
         return job
 
     def load(self) -> dict:
+        """Replies running and waiting now, and how many ended for each reason so far."""
         with self._cond:
-            return {"running": len(self._jobs), "waiting": len(self._waiting)}
+            return {"running": len(self._jobs), "waiting": len(self._waiting), "finished": dict(self.finished)}
 
     def close(self):
         """Fail whatever is running or waiting and stop the thread."""
@@ -130,6 +132,8 @@ class Engine:
         self._notify(job, [], ERROR)
 
     def _notify(self, job: Job, tokens: list, finish: Optional[str]):
+        if finish is not None:
+            self.finished[finish] += 1
         try:
             job.on_event(tokens, finish)
         except Exception:  # noqa: BLE001 - a consumer that cannot take events has gone away
