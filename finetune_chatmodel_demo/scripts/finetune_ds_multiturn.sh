@@ -1,20 +1,56 @@
-#!/usr/bin/env bash
-# Full fine-tuning on multi-turn data with DeepSpeed ZeRO-2 (DS_CONFIG=.../configs/deepspeed_zero3.json for
-# ZeRO-3). Needs several GPUs for ChatGLM3-6B (weights, gradients and Adam states are ~100 GB in all); NUM_GPUS
-# defaults to every visible GPU. Saves the whole model in upstream's format (sharded safetensors).
-# See scripts/_common.sh for every setting.
-#   LR=2e-5   a conservative rate for updating all 6B weights on a small data set (upstream used 1e-4).
-set -euo pipefail
+#! /usr/bin/env bash
+# Full fine-tuning with DeepSpeed ZeRO-2 on multi-turn data, upstream's ToolAlpaca example:
+#   ./scripts/format_tool_alpaca.py --path ToolAlpaca/data/train_data.json && ./scripts/finetune_ds_multiturn.sh
+# Upstream's settings; each can be set from the environment, e.g. BASE_MODEL_PATH=/models/chatglm3-6b MAX_STEP=10.
+# NUM_GPUS defaults to the visible GPUs (1 without one). PRECISION NNODES NODE_RANK MASTER_ADDR MASTER_PORT are read
+# by scripts/launch.py, which also locks OUTPUT_DIR, continues the newest unfinished run of this RUN_NAME when
+# AUTORESUME_FROM_CHECKPOINT (or RESUME) is true, and keeps the log in OUTPUT_DIR/train.log (python scripts/launch.py -h).
+# Mixed precision: --bf16, or --fp16 on GPUs without bf16 (PRECISION=auto; upstream always passed --fp16).
+# LR is passed to finetune.py (upstream's script set LR=1e-4 but never passed it, so it trained at 5e-5).
 
-MODE=ds
-: "${RUN_NAME:=multiturn_ft}"
-: "${PRE_SEQ_LEN:=}"
-: "${LR:=2e-5}"
-: "${MAX_SEQ_LEN:=512}"
-: "${DEV_BATCH_SIZE:=4}"
-: "${GRAD_ACCUMULATION_STEPS:=1}"
-: "${MAX_STEP:=200}"
-: "${SAVE_INTERVAL:=50}"
-: "${SAVE_TOTAL_LIMIT:=2}"
+set -e
+DEMO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
+LR=${LR:-1e-4}
+NUM_GPUS=${NUM_GPUS:-}
+MAX_SEQ_LEN=${MAX_SEQ_LEN:-2048}
+DEV_BATCH_SIZE=${DEV_BATCH_SIZE:-16}
+GRAD_ACCUMULARION_STEPS=${GRAD_ACCUMULARION_STEPS:-${GRAD_ACCUMULATION_STEPS:-1}}
+MAX_STEP=${MAX_STEP:-200}
+SAVE_INTERVAL=${SAVE_INTERVAL:-50}
+LOG_INTERVAL=${LOG_INTERVAL:-1}
+DS_CONFIG=${DS_CONFIG:-$DEMO_DIR/configs/deepspeed.json}  # ZeRO-3: configs/deepspeed_zero3.json
+
+AUTORESUME_FROM_CHECKPOINT=${AUTORESUME_FROM_CHECKPOINT:-${RESUME:-True}}
+DATESTR=$(date +%Y%m%d-%H%M%S)
+RUN_NAME=${RUN_NAME:-tool_alpaca_ft}
+
+BASE_MODEL_PATH=${BASE_MODEL_PATH:-THUDM/chatglm3-6b}
+DATASET_PATH=${DATASET_PATH:-$DEMO_DIR/formatted_data/tool_alpaca.jsonl}
+OUTPUT_DIR=${OUTPUT_DIR:-$DEMO_DIR/output/${RUN_NAME}-${DATESTR}-${LR}}
+# This project's additions / 本项目的补充
+VALIDATION_PATH=${VALIDATION_PATH:-}                 # eval loss on this file every SAVE_INTERVAL steps
+PACKING=${PACKING:-0}                                # 1: several samples per row
+GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-1}  # 0: faster, more memory
+EXTRA_ARGS=${EXTRA_ARGS:-}                           # more finetune.py flags, e.g. "--save_total_limit 2"
+
+# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
+python "$DEMO_DIR/scripts/launch.py" --num-gpus "$NUM_GPUS" --datestr "$DATESTR" -- "$DEMO_DIR/finetune.py" \
+    --train_format multi-turn \
+    --train_file "$DATASET_PATH" \
+    --preprocessing_num_workers 1 \
+    --model_name_or_path "$BASE_MODEL_PATH" \
+    --output_dir "$OUTPUT_DIR" \
+    --max_seq_length "$MAX_SEQ_LEN" \
+    --per_device_train_batch_size "$DEV_BATCH_SIZE" \
+    --gradient_accumulation_steps "$GRAD_ACCUMULARION_STEPS" \
+    --max_steps "$MAX_STEP" \
+    --logging_steps "$LOG_INTERVAL" \
+    --save_steps "$SAVE_INTERVAL" \
+    --learning_rate "$LR" \
+    --deepspeed "$DS_CONFIG" \
+    --resume_from_checkpoint "$AUTORESUME_FROM_CHECKPOINT" \
+    --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
+    --packing "$PACKING" \
+    ${VALIDATION_PATH:+--validation_file "$VALIDATION_PATH" --per_device_eval_batch_size "$DEV_BATCH_SIZE"} \
+    $EXTRA_ARGS

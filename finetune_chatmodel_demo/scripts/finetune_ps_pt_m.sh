@@ -1,26 +1,58 @@
-#!/usr/bin/env bash
-# P-Tuning v2 on the Pokémon multi-turn conversations (the project's main recipe).
-# Every setting can be overridden from the environment, e.g.
-#   BASE_MODEL_PATH=/models/chatglm3-6b MAX_STEP=500 bash finetune_chatmodel_demo/scripts/finetune_ps_pt_m.sh
-# See scripts/_common.sh for the full list (DATASET_PATH, OUTPUT_DIR, NUM_GPUS, LR, PRE_SEQ_LEN, ...).
-#
-# Defaults and why:
-#   LR=2e-2          P-Tuning v2 trains only the prefix and needs a large rate; the original project used 2e-5
-#                    and its loss stayed at 5.0.
-#   MAX_SEQ_LEN=512  The Pokémon conversations average ~112 tokens; batches are padded only to their longest
-#                    sample, so this is just the truncation cap, with room for the longest conversations.
-#   DEV_BATCH_SIZE=4, GRAD_ACCUMULATION_STEPS=4  16 conversations per step, as upstream (1 x 16), in 4x fewer
-#                    forward passes; fits a 24 GB GPU with gradient checkpointing.
-set -euo pipefail
+#! /usr/bin/env bash
+# P-Tuning v2 on the Pokémon multi-turn conversations: this project's recipe (not upstream's), with its own values:
+#   LR=2e-2          P-Tuning v2 trains only the prefix and needs a large rate; the original project's 2e-5 left
+#                    its loss at 5.0.
+#   MAX_SEQ_LEN=512  the Pokémon conversations average ~112 tokens; batches are padded only to their longest sample.
+#   DEV_BATCH_SIZE=4 x GRAD_ACCUMULATION_STEPS=4: 16 conversations per step, as upstream (1 x 16), in 4x fewer passes.
+# Data: python data_processing/format_tool_poke.py (-> formatted_data/pokemon_conversations.jsonl).
+# Each setting can be set from the environment, e.g. BASE_MODEL_PATH=/models/chatglm3-6b MAX_STEP=500.
+# NUM_GPUS defaults to the visible GPUs (1 without one). PRECISION NNODES NODE_RANK MASTER_ADDR MASTER_PORT are read
+# by scripts/launch.py, which also locks OUTPUT_DIR, continues the newest unfinished run of this RUN_NAME when
+# RESUME is true, and keeps the log in OUTPUT_DIR/train.log (python scripts/launch.py -h).
 
-MODE=pt
-: "${RUN_NAME:=pokemon_pt}"
-: "${PRE_SEQ_LEN:=128}"
-: "${LR:=2e-2}"
-: "${MAX_SEQ_LEN:=512}"
-: "${DEV_BATCH_SIZE:=4}"
-: "${GRAD_ACCUMULATION_STEPS:=4}"
-: "${MAX_STEP:=1000}"
-: "${NUM_GPUS:=1}"
+set -e
+DEMO_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-source "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/_common.sh"
+PRE_SEQ_LEN=${PRE_SEQ_LEN:-128}
+LR=${LR:-2e-2}
+NUM_GPUS=${NUM_GPUS:-}
+MAX_SEQ_LEN=${MAX_SEQ_LEN:-512}
+DEV_BATCH_SIZE=${DEV_BATCH_SIZE:-4}
+GRAD_ACCUMULATION_STEPS=${GRAD_ACCUMULATION_STEPS:-${GRAD_ACCUMULARION_STEPS:-4}}
+MAX_STEP=${MAX_STEP:-1000}
+SAVE_INTERVAL=${SAVE_INTERVAL:-200}
+LOG_INTERVAL=${LOG_INTERVAL:-10}
+
+RESUME=${RESUME:-${AUTORESUME_FROM_CHECKPOINT:-true}}
+DATESTR=$(date +%Y%m%d-%H%M%S)
+RUN_NAME=${RUN_NAME:-pokemon_pt}
+
+BASE_MODEL_PATH=${BASE_MODEL_PATH:-THUDM/chatglm3-6b}
+DATASET_PATH=${DATASET_PATH:-$DEMO_DIR/formatted_data/pokemon_conversations.jsonl}
+OUTPUT_DIR=${OUTPUT_DIR:-$DEMO_DIR/output/${RUN_NAME}-${DATESTR}-${PRE_SEQ_LEN}-${LR}}
+# This project's additions / 本项目的补充
+VALIDATION_PATH=${VALIDATION_PATH:-}                 # eval loss on this file every SAVE_INTERVAL steps
+PACKING=${PACKING:-0}                                # 1: several samples per row
+GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-1}  # 0: faster, more memory
+EXTRA_ARGS=${EXTRA_ARGS:-}                           # more finetune.py flags, e.g. "--save_total_limit 2"
+
+# shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
+python "$DEMO_DIR/scripts/launch.py" --num-gpus "$NUM_GPUS" --datestr "$DATESTR" -- "$DEMO_DIR/finetune.py" \
+    --train_format multi-turn \
+    --train_file "$DATASET_PATH" \
+    --preprocessing_num_workers 1 \
+    --model_name_or_path "$BASE_MODEL_PATH" \
+    --output_dir "$OUTPUT_DIR" \
+    --max_seq_length "$MAX_SEQ_LEN" \
+    --per_device_train_batch_size "$DEV_BATCH_SIZE" \
+    --gradient_accumulation_steps "$GRAD_ACCUMULATION_STEPS" \
+    --max_steps "$MAX_STEP" \
+    --logging_steps "$LOG_INTERVAL" \
+    --save_steps "$SAVE_INTERVAL" \
+    --learning_rate "$LR" \
+    --pre_seq_len "$PRE_SEQ_LEN" \
+    --resume_from_checkpoint "$RESUME" \
+    --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
+    --packing "$PACKING" \
+    ${VALIDATION_PATH:+--validation_file "$VALIDATION_PATH" --per_device_eval_batch_size "$DEV_BATCH_SIZE"} \
+    $EXTRA_ARGS
