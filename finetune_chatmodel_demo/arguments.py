@@ -108,11 +108,6 @@ class DataTrainingArguments:
 
 def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
     """Reject values that cannot work, before anything slow is loaded."""
-    if model_args.pre_seq_len is not None and model_args.pre_seq_len <= 0:
-        raise ArgumentsError(
-            f"错误：--pre_seq_len 必须是正整数，收到 {model_args.pre_seq_len} / "
-            f"Error: --pre_seq_len must be a positive integer, got {model_args.pre_seq_len}"
-        )
     if model_args.quantization_bit is not None and model_args.quantization_bit not in (4, 8):
         raise ArgumentsError(
             f"错误：--quantization_bit 只能是 4 或 8，收到 {model_args.quantization_bit} / "
@@ -128,14 +123,8 @@ def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments
             "错误：--ptuning_checkpoint 需要同时设置 --pre_seq_len / "
             "Error: --ptuning_checkpoint needs --pre_seq_len as well"
         )
-    for name in ("max_seq_length", "max_source_length", "max_target_length"):
-        value = getattr(data_args, name)
-        if value <= 0:
-            raise ArgumentsError(
-                f"错误：--{name} 必须是正整数，收到 {value} / Error: --{name} must be a positive integer, got {value}"
-            )
-    for name in ("max_train_samples", "max_eval_samples"):
-        value = getattr(data_args, name)
+    lengths = ("max_seq_length", "max_source_length", "max_target_length", "max_train_samples", "max_eval_samples")
+    for name, value in {"pre_seq_len": model_args.pre_seq_len, **{n: getattr(data_args, n) for n in lengths}}.items():
         if value is not None and value <= 0:
             raise ArgumentsError(
                 f"错误：--{name} 必须是正整数，收到 {value} / Error: --{name} must be a positive integer, got {value}"

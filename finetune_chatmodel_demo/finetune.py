@@ -33,9 +33,8 @@ from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
 from arguments import ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments  # noqa: E402
 from chatglm3 import ChatGLMError, compat, loading  # noqa: E402
-from chatglm3.data import Records, load_conversations, load_input_output  # noqa: E402
 import preprocess_utils  # noqa: E402
-from trainer import PrefixTrainer, find_last_checkpoint  # noqa: E402
+from trainer import TRAINER_STATE_NAME, PrefixTrainer, find_last_checkpoint  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +64,8 @@ def parse_args(argv=None):
     return parsed
 
 
-def is_main_process(training_args) -> bool:
-    return training_args.process_index == 0
-
-
 def main_print(training_args, message: str):
-    if is_main_process(training_args):
+    if training_args.process_index == 0:
         print(message, flush=True)
 
 
@@ -91,7 +86,7 @@ def resolve_resume(training_args):
         main_print(training_args, f"从检查点继续训练 / Resuming from {last}")
         return str(last)
     path = os.path.abspath(value)
-    if not os.path.isfile(os.path.join(path, "trainer_state.json")):
+    if not os.path.isfile(os.path.join(path, TRAINER_STATE_NAME)):
         raise ArgumentsError(
             f"错误：--resume_from_checkpoint {value} 不是完整的训练检查点（缺少 trainer_state.json）；"
             f"用 true 表示 --output_dir 中最新的检查点 / Error: --resume_from_checkpoint {value} is not a complete "
@@ -147,24 +142,14 @@ def quantize_frozen_linears(model, bits: int, compute_dtype: torch.dtype):
     return model.to(device)
 
 
-def read_and_tokenize(path, data_args, tokenizer, training_args, limit=None):
-    """Load, check and tokenize one data file, once. Errors name file:line; the dataset prints how many samples
-    were truncated or dropped (and why)."""
-    verbose = is_main_process(training_args)
-    multi_turn = data_args.train_format == "multi-turn"
-    records = (load_conversations if multi_turn else load_input_output)(path)
-    if limit is not None and limit < len(records):
-        main_print(training_args, f"只使用 {path} 的前 {limit} 条样本 / Using the first {limit} samples of {path}")
-        records = Records(records[:limit], records.locations[:limit])
-    if multi_turn:
-        dataset = preprocess_utils.MultiTurnDataset(records, tokenizer, data_args.max_seq_length, verbose=verbose)
-    else:
-        dataset = preprocess_utils.InputOutputDataset(
-            records, tokenizer, data_args.max_source_length, data_args.max_target_length, verbose=verbose
-        )
-    if data_args.packing:
-        dataset = preprocess_utils.PackedDataset(dataset, dataset.max_seq_length, verbose=verbose)
-    return dataset
+def read_data(path, limit, data_args, tokenizer, training_args):
+    """A data file loaded, checked and tokenized once (None without a path); errors name file:line."""
+    if path is None:
+        return None
+    return preprocess_utils.build_dataset(
+        path, tokenizer, data_args.train_format, data_args.max_seq_length, data_args.max_source_length,
+        data_args.max_target_length, limit=limit, packing=data_args.packing, verbose=training_args.process_index == 0,
+    )
 
 
 def setup_logging(training_args):
@@ -260,10 +245,8 @@ def train(model_args, data_args, training_args):
 
     tokenizer = load_tokenizer(model_args)
     # Data first: a bad file fails in seconds, before gigabytes of weights are read.
-    train_dataset = read_and_tokenize(data_args.train_file, data_args, tokenizer, training_args, data_args.max_train_samples)
-    eval_dataset = None
-    if data_args.validation_file is not None:
-        eval_dataset = read_and_tokenize(data_args.validation_file, data_args, tokenizer, training_args, data_args.max_eval_samples)
+    train_dataset = read_data(data_args.train_file, data_args.max_train_samples, data_args, tokenizer, training_args)
+    eval_dataset = read_data(data_args.validation_file, data_args.max_eval_samples, data_args, tokenizer, training_args)
     model = load_model(model_args, tokenizer, training_args, gradient_checkpointing)
 
     trainer = PrefixTrainer(

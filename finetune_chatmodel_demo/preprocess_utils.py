@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from chatglm3.conversation import IGNORE_INDEX, encode_sample
-from chatglm3.data import (DataFormatError, INPUT_OUTPUT_KEYS, as_records, check_conversation, check_input_output,
-                           load_conversations, load_input_output)
+from chatglm3.data import (DataFormatError, INPUT_OUTPUT_KEYS, Records, as_records, check_conversation,
+                           check_input_output, load_conversations, load_input_output)
 
 
 # --- datasets ------------------------------------------------------------------------------------------------------
@@ -103,15 +103,24 @@ class InputOutputDataset(_TokenizedDataset):
         self._finish(self.max_seq_length, verbose)
 
 
-def build_dataset(path, tokenizer, train_format="multi-turn", max_seq_length=None, max_source_length=None, max_target_length=None, verbose=True):
-    """Load and tokenize a data file in `train_format` ("multi-turn" or "input-output")."""
+def build_dataset(path, tokenizer, train_format="multi-turn", max_seq_length=None, max_source_length=None,
+                  max_target_length=None, limit=None, packing=False, verbose=True):
+    """Load, check and tokenize a data file in `train_format` ("multi-turn" or "input-output"), once: only its
+    first `limit` samples if given, packed into rows of max_seq_length tokens if `packing`."""
+    if train_format not in ("multi-turn", "input-output"):
+        raise DataFormatError(f"未知数据格式 {train_format!r}，应为 multi-turn 或 input-output / unknown train format {train_format!r}, expected multi-turn or input-output")
+    if train_format == "input-output" and (max_source_length is None or max_target_length is None):
+        raise DataFormatError("input-output 格式需要 max_source_length 和 max_target_length / the input-output format needs max_source_length and max_target_length")
+    records = (load_conversations if train_format == "multi-turn" else load_input_output)(path)
+    if limit is not None and limit < len(records):
+        if verbose:
+            print(f"只使用 {path} 的前 {limit} 条样本 / Using the first {limit} samples of {path}")
+        records = Records(records[:limit], records.locations[:limit])
     if train_format == "multi-turn":
-        return MultiTurnDataset(load_conversations(path), tokenizer, max_seq_length, verbose=verbose)
-    if train_format == "input-output":
-        if max_source_length is None or max_target_length is None:
-            raise DataFormatError("input-output 格式需要 max_source_length 和 max_target_length / the input-output format needs max_source_length and max_target_length")
-        return InputOutputDataset(load_input_output(path), tokenizer, max_source_length, max_target_length, verbose=verbose)
-    raise DataFormatError(f"未知数据格式 {train_format!r}，应为 multi-turn 或 input-output / unknown train format {train_format!r}, expected multi-turn or input-output")
+        dataset = MultiTurnDataset(records, tokenizer, max_seq_length, verbose=verbose)
+    else:
+        dataset = InputOutputDataset(records, tokenizer, max_source_length, max_target_length, verbose=verbose)
+    return PackedDataset(dataset, dataset.max_seq_length, verbose=verbose) if packing else dataset
 
 
 # --- packing -------------------------------------------------------------------------------------------------------

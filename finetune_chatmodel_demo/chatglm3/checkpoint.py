@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from . import compat
@@ -76,8 +79,6 @@ def iter_tensors(file: Path):
     """Yields (key, tensor) one at a time, on CPU."""
     try:
         if file.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
@@ -173,17 +174,6 @@ def _materialise_fresh(model: nn.Module, device: torch.device):
         prefix.float()
 
 
-def _parse_size(size) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise ChatGLMError(f"max_shard_size 无法解析 / cannot parse max_shard_size: {size!r} (e.g. '2GB')")
-    unit = m.group(2).upper()
-    scale = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}[unit]
-    return int(float(m.group(1)) * scale)
-
-
 def save_pretrained(model, save_directory, state_dict=None, safe_serialization=True, max_shard_size="2GB"):
     """Upstream's layout: config.json, then `model.safetensors` or `model-0000i-of-0000n.safetensors` with
     `model.safetensors.index.json` (`pytorch_model*.bin` when safe_serialization=False)."""
@@ -201,27 +191,14 @@ def save_pretrained(model, save_directory, state_dict=None, safe_serialization=T
         if re.fullmatch(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?|model\.safetensors\.index\.json", old.name):
             old.unlink()
 
-    limit = _parse_size(max_shard_size)
-    shards, current, size = [], {}, 0
-    for key, tensor in state_dict.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > limit:
-            shards.append(current)
-            current, size = {}, 0
-        current[key] = tensor
-        size += nbytes
-    shards.append(current)
-
     stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
-    names = [f"{stem}.{ext}"] if len(shards) == 1 else [f"{stem}-{i + 1:05d}-of-{len(shards):05d}.{ext}" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
+    split = split_torch_state_dict_into_shards(state_dict, filename_pattern=stem + "{suffix}." + ext, max_shard_size=max_shard_size)
+    for name, keys in split.filename_to_tensors.items():
+        shard = {k: state_dict[k] for k in keys}
         if safe_serialization:
-            from safetensors.torch import save_file
-
             save_file(shard, str(out / name), metadata={"format": "pt"})
         else:
             torch.save(shard, out / name)
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state_dict.values())
-        index = {"metadata": {"total_size": total}, "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -11,7 +11,8 @@ import sentencepiece as spm
 import torch
 
 from .configuration import ChatGLMConfig
-from .conversation import SPECIAL_TOKENS
+from .conversation import TOOL_SYSTEM_PROMPT, format_tool_call
+from .data import read_json_records
 from .errors import ChatGLMError
 
 
@@ -27,58 +28,44 @@ def _strings(value) -> Iterator[str]:
 
 
 def corpus_lines(path: Path) -> list[str]:
-    """Text lines from a .txt, .csv (every cell) or .json/.jsonl (every string value) file."""
+    """Text lines from a .txt, .csv (every cell, UTF-8 or GBK) or .json/.jsonl data file (every string value)."""
     path = Path(path)
-    if not path.is_file():
-        raise ChatGLMError(f"找不到语料文件 / corpus file not found: {path}")
-    raw = path.read_bytes()
-    for encoding in ("utf-8-sig", "gb18030"):
-        try:
-            text = raw.decode(encoding)
-            break
-        except UnicodeDecodeError:
-            continue
-    else:
-        raise ChatGLMError(f"{path}: 无法解码（需要 UTF-8 或 GBK）/ cannot decode (UTF-8 or GBK expected)")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        values = [cell for row in csv.reader(io.StringIO(text)) for cell in row]
-    elif suffix == ".jsonl":
-        values = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    values.extend(_strings(json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise ChatGLMError(f"{path}:{n}: 不是合法的 JSON / not valid JSON: {e.msg}") from None
-    elif suffix == ".json":
-        try:
-            values = list(_strings(json.loads(text)))
-        except json.JSONDecodeError as e:
-            raise ChatGLMError(f"{path}:{e.lineno}: 不是合法的 JSON / not valid JSON: {e.msg}") from None
+    if suffix in (".json", ".jsonl"):
+        values = [text for _, record in read_json_records(path) for text in _strings(record)]
+    elif not path.is_file():
+        raise ChatGLMError(f"找不到语料文件 / corpus file not found: {path}")
     else:
-        values = [text]
+        text = _decode(path)
+        values = [cell for row in csv.reader(io.StringIO(text)) for cell in row] if suffix == ".csv" else [text]
     lines = [line for v in values for line in v.splitlines() if line.strip()]
     if not lines:
         raise ChatGLMError(f"{path}: 语料为空 / the corpus holds no text")
     return lines
 
 
-def train_tokenizer(lines: list[str], model_prefix: Path, vocab_size: int) -> int:
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    for encoding in ("utf-8-sig", "gb18030"):
+        try:
+            return raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+    raise ChatGLMError(f"{path}: 无法解码（需要 UTF-8 或 GBK）/ cannot decode (UTF-8 or GBK expected)")
+
+
+def train_tokenizer(lines: list[str], model_prefix: Path, vocab_size: int):
     """A BPE SentencePiece model with the real ChatGLM3 tokenizer's settings (byte fallback, digits split,
-    whitespace kept). Returns the vocabulary size it reached."""
+    whitespace kept)."""
     # Chat-format and tool-call text the corpus may lack, so that they encode compactly too.
-    extra = ["```python", "tool_call(name='皮卡丘')", "{\"name\": \"pokedex_lookup\"}", "Answer the following questions as best as you can."]
+    extra = [*format_tool_call({"name": "皮卡丘"}).split("\n"), "{\"name\": \"pokedex_lookup\"}", TOOL_SYSTEM_PROMPT]
     for coverage in (1.0, 0.9995, 0.995, 0.98):  # SentencePiece accepts 0.98..1
         try:
-            _train(lines + extra, model_prefix, vocab_size, coverage)
-            break
+            return _train(lines + extra, model_prefix, vocab_size, coverage)
         except RuntimeError as e:
             if "required_chars" not in str(e):
                 raise
-    else:
-        raise ChatGLMError(f"词表 {vocab_size} 太小 / vocabulary size {vocab_size} too small for this corpus: raise --vocab-size")
-    return spm.SentencePieceProcessor(model_file=f"{model_prefix}.model").vocab_size()
+    raise ChatGLMError(f"词表 {vocab_size} 太小 / vocabulary size {vocab_size} too small for this corpus: raise --vocab-size")
 
 
 def _train(lines: list[str], model_prefix: Path, vocab_size: int, coverage: float):
@@ -116,11 +103,11 @@ def build_tiny_model(corpus, out, layers: int = 2, hidden: int = 64, heads: int 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     corpora = [corpus] if isinstance(corpus, (str, Path)) else list(corpus)
-    sp_size = train_tokenizer([line for c in corpora for line in corpus_lines(c)], out / "tokenizer", vocab_size)
+    train_tokenizer([line for c in corpora for line in corpus_lines(c)], out / "tokenizer", vocab_size)
     (out / "tokenizer.vocab").unlink(missing_ok=True)
     tokenizer = ChatGLMTokenizer(vocab_file=str(out / "tokenizer.model"))
     tokenizer.save_pretrained(str(out))
-    padded_vocab = math.ceil((sp_size + len(SPECIAL_TOKENS)) / 64) * 64
+    padded_vocab = math.ceil(len(tokenizer) / 64) * 64
     config = ChatGLMConfig(
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, kv_channels=hidden // heads,
         multi_query_attention=True, multi_query_group_num=kv_groups,
