@@ -121,8 +121,8 @@ def test_hf_glm_loads_without_remote_code_and_gives_our_logits_and_greedy_ids(hf
     from transformers import AutoModelForCausalLM
 
     out, ours, _ = hf_glm_export
-    model, info = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
-    assert type(model).__name__ == "GlmForCausalLM"
+    model, info = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)  # float32, as exported
+    assert type(model).__name__ == "GlmForCausalLM" and model.dtype == torch.float32
     assert not any(info.values()), info  # every tensor mapped, none left over
     assert model.config.rope_parameters["rope_theta"] == 500000.0
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == 25
