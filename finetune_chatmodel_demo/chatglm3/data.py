@@ -105,21 +105,20 @@ def read_json_records(path) -> list[tuple[int, object]]:
 
 def check_conversation(sample, where: str) -> None:
     """Raise DataFormatError, prefixed with `where`, unless `sample` is a valid multi-turn sample."""
-    conversation_key, tool_key = CONVERSATION_KEY, TOOLS_KEY
     if not isinstance(sample, dict):
         raise DataFormatError(f"{where}: 样本应为 JSON 对象，实际是 {_type_name(sample)} / a sample must be a JSON object, got {_type_name(sample)}")
-    conversations = sample.get(conversation_key)
+    conversations = sample.get(CONVERSATION_KEY)
     if conversations is None:
-        raise DataFormatError(f"{where}: 缺少 \"{conversation_key}\" 列表 / missing the \"{conversation_key}\" list")
+        raise DataFormatError(f"{where}: 缺少 \"{CONVERSATION_KEY}\" 列表 / missing the \"{CONVERSATION_KEY}\" list")
     if not isinstance(conversations, list) or not conversations:
         raise DataFormatError(
-            f"{where}: \"{conversation_key}\" 应为非空列表，实际是 {_type_name(conversations)} / \"{conversation_key}\" must be a "
+            f"{where}: \"{CONVERSATION_KEY}\" 应为非空列表，实际是 {_type_name(conversations)} / \"{CONVERSATION_KEY}\" must be a "
             f"non-empty list, got {_type_name(conversations) if conversations != [] else 'an empty list'}"
         )
-    if tool_key in sample and not isinstance(sample[tool_key], list):
-        raise DataFormatError(f"{where}: \"{tool_key}\" 应为列表，实际是 {_type_name(sample[tool_key])} / \"{tool_key}\" must be a list, got {_type_name(sample[tool_key])}")
+    if TOOLS_KEY in sample and not isinstance(sample[TOOLS_KEY], list):
+        raise DataFormatError(f"{where}: \"{TOOLS_KEY}\" 应为列表，实际是 {_type_name(sample[TOOLS_KEY])} / \"{TOOLS_KEY}\" must be a list, got {_type_name(sample[TOOLS_KEY])}")
     for j, message in enumerate(conversations):
-        here = f"{where}: {conversation_key}[{j}]"
+        here = f"{where}: {CONVERSATION_KEY}[{j}]"
         if not isinstance(message, dict):
             raise DataFormatError(f"{here}: 消息应为 JSON 对象，实际是 {_type_name(message)} / a message must be a JSON object, got {_type_name(message)}")
         role = message.get("role")

@@ -89,7 +89,6 @@ def _drop_upstream_kwargs(kwargs: dict):
     kwargs.pop("use_cache", None)  # always on
 
 
-@torch.no_grad()
 def generate(model, input_ids, attention_mask=None, streamer=None, **kwargs) -> torch.Tensor:
     """prompt + new tokens, like transformers' generate. `streamer` follows transformers' TextStreamer
     protocol (put(prompt), put(token)..., end())."""

@@ -274,7 +274,5 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         return conversation.encode_message(self, role, metadata, message)
 
     def build_chat_input(self, query: str, history=None, role: str = "user") -> BatchEncoding:
-        """Prompt for the model's next reply, as `model.generate(**inputs)` takes it (the model derives position
-        ids from the attention mask)."""
         input_ids = conversation.prompt_ids(self, history or [], query, role)
         return BatchEncoding({"input_ids": [input_ids], "attention_mask": [[1] * len(input_ids)]}, tensor_type="pt")
