@@ -53,27 +53,30 @@ def golden(shared):
 
 
 @pytest.fixture(scope="module")
-def adapter(base, tmp_path_factory):
-    """(adapter folder, the adapter model's logits on `IDS`)."""
+def ids(golden):
+    """An 84-token conversation."""
+    return torch.tensor([golden["multiturn"][0]["input_ids"]])
+
+
+@pytest.fixture(scope="module")
+def adapter(base, ids, tmp_path_factory):
+    """(adapter folder, the adapter model's logits on `ids`)."""
     model, _ = load_model_and_tokenizer(base, device="cpu", dtype="float32")
     out = tmp_path_factory.mktemp("adapter")
     with torch.no_grad():
-        logits = lora_adapter(model, out)(input_ids=IDS).logits
+        logits = lora_adapter(model, out)(input_ids=ids).logits
     return out, logits
 
 
-IDS = torch.tensor([[64790, 64792, 64795, 30910, 13, 30910, 55350, 55259, 56729, 64796, 30910, 13, 30910, 54591]])
-
-
-def logits_of(folder, dtype="float32"):
-    model, _ = load_model_and_tokenizer(folder, device="cpu", dtype=dtype)
+def logits_of(folder, ids):
+    model, _ = load_model_and_tokenizer(folder, device="cpu", dtype="float32")
     with torch.no_grad():
-        return model(input_ids=IDS).logits
+        return model(input_ids=ids).logits
 
 
-def test_merged_lora_gives_the_adapter_logits_in_the_full_checkpoint_layout(base, adapter, tmp_path):
+def test_merged_lora_gives_the_adapter_logits_in_the_full_checkpoint_layout(base, adapter, ids, tmp_path):
     adapter_dir, adapter_logits = adapter
-    assert (adapter_logits - logits_of(base)).abs().max() > 1e-3  # the adapter changes the model
+    assert (adapter_logits - logits_of(base, ids)).abs().max() > 1e-3  # the adapter changes the model
     out = tmp_path / "merged"
     assert export("--model", base, "--adapter", adapter_dir, "--output", out, "--dtype", "float32", "--max-shard-size", "4MB") == 0
     names = {p.name for p in out.iterdir()}
@@ -82,7 +85,7 @@ def test_merged_lora_gives_the_adapter_logits_in_the_full_checkpoint_layout(base
     assert len(shards) > 1 and shards <= names
     assert {"config.json", "tokenizer.model", "tokenizer_config.json"} <= names
     assert not any("lora" in key for key in index["weight_map"])
-    assert (logits_of(out) - adapter_logits).abs().max() < 1e-5
+    assert (logits_of(out, ids) - adapter_logits).abs().max() < 1e-5
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging folder left
 
 
