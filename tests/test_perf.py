@@ -1,0 +1,70 @@
+"""Exactness of the performance paths against the plain ones they replace: the fused linear cross-entropy
+(chatglm3.fused_loss) against F.cross_entropy over full float32 logits, in the model on real tiny-model batches
+(packed rows included). Speed itself is measured by benchmarks/bench_train.py, not here."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chatglm3.fused_loss import linear_cross_entropy, row_block_size
+
+
+def reference(hidden, weight, targets):
+    return F.cross_entropy(F.linear(hidden, weight).float(), targets)
+
+
+def loss_and_grads(loss_fn, hidden, weight, targets):
+    hidden = hidden.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(True)
+    loss = loss_fn(hidden, weight, targets)
+    loss.backward()
+    return loss.detach(), hidden.grad, weight.grad
+
+
+@pytest.mark.parametrize("row_block", [1, 40, 64, 0])  # 0 = the device's default block (one block here)
+def test_fused_equals_cross_entropy_fp32(row_block):
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(300, 48), torch.randn(1000, 48) * 0.3
+    targets = torch.randint(0, 1000, (300,))
+    expected = loss_and_grads(reference, hidden, weight, targets)
+    got = loss_and_grads(lambda h, w, y: linear_cross_entropy(h, w, y, row_block=row_block), hidden, weight, targets)
+    for name, e, g in zip(("loss", "hidden grad", "weight grad"), expected, got):
+        assert g.dtype == e.dtype, name
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_fused_frozen_weight_no_grad_and_empty():
+    torch.manual_seed(1)
+    hidden, weight, targets = torch.randn(50, 16), torch.randn(200, 16), torch.randint(0, 200, (50,))
+    h = hidden.clone().requires_grad_(True)
+    linear_cross_entropy(h, weight, targets, row_block=16).backward()  # frozen weight (P-Tuning): only the hidden grad
+    h_ref = hidden.clone().requires_grad_(True)
+    reference(h_ref, weight, targets).backward()
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, row_block=7), reference(hidden, weight, targets))
+    # Twice the scale of the loss, twice the gradient: the backward scales what the forward computed.
+    h2 = hidden.clone().requires_grad_(True)
+    (2 * linear_cross_entropy(h2, weight, targets)).backward()
+    torch.testing.assert_close(h2.grad, 2 * h_ref.grad, rtol=1e-5, atol=1e-6)
+    empty = torch.zeros(0, 16, requires_grad=True)
+    loss = linear_cross_entropy(empty, weight.requires_grad_(True), targets[:0])
+    loss.backward()
+    assert loss.item() == 0 and empty.grad.shape == (0, 16) and weight.grad.abs().sum() == 0
+
+
+def test_fused_bf16_matches_autograd_in_bf16():
+    torch.manual_seed(2)
+    hidden = torch.randn(120, 32).bfloat16()
+    weight = (torch.randn(500, 32) * 0.2).bfloat16()
+    targets = torch.randint(0, 500, (120,))
+    expected = loss_and_grads(reference, hidden, weight, targets)
+    got = loss_and_grads(lambda h, w, y: linear_cross_entropy(h, w, y, row_block=32), hidden, weight, targets)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.bfloat16
+    for name, e, g in zip(("loss", "hidden grad", "weight grad"), expected, got):
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_row_block_bounds_the_logits():
+    cpu = torch.device("cpu")
+    assert row_block_size(65024, cpu) * 65024 * 4 <= 32 * 2**20 and row_block_size(65024, cpu) % 8 == 0
+    assert row_block_size(10**9, cpu) == 8  # never zero rows
