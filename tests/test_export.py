@@ -148,6 +148,7 @@ def test_hf_glm_tokenizer_and_chat_template_give_our_ids(hf_glm_export, golden, 
 
     out, _, ours = hf_glm_export
     theirs = AutoTokenizer.from_pretrained(out)
+    assert set(theirs("皮卡丘")) == {"input_ids", "attention_mask"}  # what generate(**inputs) accepts
     for case in golden["texts"]:
         ids = theirs(case["text"])["input_ids"]
         if _literal_special(case["text"]):  # "<|user|>" written in text: the special token, as in any HF tokenizer

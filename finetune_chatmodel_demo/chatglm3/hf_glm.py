@@ -210,6 +210,7 @@ def save(model, tokenizer, out, max_shard_size="2GB") -> None:
         "tokenizer_class": "PreTrainedTokenizerFast",
         "eos_token": tokenizer.eos_token, "unk_token": tokenizer.unk_token, "pad_token": tokenizer.pad_token,
         "padding_side": "left", "clean_up_tokenization_spaces": False, "model_max_length": config.seq_length,
+        "model_input_names": ["input_ids", "attention_mask"],  # not token_type_ids, which generate() rejects
         "chat_template": chat_template(),
     })
 
