@@ -123,16 +123,15 @@ def token_name(token: str) -> str:
 
 
 def _bpe_merges(sp, vocab: dict) -> list[tuple[str, str]]:
-    """SentencePiece BPE applies the merge whose result has the best score first, and its pieces are numbered
-    best first; so every split of a piece into two pieces is a merge ranked by the piece's id. Byte and control
-    pieces never result from text."""
+    """SentencePiece BPE first applies the merge whose result scores best; so every split of a piece into two
+    pieces is a merge, ranked by the piece's score. Byte and control pieces never result from text."""
     plain = {piece for piece, i in vocab.items() if not (sp.is_byte(i) or sp.is_control(i) or sp.is_unknown(i))}
     merges = []
     for piece in plain:
         for cut in range(1, len(piece)):
             left, right = piece[:cut], piece[cut:]
             if left in plain and right in plain:
-                merges.append((vocab[piece], vocab[left], vocab[right], left, right))
+                merges.append((-sp.get_score(vocab[piece]), vocab[piece], vocab[left], vocab[right], left, right))
     return [(left, right) for *_, left, right in sorted(merges)]
 
 
