@@ -13,12 +13,10 @@ without "content") is an error naming file:line. A ToolAlpaca instance whose ste
 one is reported with its location.
 """
 import json
-import os
-import tempfile
 from collections import Counter
-from pathlib import Path
 
 from .data import DataFormatError, check_conversation, check_input_output, read_json_records
+from .safe_io import check_outputs, write_atomic
 
 
 def _tool_alpaca_conversation(instance) -> list:
@@ -87,16 +85,7 @@ def conversation_lengths(samples) -> Counter:
     return Counter(len(s["conversations"]) for s in samples)
 
 
-def write_jsonl(samples, path) -> None:
-    """All samples or nothing: written beside `path`, then moved over it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for sample in samples:
-                f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+def write_jsonl(samples, path, source) -> None:
+    """All samples or nothing, never over the `--path` file it was made from."""
+    check_outputs({"--path": source}, {"--output": path})
+    write_atomic(path, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))

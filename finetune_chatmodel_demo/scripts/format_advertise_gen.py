@@ -27,7 +27,7 @@ def main(argv=None) -> int:
         samples = advertise_gen_samples(args.path)
         if not samples:
             raise ChatGLMError(f"错误：{args.path} 中没有记录 / Error: {args.path} holds no records")
-        write_jsonl(samples, args.output)
+        write_jsonl(samples, args.output, args.path)
     except ChatGLMError as e:
         print(e, file=sys.stderr)
         return 1
