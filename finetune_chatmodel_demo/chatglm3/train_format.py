@@ -15,22 +15,25 @@ FORMATS = ("multi-turn", "input-output")
 CONFIG_KEY = "train_format"
 
 
-def recorded(model, pt_checkpoint: Optional[str] = None) -> Optional[str]:
-    """The format a P-Tuning checkpoint (its config.json) or else the model's config records, if any."""
-    if pt_checkpoint is not None:
+def recorded(model_path, pt_checkpoint: Optional[str] = None) -> Optional[str]:
+    """The format the P-Tuning checkpoint's config.json records, else the model folder's; None when neither does
+    (a Hub id names a base model, which records none)."""
+    for folder in (pt_checkpoint, model_path):
+        config = Path(folder) / "config.json" if folder is not None else None
+        if config is None or not config.is_file():
+            continue
         try:
-            value = json.loads((Path(pt_checkpoint) / "config.json").read_text(encoding="utf-8")).get(CONFIG_KEY)
+            value = json.loads(config.read_text(encoding="utf-8")).get(CONFIG_KEY)
         except (OSError, ValueError, AttributeError):
-            value = None
+            continue
         if value in FORMATS:
             return value
-    value = getattr(model.config, CONFIG_KEY, None)
-    return value if value in FORMATS else None
+    return None
 
 
-def choose(flag: Optional[str], model, pt_checkpoint: Optional[str] = None) -> str:
+def choose(flag: Optional[str], model_path, pt_checkpoint: Optional[str] = None) -> str:
     """--format when given, else the recorded format, else multi-turn."""
-    return flag or recorded(model, pt_checkpoint) or "multi-turn"
+    return flag or recorded(model_path, pt_checkpoint) or "multi-turn"
 
 
 def raw_prompt_ids(tokenizer, prompt: str) -> list:
