@@ -1,6 +1,7 @@
 """The chat page at `/` in a real headless browser (Debian's chromium through selenium and chromedriver): a
 question sent, the answer streamed onto the page, a tool call shown and answered, screenshots in tmp_path."""
 import json
+import os
 import shutil
 
 import pytest
@@ -9,10 +10,10 @@ import pytest
 from test_api_server import (GREETING, GREETING_ANSWER, OBSERVATION, ANSWER, QUESTION, TOOL, Server,  # noqa: F401
                              trained_model)
 
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
@@ -20,7 +21,8 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 @pytest.fixture
 def browser():
     if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)")
+        missing = "chromium / chromedriver not installed (apt-get install -y chromium chromium-driver)"
+        pytest.fail(missing) if os.environ.get("CI") == "true" else pytest.skip(missing)
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1200,760",
