@@ -221,6 +221,12 @@ def test_upstream_readme_walkthroughs_work_unchanged(checkout, hf_home, upstream
         answered = ok(run(command + ["--max-new-tokens", "8"], demo, env, stdin=prompt))
         assert answered.stdout.count("ChatGLM：") == 1
         assert "input-output" in answered.stderr
+    # ... and multi-turn models in the chat format; evaluate.py follows the record too.
+    chat = ok(run(["python", "inference.py", "--model", str(ft_run), "--prompt", "你好", "--max-new-tokens", "4"], demo, env))
+    assert "multi-turn" in chat.stderr
+    scored = ok(run(["python", "evaluate.py", "--data", "formatted_data/advertise_gen.jsonl", "--model", str(io_ft),
+                     "--max-samples", "2", "--max-new-tokens", "4", "--output", "eval.jsonl"], demo, env))
+    assert json.loads(scored.stdout.strip().splitlines()[-1])["samples"] == 2 and "input-output" in scored.stderr
 
     assert not (upstream_model.parent / "EXECUTED").exists(), "a model code file was executed"
 
@@ -250,6 +256,16 @@ def test_offline_without_a_cache_is_one_line(tmp_path):
     result = run([sys.executable, str(DEMO / "inference.py"), "--model", HUB_ID, "--prompt", "你好"], tmp_path,
                  hub_env(tmp_path / "empty-hf-home"))
     one_line_error(result, 2, HUB_ID, "HF_HUB_OFFLINE=1", str(tmp_path / "empty-hf-home"))
+
+
+def test_automodel_and_autotokenizer_take_the_hub_id_from_the_cache(tmp_path, hf_home, upstream_model):
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import chatglm3; "
+            "from transformers import AutoModel, AutoTokenizer; "
+            "model = AutoModel.from_pretrained('THUDM/chatglm3-6b'); tokenizer = AutoTokenizer.from_pretrained('THUDM/chatglm3-6b'); "
+            "print(type(model).__name__, type(tokenizer).__name__, model.config.num_layers)")
+    result = ok(run([sys.executable, "-c", code, str(DEMO)], tmp_path, hub_env(hf_home)))
+    assert result.stdout.split() == ["ChatGLMForConditionalGeneration", "ChatGLMTokenizer", "2"]
+    assert not (upstream_model.parent / "EXECUTED").exists()
 
 
 def test_a_local_folder_wins_over_the_hub_id(tmp_path, tiny_model, monkeypatch):
