@@ -44,7 +44,8 @@ ALLOWED_GLOBALS = (
 RESUME_FILES = ("global_step*/*.pt", "rng_state*.pth", "optimizer.pt", "scheduler.pt", "scaler.pt",
                 "*.safetensors", "pytorch_model*.bin", "*.json")
 _UNSAFE = "Weights only load failed"
-_WHAT_RE = re.compile(r"GLOBAL ([\w.]+)|WeightsUnpickler error:\s*(.+)")
+_GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
+_OTHER_RE = re.compile(r"WeightsUnpickler error:\s*(.+)")  # a disallowed instruction rather than a global
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6; older files are plain pickles
 _torch_load = torch.load  # the real one, kept before only_safe_torch_load replaces it
 
@@ -95,8 +96,8 @@ def torch_load(file, map_location="cpu", mmap: bool = False):
             return _torch_load(file, map_location=map_location, weights_only=True, mmap=mmap or None)
     except pickle.UnpicklingError as e:
         if _UNSAFE in str(e):
-            found = _WHAT_RE.search(str(e))
-            raise _unsafe(name, (found.group(1) or found.group(2)).strip() if found else "?") from None
+            found = _GLOBAL_RE.search(str(e)) or _OTHER_RE.search(str(e))
+            raise _unsafe(name, found.group(1).strip() if found else "?") from None
         raise _corrupt(name, e) from None
     except (RuntimeError, EOFError, OSError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
         raise _corrupt(name, e) from None
