@@ -152,7 +152,7 @@ def test_hf_glm_tokenizer_and_chat_template_give_our_ids(hf_glm_export, golden, 
     for case in golden["texts"]:
         ids = theirs(case["text"])["input_ids"]
         if _literal_special(case["text"]):  # "<|user|>" written in text: the special token, as in any HF tokenizer
-            assert ids[2:] == [conversation.SPECIAL_TOKENS.index("<|user|>") + 64789]
+            assert ids[2:] == [golden["special"]["<|user|>"]]
             continue
         assert ids == case["ids_with_special"], case["text"]
         assert theirs.decode(case["ids"]) == case["decoded"]
@@ -170,7 +170,8 @@ def test_hf_glm_tokenizer_and_chat_template_give_our_ids(hf_glm_export, golden, 
     messages = [{"role": "user", "content": "皮卡丘是什么属性？"}]
     ids = theirs.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert ids == conversation.prompt_ids(ours, [conversation.tool_system_message(tools)] + messages)
-    assert theirs.decode(conversation.prompt_ids(ours, messages)[3:-1]) == "\n " + messages[0]["content"]
+    reply = conversation.prompt_ids(ours, messages)[3:-1]  # what follows a role token: "\n" and the text
+    assert theirs.decode(reply) == ours.decode(reply) == "\n " + messages[0]["content"]
 
 
 def test_tokenizer_json_matches_sentencepiece_on_real_and_random_text(real_tokenizer, tiny_model, shared):
