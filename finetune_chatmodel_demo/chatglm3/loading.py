@@ -1,12 +1,11 @@
 """The one loading path of every script, of training and of resuming: tokenizer, base or fine-tuned model,
 P-Tuning v2 prefix, device and dtype. Sits above model, tokenizer and checkpoint (none of them imports it)."""
-import json
 from pathlib import Path
 
 import torch
 
 from . import conversation
-from .checkpoint import PREFIX_KEY, iter_tensors, parse_dtype, weight_files
+from .checkpoint import PREFIX_KEY, iter_tensors, parse_dtype, read_config, weight_files
 from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
 from .tokenizer import ChatGLMTokenizer
@@ -28,13 +27,9 @@ def resolve_dtype(value, device) -> torch.dtype:
 
 def read_ptuning_config(path) -> dict:
     """`pre_seq_len` / `prefix_projection` from a P-Tuning checkpoint's config.json, if it has one."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
+    if not (Path(path) / "config.json").is_file():
         return {}
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ChatGLMError(f"{config_file}: 不是合法的 JSON / not valid JSON: {e}") from None
+    data = read_config(Path(path))
     return {k: data[k] for k in ("pre_seq_len", "prefix_projection") if data.get(k) is not None}
 
 
