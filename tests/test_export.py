@@ -204,13 +204,21 @@ def test_bad_input_is_one_line_and_writes_nothing(base, shared, adapter, tmp_pat
     assert "nope" in error(capsys, "--model", tmp_path / "nope", "--output", out)
     assert "nope" in error(capsys, "--model", base, "--adapter", tmp_path / "nope", "--output", out)
     assert "adapter_config.json" in error(capsys, "--model", base, "--adapter", base, "--output", out)
+    assert "--adapter" in error(capsys, "--model", adapter[0], "--output", out)  # flags swapped
     other = ChatGLMForConditionalGeneration(ChatGLMConfig(num_layers=2, hidden_size=16, num_attention_heads=2, kv_channels=8,
                                                            ffn_hidden_size=24, padded_vocab_size=128))
     lora_adapter(other, tmp_path / "other-adapter")
     assert "size mismatch" in error(capsys, "--model", base, "--adapter", tmp_path / "other-adapter", "--output", out)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["other-adapter"]  # nothing half-written
+    bare = tmp_path / "bare"  # weights without tokenizer files
+    bare.mkdir()
+    for f in base.iterdir():
+        if not f.name.startswith("tokenizer"):
+            (bare / f.name).symlink_to(f)
+    assert "--tokenizer" in error(capsys, "--model", bare, "--output", out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "other-adapter"]  # nothing half-written
+    assert export("--model", bare, "--tokenizer", shared / "chatglm3-tokenizer", "--output", out) == 0
+    assert (out / "tokenizer.model").is_file()
 
-    out.mkdir()
     (out / "keep.txt").write_text("mine")
     assert "--force" in error(capsys, "--model", base, "--output", out)
     assert (out / "keep.txt").read_text() == "mine"

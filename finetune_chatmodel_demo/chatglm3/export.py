@@ -87,8 +87,9 @@ def write_model(model, tokenizer, folder: Path, fmt: str, max_shard_size) -> Non
 
 
 def export(model_dir, out, fmt: str = "chatglm", adapter_dir=None, dtype=None, force: bool = False,
-           max_shard_size="2GB") -> Path:
-    """Writes the model folder `out`; `dtype` defaults to the checkpoint's own (config.json), else float32."""
+           max_shard_size="2GB", tokenizer_dir=None) -> Path:
+    """Writes the model folder `out`; `dtype` defaults to the checkpoint's own (config.json), else float32;
+    the tokenizer comes from `tokenizer_dir`, else from `model_dir`."""
     if fmt not in FORMATS:
         raise ChatGLMError(f"未知格式 / unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     model_dir, out = Path(model_dir), Path(out)
@@ -98,7 +99,7 @@ def export(model_dir, out, fmt: str = "chatglm", adapter_dir=None, dtype=None, f
     if fmt == "hf-glm":
         hf_glm.check_convertible(ChatGLMConfig.from_dict(config))
     dtype = parse_dtype(dtype or config_dtype(config) or "float32")
-    model, tokenizer = load_model_and_tokenizer(model_dir, device="cpu", dtype=dtype)
+    model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_path=tokenizer_dir, device="cpu", dtype=dtype)
     if adapter_dir is not None:
         model = merge_lora(model, adapter_dir)
     staging = out.parent / f".{out.name}.export-{os.getpid()}.tmp"

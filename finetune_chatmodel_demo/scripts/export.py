@@ -15,6 +15,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="基座模型或全参微调检查点目录 / base model or full fine-tuning checkpoint folder")
     p.add_argument("--adapter", default=None, help="要合并的 LoRA 适配器目录（PEFT 格式）/ LoRA adapter folder to merge (PEFT format)")
+    p.add_argument("--tokenizer", default=None, help="分词器目录，默认与 --model 相同 / tokenizer folder (default: --model)")
     p.add_argument("--output", required=True, help="输出目录 / output folder")
     p.add_argument("--format", default="chatglm", choices=FORMATS,
                    help="chatglm: 官方 ChatGLM3 格式（默认）/ the official ChatGLM3 layout (default); "
@@ -25,7 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--force", action="store_true", help="输出目录非空时替换它 / replace a non-empty output folder")
     a = p.parse_args(argv)
     try:
-        out = export(a.model, a.output, a.format, adapter_dir=a.adapter, dtype=a.dtype, force=a.force, max_shard_size=a.max_shard_size)
+        out = export(a.model, a.output, a.format, adapter_dir=a.adapter, dtype=a.dtype, force=a.force,
+                     max_shard_size=a.max_shard_size, tokenizer_dir=a.tokenizer)
     except ChatGLMError as e:
         print(f"错误 / Error: {e}", file=sys.stderr)
         return 1
