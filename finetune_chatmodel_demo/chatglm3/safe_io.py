@@ -2,14 +2,15 @@
 
 `check_outputs` runs before any work: an output may not be one of the inputs or another output (same resolved
 path, or same file through a link: inode and device), and must be a regular file or a new path whose nearest
-existing folder is a folder. `write_atomic` writes through a temporary file in the same folder and renames it
+existing folder is a folder. `check_inputs` refuses a device as an input (/dev/zero would be read forever); a
+pipe is fine (`--path <(zcat data.json.gz)`). `write_atomic` writes through a temporary file in the same folder and renames it
 over the target, so a failure (a full disk) leaves the old file as it was.
 """
 import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Mapping
 
 from .errors import ChatGLMError
 
@@ -39,16 +40,30 @@ def _check_writable_path(label: str, path: Path) -> None:
                            f"{parent} is not a folder")
 
 
-def check_outputs(inputs: Mapping[str, Optional[os.PathLike]] = None,
-                  outputs: Mapping[str, Optional[os.PathLike]] = None) -> None:
+def _paths(named) -> list:
+    """(label, Path) pairs from a mapping or from pairs (a label may repeat: the files of one folder flag)."""
+    pairs = named.items() if isinstance(named, Mapping) else (named or ())
+    return [(label, Path(path)) for label, path in pairs if path is not None]
+
+
+def check_inputs(inputs) -> None:
+    """Refuse an input that is a device. `inputs`: {flag: path} or (flag, path) pairs; None paths are skipped."""
+    for label, path in _paths(inputs):
+        if path.exists() and (path.is_char_device() or path.is_block_device()):
+            raise ChatGLMError(f"错误：输入 {label} {path} 是设备，不是文件 / Error: input {label} {path} is a device, "
+                               "not a file")
+
+
+def check_outputs(inputs=None, outputs=None) -> None:
     """Refuse (ChatGLMError, one line naming both flags) an output that is an input or another output, or that
-    cannot be a file. Keys are what the user typed (flag names), values paths; None values are skipped."""
-    inputs = {k: Path(v) for k, v in (inputs or {}).items() if v is not None}
-    outputs = {k: Path(v) for k, v in (outputs or {}).items() if v is not None}
+    cannot be a file, and a device as input. `inputs`, `outputs`: {flag: path} or (flag, path) pairs, the flag
+    being what the user typed; None paths are skipped."""
+    check_inputs(inputs)
+    inputs, outputs = _paths(inputs), _paths(outputs)
     seen = []
-    for label, path in outputs.items():
+    for label, path in outputs:
         _check_writable_path(label, path)
-        for input_label, input_path in inputs.items():
+        for input_label, input_path in inputs:
             if _same(path, input_path):
                 raise ChatGLMError(f"错误：输出 {label} {path} 与输入 {input_label} {input_path} 是同一个文件，会被覆盖 / "
                                    f"Error: output {label} {path} is the input {input_label} {input_path}; choose "
