@@ -4,13 +4,18 @@
 path, or same file through a link: inode and device), and must be a regular file or a new path whose nearest
 existing folder is a folder. `check_inputs` refuses a device as an input (/dev/zero would be read forever); a
 pipe is fine (`--path <(zcat data.json.gz)`). `write_atomic` writes through a temporary file in the same folder and renames it
-over the target, so a failure (a full disk) leaves the old file as it was.
+over the target, so a failure (a full disk) leaves the old file as it was. `reported_write_errors` turns a write
+that fails into one line naming what was being written, why, and the space left.
 """
+import contextlib
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
 from typing import Mapping
+
+from safetensors import SafetensorError
 
 from .errors import ChatGLMError
 
@@ -101,3 +106,24 @@ def write_atomic(path, data) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _free_gib(path: Path) -> float:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free / 2**30
+
+
+@contextlib.contextmanager
+def reported_write_errors(target, hint=("", "")):
+    """A write into `target` (a file or folder) that fails inside the block, for lack of space or otherwise,
+    becomes one ChatGLMError line: the target, the reason, the space left, then `hint` (Chinese, English)."""
+    try:
+        yield
+    except ChatGLMError:
+        raise
+    except (OSError, RuntimeError, SafetensorError) as e:  # Python's own files, torch.save, safetensors
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else (str(e).strip().splitlines() or [""])[0]
+        free = _free_gib(Path(target).absolute())
+        raise ChatGLMError(f"错误：写入 {target} 失败：{reason}（所在磁盘剩余 {free:.1f} GiB）{hint[0]} / Error: writing "
+                           f"{target} failed: {reason} ({free:.1f} GiB free on its disk){hint[1]}") from None
