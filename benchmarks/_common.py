@@ -9,6 +9,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,6 +90,50 @@ def matmul_params(model) -> int:
     """Weights that take part in matrix multiplies (every nn.Linear, the output layer included; not the
     embedding lookup): the N of the usual 2N FLOPs per token forward."""
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def step_flops(model, batch: dict, train_weights: bool, logits_everywhere: bool) -> float:
+    """Floating-point operations of one training step's matrix multiplies, as this project counts them: the
+    transformer's linear layers at every position the batch holds (padding included: it is computed), 2 FLOPs
+    per weight and position forward, 2 backward to the activations, 2 more for weight gradients when the
+    weights train; the output layer likewise at every position (`logits_everywhere`, upstream's loss) or only at
+    the labelled ones (the model's loss); attention as causal attention within each conversation plus the
+    P-Tuning prefix (4 x head_dim FLOPs per query-key pair forward, twice that backward)."""
+    config = model.config
+    passes = 3 if train_weights else 2
+    body = sum(m.weight.numel() for m in model.transformer.encoder.modules() if isinstance(m, torch.nn.Linear))
+    head = model.transformer.output_layer.weight.numel()
+    positions = batch["input_ids"].numel()
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    pairs = 0
+    for row in batch["attention_mask"].tolist():
+        for segment in set(row) - {0}:
+            n = row.count(segment)
+            pairs += n * (config.pre_seq_len or 0) + n * (n + 1) // 2
+    attention = 12 * config.kv_channels * config.num_attention_heads * config.num_layers * pairs
+    return 2 * passes * (body * positions + head * (positions if logits_everywhere else labelled)) + attention
+
+
+def matmul_peak_gflops(device: str, seconds: float = 1.5) -> dict:
+    """This machine's float32 matrix-multiply rate (GFLOP/s, best over `seconds` of 2048^3 products), through
+    aten::mm (MKL on the CPU) and, on the CPU, through oneDNN (the kernel chatglm3.fused_loss uses)."""
+    n = 2048
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    kernels = {"aten_mm": lambda: a @ b}
+    if device == "cpu" and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    best = {}
+    for name, kernel in kernels.items():
+        fastest, deadline = float("inf"), time.perf_counter() + seconds / len(kernels)
+        kernel()
+        while time.perf_counter() < deadline:
+            synchronize(device)
+            start = time.perf_counter()
+            kernel()
+            synchronize(device)
+            fastest = min(fastest, time.perf_counter() - start)
+        best[name] = 2 * n**3 / fastest / 1e9
+    return best
 
 
 # --- tokenizer and data ---------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import argparse
 import datetime
 import json
 import multiprocessing
+import os
 import random
 import statistics
 import sys
@@ -52,7 +53,13 @@ STRATEGIES = {
     "packing": "序列打包 / packing (several conversations per row)",
 }
 BASELINE = "pad_to_max"
-JSON_KEYS = ("useful_tokens_per_s", "padded_tokens_per_s", "padding_share", "peak_mem_mb", "loss", "ratio_to_pad_to_max")
+JSON_KEYS = ("useful_tokens_per_s", "padded_tokens_per_s", "padding_share", "peak_mem_mb", "loss", "ratio_to_pad_to_max", "gflops_per_s")
+# Operator kinds of the --profile summary, matched on the profiler's operator names.
+OP_KINDS = {
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise"),
+    "attention": ("scaled_dot_product", "flash_attention", "efficient_attention"),
+    "softmax/cross-entropy": ("softmax", "nll_loss", "cross_entropy", "logsumexp", "aten::exp", "aten::amax"),
+}
 
 
 # --- batches -------------------------------------------------------------------------------------------------------
@@ -129,43 +136,69 @@ class StrategyRun:
             self.model.gradient_checkpointing_enable()
         self.model.train()
         self.optimizer = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=args.lr)
-        self.timed: list[tuple[float, dict, float]] = []  # (seconds, token counts, loss) of each timed step
+        self.timed: list[tuple[float, dict, float, float]] = []  # (seconds, token counts, loss, FLOPs) of each timed step
         self.done = 0
         _common.reset_peak_memory(device)  # the peak covers the training steps (model and batches are resident)
+
+    def _train_step(self, batch: dict) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = strategy_loss(self.strategy, self.model, batch)
+        loss.backward()
+        self.optimizer.step()
+        return loss
 
     def step(self) -> str:
         index = self.picks[self.done]
         batch = {key: value.to(self.device) for key, value in self.batches[index].items()}
         _common.synchronize(self.device)
         start = time.perf_counter()
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = strategy_loss(self.strategy, self.model, batch)
-        loss.backward()
-        self.optimizer.step()
+        loss = self._train_step(batch)
         _common.synchronize(self.device)
         seconds = time.perf_counter() - start
         self.done += 1
         timed = self.done > self.args.warmup
         if timed:
-            self.timed.append((seconds, batch_counts(self.batches[index]), loss.item()))
+            flops = _common.step_flops(self.model, self.batches[index], self.args.full, self.strategy == BASELINE)
+            self.timed.append((seconds, batch_counts(self.batches[index]), loss.item(), flops))
         return (f"  {self.strategy}: {'step' if timed else 'warm-up'} {self.done}/{len(self.picks)} "
                 f"{tuple(batch['input_ids'].shape)} {seconds:.2f}s loss {loss.item():.4f}")
 
+    def profile(self) -> dict:
+        """One more step (the first picked batch) under torch.profiler: share of the step's operator time per
+        kind of operator, and the costliest operators."""
+        from torch.profiler import ProfilerActivity, profile
+
+        cuda = self.device.startswith("cuda")
+        batch = {key: value.to(self.device) for key, value in self.batches[self.picks[0]].items()}
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            self._train_step(batch)
+            _common.synchronize(self.device)
+        times = {e.key: (e.self_device_time_total if cuda else e.self_cpu_time_total) for e in prof.key_averages()}
+        total = sum(times.values()) or 1
+        kinds = dict.fromkeys([*OP_KINDS, "other"], 0.0)
+        for name, t in times.items():
+            kind = next((k for k, patterns in OP_KINDS.items() if any(p in name for p in patterns)), "other")
+            kinds[kind] += t / total
+        top = sorted(times.items(), key=lambda kv: -kv[1])[:5]
+        return {"kinds": {k: round(v, 4) for k, v in kinds.items()}, "top": [(name, round(t / total, 4)) for name, t in top]}
+
     def summary(self) -> dict:
         def rate(kind):
-            return statistics.median(counts[kind] / seconds for seconds, counts, _ in self.timed)
+            return statistics.median(counts[kind] / seconds for seconds, counts, _, _ in self.timed)
 
-        useful = sum(counts["useful"] for _, counts, _ in self.timed)
-        padded = sum(counts["padded"] for _, counts, _ in self.timed)
+        useful = sum(counts["useful"] for _, counts, _, _ in self.timed)
+        padded = sum(counts["padded"] for _, counts, _, _ in self.timed)
         return {
             "useful_tokens_per_s": rate("useful"),
             "padded_tokens_per_s": rate("padded"),
             "labelled_tokens_per_s": rate("labelled"),
             "padding_share": 1 - useful / padded,
             "peak_mem_mb": _common.peak_memory_mb(self.device),
-            "loss": statistics.fmean(loss for _, _, loss in self.timed),
-            "step_s": statistics.median(seconds for seconds, _, _ in self.timed),
+            "loss": statistics.fmean(loss for _, _, loss, _ in self.timed),
+            "step_s": statistics.median(seconds for seconds, _, _, _ in self.timed),
+            "gflops_per_s": statistics.median(flops / seconds for seconds, _, _, flops in self.timed) / 1e9,
             "batches_per_epoch": len(self.batches),
+            **({"profile": self.profile()} if self.args.profile else {}),
         }
 
 
@@ -234,13 +267,14 @@ def run_strategies(strategies, items, tokenizer, args, device, dtype) -> dict:
 
 # --- report --------------------------------------------------------------------------------------------------------
 def table(results: dict) -> str:
-    head = f"{'strategy':<21} {'useful tok/s':>12} {'padded tok/s':>12} {'padding':>8} {'peak MB':>8} {'loss':>7} {'× pad_to_max':>12}"
+    head = (f"{'strategy':<21} {'useful tok/s':>12} {'padded tok/s':>12} {'padding':>8} {'peak MB':>8} {'loss':>7} {'× pad_to_max':>12} "
+            f"{'GFLOP/s':>8} {'% peak':>6}")
     lines = [head, "-" * len(head)]
     for name, r in results.items():
         ratio = f"{r['ratio_to_pad_to_max']:.2f}×" if r["ratio_to_pad_to_max"] is not None else "-"
         lines.append(
             f"{name:<21} {r['useful_tokens_per_s']:>12.1f} {r['padded_tokens_per_s']:>12.1f} {r['padding_share']:>8.1%} "
-            f"{r['peak_mem_mb']:>8.0f} {r['loss']:>7.3f} {ratio:>12}"
+            f"{r['peak_mem_mb']:>8.0f} {r['loss']:>7.3f} {ratio:>12} {r['gflops_per_s']:>8.1f} {r['peak_share']:>6.0%}"
         )
     return "\n".join(lines)
 
@@ -270,6 +304,8 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, help="torch CPU 线程数 / torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-isolate", action="store_true", help="所有策略在同一进程中运行（更快，峰值内存不再独立）/ run all "
                                                                    "strategies in this process (faster; peak memory no longer separate)")
+    parser.add_argument("--profile", action="store_true", help="每个策略再跑一步 torch.profiler，打印各类算子的时间占比 / one more "
+                                                                "step per strategy under torch.profiler: time share per kind of operator")
     parser.add_argument("--json", action="store_true", help="最后一行输出一个 JSON 对象 / print one JSON object as the last line")
     _common.add_shape_args(parser)
     args = parser.parse_args(argv)
@@ -305,8 +341,20 @@ def main(argv=None):
         items = items[:args.max_samples]
     lengths = [len(item["input_ids"]) for item in items]
 
+    # Stdout is written once the run is over (the matmul peak is measured after the strategies), with the
+    # machine's load as it was when the run began.
+    started = f"# bench_train.py  {datetime.datetime.now():%Y-%m-%d %H:%M}  {_common.machine_line(device, dtype)}"
+    results = run_strategies(args.strategies, items, tokenizer, args, device, dtype)
+    progress("测量矩阵乘峰值 / measuring the float32 matmul peak ...")
+    peaks = _common.matmul_peak_gflops(device)
+    peak = max(peaks.values())
+    baseline = results.get(BASELINE)
+    for r in results.values():
+        r["ratio_to_pad_to_max"] = r["useful_tokens_per_s"] / baseline["useful_tokens_per_s"] if baseline else None
+        r["peak_share"] = r["gflops_per_s"] / peak
+
     method = "full fine-tuning" if args.full else f"P-Tuning v2 (pre_seq_len {args.pre_seq_len})"
-    print(f"# bench_train.py  {datetime.datetime.now():%Y-%m-%d %H:%M}  {_common.machine_line(device, dtype)}")
+    print(started)
     print(f"# model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads x {args.kv_channels}, {args.kv_groups} KV groups, "
           f"ffn {args.ffn}, vocab {args.vocab}; {method}, AdamW lr {args.lr:g}"
           + (", gradient checkpointing" if args.gradient_checkpointing else ""))
@@ -315,13 +363,15 @@ def main(argv=None):
           f"{args.warmup} warm-up + {args.steps} timed steps (median)")
     print("# pad_to_max computes the loss the upstream way (float32 logits over the full vocabulary at every position); "
           "the other rows use the model's loss (labelled positions only)")
-
-    results = run_strategies(args.strategies, items, tokenizer, args, device, dtype)
-    baseline = results.get(BASELINE)
-    for r in results.values():
-        r["ratio_to_pad_to_max"] = r["useful_tokens_per_s"] / baseline["useful_tokens_per_s"] if baseline else None
-
+    print(f"# float32 matmul peak measured after the steps (2048^3, best): {', '.join(f'{k} {v:.0f}' for k, v in peaks.items())} "
+          f"GFLOP/s; GFLOP/s column = matmul FLOPs the step computes (benchmarks/_common.step_flops) / step time (median); "
+          f"% peak = GFLOP/s / {peak:.0f}" + (f"; load average at the end {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""))
     print(table(results))
+    for name, r in results.items():
+        if "profile" in r:
+            kinds = ", ".join(f"{kind} {share:.0%}" for kind, share in r["profile"]["kinds"].items())
+            top = ", ".join(f"{op} {share:.0%}" for op, share in r["profile"]["top"])
+            print(f"# profile {name}: {kinds}; top operators: {top}")
     if args.json:
         print(json.dumps({name: {key: (round(value, 4) if isinstance(value, float) else value) for key, value in r.items()}
                           for name, r in results.items()}, ensure_ascii=False))
