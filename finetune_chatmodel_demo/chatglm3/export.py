@@ -2,7 +2,6 @@
 into its weights, in upstream's ChatGLM3 layout (the layout of a full fine-tuning checkpoint) or as transformers'
 built-in GLM (`hf_glm`). The folder is written next to its destination under a temporary name and renamed at
 the end, so a failed export leaves nothing behind."""
-import json
 import os
 import shutil
 from pathlib import Path
@@ -70,19 +69,11 @@ def merge_lora(model, adapter_dir: Path):
     return merged.merge_and_unload()
 
 
-def _record_dtype(config_file: Path, dtype) -> None:
-    """config.json says the dtype the weights were written in (the loaded config says the source's)."""
-    data = json.loads(config_file.read_text(encoding="utf-8"))
-    data["dtype"] = data["torch_dtype"] = str(dtype).replace("torch.", "")
-    config_file.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-
-
 def write_model(model, tokenizer, folder: Path, fmt: str, max_shard_size) -> None:
     if fmt == "hf-glm":
         hf_glm.save(model, tokenizer, folder, max_shard_size=max_shard_size)
         return
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
-    _record_dtype(folder / "config.json", model.get_input_embeddings().weight.dtype)
+    model.save_pretrained(folder, max_shard_size=max_shard_size)  # records the dtype written (compat.record_dtype)
     tokenizer.save_pretrained(str(folder))
 
 
