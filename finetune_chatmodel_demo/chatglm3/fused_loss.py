@@ -18,6 +18,23 @@ import torch
 _BLOCK_BYTES = {"cpu": 32 * 2**20, "cuda": 1024 * 2**20}
 
 
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _use_onednn(t: torch.Tensor) -> bool:
+    """Float32 matrix multiplies on the CPU go through oneDNN (the kernel torch.compile's CPU backend uses for
+    linear layers): MKL's sgemm, behind aten::mm, keeps to AVX2 on AMD processors, and oneDNN measured 1.7-2x
+    faster on this project's AVX-512 machine (benchmarks/README.md). Same float32 arithmetic, another summation order."""
+    return _ONEDNN and t.device.type == "cpu" and t.dtype == torch.float32
+
+
+def _matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T (b laid out as a linear layer's [out, in] weight)."""
+    if _use_onednn(a) and b.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+    return a @ b.T
+
+
 def row_block_size(vocab_size: int, device: torch.device) -> int:
     budget = _BLOCK_BYTES.get(device.type, _BLOCK_BYTES["cuda"])
     return max(8, budget // (4 * vocab_size) // 8 * 8)
@@ -46,9 +63,11 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_weight else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        # grad_hidden = grad_logits @ weight, i.e. a linear layer of weight [h, vocab]: oneDNN wants it contiguous.
+        weight_t = weight.T.contiguous() if want_hidden and _use_onednn(weight) else weight.T
         for start in range(0, hidden.shape[0], row_block):
             h, y = hidden[start:start + row_block], targets[start:start + row_block]
-            logits = (h @ weight.T).float()  # [rows, vocab]; the one tensor of the block's size
+            logits = _matmul_nt(h, weight).float()  # [rows, vocab]; the one tensor of the block's size
             rows = torch.arange(h.shape[0], device=h.device)
             target_logit = logits[rows, y]
             peak = logits.amax(dim=-1, keepdim=True)
@@ -62,7 +81,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_logits[rows, y] -= 1  # d(loss)/d(logits) = softmax - one-hot
             grad_logits = grad_logits.to(hidden.dtype)
             if want_hidden:
-                torch.mm(grad_logits, weight, out=grad_hidden[start:start + row_block])
+                grad_hidden[start:start + row_block] = _matmul_nt(grad_logits, weight_t)
             if want_weight:
                 grad_weight += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
