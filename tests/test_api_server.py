@@ -2,11 +2,9 @@
 official `openai` client."""
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -209,20 +207,47 @@ def test_multi_turn_and_system_prompt_equal_model_chat(server, reference):
     assert answer.choices[0].message.content == expected
 
 
+def together(server, questions: list, max_tokens) -> list:
+    """Greedy answers to all `questions`, sent at once; question i asks for max_tokens(i) new tokens."""
+    async def send():
+        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0) as aclient:
+            replies = await asyncio.gather(*[
+                aclient.chat.completions.create(model=server.model, messages=[{"role": "user", "content": q}],
+                                                temperature=0, max_tokens=max_tokens(i))
+                for i, q in enumerate(questions)])
+        return [r.choices[0].message.content for r in replies]
+
+    return asyncio.run(send())
+
+
 def test_batched_answers_equal_one_at_a_time(server):
     client = server.client()
     alone = [ask(client, server.model, q, temperature=0, max_tokens=12 + 3 * i).choices[0].message.content
              for i, q in enumerate(QUESTIONS)]
+    assert together(server, QUESTIONS, lambda i: 12 + 3 * i) == alone
 
-    async def together():
-        async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0) as aclient:
-            replies = await asyncio.gather(*[
-                aclient.chat.completions.create(model=server.model, messages=[{"role": "user", "content": q}],
-                                                temperature=0, max_tokens=12 + 3 * i)
-                for i, q in enumerate(QUESTIONS)])
-        return [r.choices[0].message.content for r in replies]
 
-    assert asyncio.run(together()) == alone
+@pytest.fixture(scope="module")
+def ptuning_checkpoint(tiny_model, tmp_path_factory) -> Path:
+    """A P-Tuning v2 checkpoint for the tiny model: a random prefix of 4, large enough to change the answers."""
+    model, _ = load_model_and_tokenizer(str(tiny_model), pre_seq_len=4)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.transformer.prefix_encoder.embedding.weight, std=1.0)
+    out = tmp_path_factory.mktemp("ptuning")
+    model.save_pretrained(out)
+    return out
+
+
+def test_ptuning_answers_equal_model_chat_alone_and_batched(tiny_model, ptuning_checkpoint, reference, tmp_path):
+    tuned = load_model_and_tokenizer(str(tiny_model), pt_checkpoint=str(ptuning_checkpoint))
+    expected = [chat_greedy(tuned, q, 10 + 2 * i) for i, q in enumerate(QUESTIONS[:4])]
+    assert expected != [chat_greedy(reference, q, 10 + 2 * i) for i, q in enumerate(QUESTIONS[:4])]
+    with Server(tiny_model, "--pt-checkpoint", str(ptuning_checkpoint), log=tmp_path / "server.log") as server:
+        client = server.client()
+        alone = [ask(client, server.model, q, temperature=0, max_tokens=10 + 2 * i).choices[0].message.content
+                 for i, q in enumerate(QUESTIONS[:4])]
+        assert alone == expected
+        assert together(server, QUESTIONS[:4], lambda i: 10 + 2 * i) == expected
 
 
 def test_stop_strings_and_seeded_sampling(server):

@@ -122,10 +122,15 @@ class Engine:
             with torch.no_grad():
                 action(*args)
         except Exception as e:  # noqa: BLE001 - reported to every affected client
-            failed = self._jobs + [a for a in args if isinstance(a, Job) and a not in self._jobs]
+            message = f"{type(e).__name__}: {e}"
+            newcomer = args[0] if args else None
+            if newcomer is not None and newcomer not in self._jobs:  # failed before joining: the batch is intact
+                self._fail(newcomer, message)
+                return
+            failed = self._jobs
             self._reset_batch()
             for job in failed:
-                self._fail(job, f"{type(e).__name__}: {e}")
+                self._fail(job, message)
 
     def _fail(self, job: Job, message: str):
         job.error = message
