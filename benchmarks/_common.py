@@ -92,18 +92,18 @@ def matmul_params(model) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
 
 
-def step_flops(model, batch: dict, train_weights: bool, logits_everywhere: bool) -> float:
+def step_flops(model, batch: dict, train_weights: bool, logits_everywhere: bool, padding: bool = True) -> float:
     """Floating-point operations of one training step's matrix multiplies, as this project counts them: the
-    transformer's linear layers at every position the batch holds (padding included: it is computed), 2 FLOPs
-    per weight and position forward, 2 backward to the activations, 2 more for weight gradients when the
-    weights train; the output layer likewise at every position (`logits_everywhere`, upstream's loss) or only at
-    the labelled ones (the model's loss); attention as causal attention within each conversation plus the
-    P-Tuning prefix (4 x head_dim FLOPs per query-key pair forward, twice that backward)."""
+    transformer's linear layers at every position the batch holds (`padding` False: at its real tokens only,
+    the model FLOPs of MFU), 2 FLOPs per weight and position forward, 2 backward to the activations, 2 more for
+    weight gradients when the weights train; the output layer likewise at those positions (`logits_everywhere`,
+    upstream's loss) or only at the labelled ones (the model's loss); attention as causal attention within each
+    conversation plus the P-Tuning prefix (4 x head_dim FLOPs per query-key pair forward, twice that backward)."""
     config = model.config
     passes = 3 if train_weights else 2
     body = sum(m.weight.numel() for m in model.transformer.encoder.modules() if isinstance(m, torch.nn.Linear))
     head = model.transformer.output_layer.weight.numel()
-    positions = batch["input_ids"].numel()
+    positions = batch["input_ids"].numel() if padding else int((batch["attention_mask"] > 0).sum())
     labelled = int((batch["labels"][:, 1:] != -100).sum())
     pairs = 0
     for row in batch["attention_mask"].tolist():

@@ -147,7 +147,13 @@ def test_gpu_bench_dry_run():
     result = subprocess.run(["bash", str(BENCH / "gpu_bench.sh"), "--dry-run"], capture_output=True, text=True, cwd=REPO,
                             timeout=600, env={**__import__("os").environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    configs = [(r["method"], r["seq"], r["batch"], r["grad_ckpt"]) for r in report["results"]]
-    assert configs == [("p-tuning", s, b, c) for s in (32, 64) for b in (1, 2) for c in (False, True)] + [("full", 32, 1, True), ("full", 32, 2, True)]
-    assert all(not r["oom"] and r["tokens_per_s"] > 0 and math.isfinite(r["loss"]) for r in report["results"])
+    lines = result.stdout.strip().splitlines()
+    report = json.loads(lines[-1])
+    rows = report["rows"]
+    assert [r.get("strategy") for r in rows[:4]] == ["pad_to_max", "dynamic", "grouped", "packing"]
+    assert all(not r["oom"] and r["useful_tokens_per_s"] > 0 and 0 <= r["mfu"] < 1 and math.isfinite(r["loss"]) for r in rows[:4])
+    assert [r["batch"] for r in rows[4:]] == [1, 16]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows[4:])
+    # One Markdown table: a header, its rule, a row per training strategy and two per generation batch size.
+    table = [line for line in lines[:-1] if line.startswith("|")]
+    assert len(table) == 2 + 4 + 4 and table[1].startswith("| ---") and "1.00×" in table[2]

@@ -1,0 +1,223 @@
+"""Everything measured on one GPU in one run of at most 5 minutes, at chatglm3-6b's exact shape in bf16.
+
+Training, P-Tuning v2 (upstream's recipe: pre_seq_len 128, max_seq_length 2048): upstream's way (every sample
+padded to max_seq_length, float32 logits over the whole vocabulary at every position) beside this project's
+dynamic padding, length-grouped batches and packing, on the Pokémon conversations (the data pipeline, real
+tokenizer). Per row: useful (non-padding) tokens/s, its ratio to upstream's, step time, peak GPU memory, MFU.
+Generation with the KV cache, batch 1 and 16: prefill tokens/s and decode tokens/s.
+
+Output: header lines (#), one Markdown table a README can take as it is, and one JSON line (the last).
+Run through benchmarks/gpu_bench.sh; `--dry-run` runs a tiny shape on the CPU, one step each (what the tests run).
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
+from _common import BenchError, ChatGLMError, progress  # noqa: E402
+
+import torch  # noqa: E402
+from _strategies import BASELINE, epoch_batches, spread, strategy_loss  # noqa: E402
+
+from chatglm3.generation import generate_stream  # noqa: E402
+from preprocess_utils import build_dataset  # noqa: E402
+
+# chatglm3-6b's config.json: 28 layers, hidden 4096, 32 heads x 128, multi-query with 2 groups, ffn 13696.
+SHAPE_6B = SimpleNamespace(layers=28, hidden=4096, heads=32, kv_channels=128, kv_groups=2, ffn=13696, vocab=65024)
+SHAPE_DRY = SimpleNamespace(layers=2, hidden=64, heads=4, kv_channels=16, kv_groups=2, ffn=128, vocab=65024)
+STRATEGIES = ("pad_to_max", "dynamic", "grouped", "packing")
+# Dense bf16 tensor-core peak (TFLOP/s) by GPU name; PEAK_TFLOPS overrides, and is required for other GPUs.
+PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312, "L40S": 362, "4090": 165}
+
+
+def settings(dry_run: bool) -> SimpleNamespace:
+    """The run's settings: environment variables over the defaults (upstream's P-Tuning v2 recipe)."""
+    def env(name, default, kind=int):
+        try:
+            return kind(os.environ.get(name, default))
+        except ValueError:
+            raise BenchError(f"错误：环境变量 {name} 应为 {kind.__name__} / Error: {name} must be a {kind.__name__}, got {os.environ[name]!r}")
+
+    defaults = dict(MAX_SEQ_LEN=256, BATCH_SIZE=2, PRE_SEQ_LEN=8, WARMUP=0, STEPS=1, PROMPT_LEN=16, NEW_TOKENS=4) if dry_run else \
+        dict(MAX_SEQ_LEN=2048, BATCH_SIZE=4, PRE_SEQ_LEN=128, WARMUP=2, STEPS=5, PROMPT_LEN=512, NEW_TOKENS=64)
+    s = SimpleNamespace(**{name.lower(): env(name, value) for name, value in defaults.items()})
+    s.gen_batch_sizes = [int(b) for b in os.environ.get("GEN_BATCH_SIZES", "1 16").split()]
+    s.budget_s = env("BUDGET_S", 270, float)
+    s.gradient_checkpointing = os.environ.get("GRADIENT_CHECKPOINTING", "0") == "1"
+    s.tokenizer = os.environ.get("TOKENIZER", str(_common.DEFAULT_TOKENIZER))
+    s.data = os.environ.get("DATA")
+    s.peak_tflops = os.environ.get("PEAK_TFLOPS")
+    return s
+
+
+def peak_tflops(s, gpu: str) -> float:
+    if s.peak_tflops:
+        return float(s.peak_tflops)
+    for name, tflops in PEAK_TFLOPS.items():
+        if name in gpu:
+            return tflops
+    raise BenchError(f"错误：不认识的 GPU {gpu!r}，请设置 PEAK_TFLOPS（稠密 bf16 峰值）/ Error: unknown GPU {gpu!r}: set PEAK_TFLOPS "
+                     "(its dense bf16 peak, TFLOP/s) for the MFU column")
+
+
+def conversations(s, tokenizer, max_seq_length: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        data = s.data or _common.pokemon_conversations(Path(tmp))
+        return list(build_dataset(data, tokenizer, "multi-turn", max_seq_length=max_seq_length, verbose=False).items)
+
+
+def measure_training(model, optimizer, strategy: str, batches: list[dict], s, device: str, peak: float) -> dict:
+    """Warm-up then timed steps over batches spread across the epoch. MFU counts model FLOPs of the real tokens
+    (_common.step_flops with padding=False: what any implementation must compute), not padding."""
+    picks = spread(len(batches), s.warmup + s.steps)
+    _common.reset_peak_memory(device)
+    timed = []
+    try:
+        for n, index in enumerate(picks):
+            batch = {key: value.to(device) for key, value in batches[index].items()}
+            _common.synchronize(device)
+            start = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss = strategy_loss(strategy, model, batch)
+            loss.backward()
+            optimizer.step()
+            _common.synchronize(device)
+            seconds = time.perf_counter() - start
+            if n >= s.warmup:
+                useful = int((batches[index]["attention_mask"] > 0).sum())
+                timed.append((seconds, useful, _common.step_flops(model, batches[index], False, False, padding=False), loss.item()))
+    except torch.cuda.OutOfMemoryError:
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        return {"oom": True, "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    return {
+        "oom": False,
+        "useful_tokens_per_s": round(statistics.median(useful / t for t, useful, _, _ in timed), 1),
+        "step_s": round(statistics.median(t for t, _, _, _ in timed), 4),
+        "peak_mem_gb": round(_common.peak_memory_mb(device) / 1024, 2),
+        "mfu": round(statistics.median(flops / t for t, _, flops, _ in timed) / (peak * 1e12), 4),
+        "loss": round(statistics.fmean(loss for _, _, _, loss in timed), 4),
+    }
+
+
+def measure_generation(model, batch_size: int, s, device: str, peak: float) -> dict:
+    """Greedy decoding that never stops early from random prompts of PROMPT_LEN tokens: the first token's time is
+    the prefill, the rest the decode. MFU counts 2 FLOPs per weight and token (prefill)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(100, model.config.padded_vocab_size - 100, (batch_size, s.prompt_len), device=device, generator=generator)
+    for _ in generate_stream(model, ids[:, :8], max_new_tokens=2, eos_token_id=[]):  # warm-up
+        pass
+    _common.reset_peak_memory(device)
+    _common.synchronize(device)
+    start, first = time.perf_counter(), None
+    for _ in generate_stream(model, ids, max_new_tokens=s.new_tokens, eos_token_id=[]):
+        if first is None:
+            _common.synchronize(device)
+            first = time.perf_counter()
+    _common.synchronize(device)
+    end = time.perf_counter()
+    prefill = batch_size * s.prompt_len / (first - start)
+    return {
+        "prefill_tokens_per_s": round(prefill, 1),
+        "decode_tokens_per_s": round(batch_size * (s.new_tokens - 1) / (end - first), 1),
+        "peak_mem_gb": round(_common.peak_memory_mb(device) / 1024, 2),
+        "prefill_mfu": round(2 * _common.matmul_params(model) * prefill / (peak * 1e12), 4),
+    }
+
+
+def markdown(rows: list[dict], s) -> str:
+    """The README table: training rows, then generation rows."""
+    lines = ["| run | tokens/s | × upstream | step s | peak GB | MFU |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    upstream = next((r for r in rows if r.get("strategy") == BASELINE and not r.get("oom") and not r.get("skipped")), None)
+    for r in rows:
+        if "strategy" in r:
+            name = f"{r['method']}, {r['strategy']} (batch {s.batch_size}, max {s.max_seq_len})"
+            if r.get("skipped") or r.get("oom"):
+                lines.append(f"| {name} | {'skipped: time budget spent' if r.get('skipped') else 'out of memory'} | | | | |")
+                continue
+            ratio = f"{r['useful_tokens_per_s'] / upstream['useful_tokens_per_s']:.2f}×" if upstream else "-"
+            lines.append(f"| {name} | {r['useful_tokens_per_s']:.0f} useful | {ratio} | {r['step_s']:.3f} | {r['peak_mem_gb']:.1f} | {r['mfu']:.1%} |")
+        elif r.get("skipped"):
+            lines.append(f"| generation, batch {r['batch']} | skipped: time budget spent | | | | |")
+        else:
+            lines.append(f"| generation, batch {r['batch']}: prefill {s.prompt_len} tokens | {r['prefill_tokens_per_s']:.0f} | | | "
+                         f"{r['peak_mem_gb']:.1f} | {r['prefill_mfu']:.1%} |")
+            lines.append(f"| generation, batch {r['batch']}: decode {s.new_tokens} tokens (KV cache) | {r['decode_tokens_per_s']:.0f} | | | | |")
+    return "\n".join(lines)
+
+
+def run(dry_run: bool) -> dict:
+    s = settings(dry_run)
+    if dry_run:
+        device, shape, gpu = "cpu", SHAPE_DRY, "CPU (dry run: tiny shape, figures meaningless)"
+    elif not torch.cuda.is_available():
+        raise BenchError("错误：没有可用的 CUDA GPU；在 CPU 上检查脚本请加 --dry-run / Error: no CUDA GPU available; use --dry-run to check the script on the CPU")
+    else:
+        device, shape, gpu = "cuda", SHAPE_6B, torch.cuda.get_device_name(0)
+    peak = peak_tflops(s, gpu) if device == "cuda" else float(s.peak_tflops or 989)
+    started = time.perf_counter()
+    tokenizer = _common.load_tokenizer(s.tokenizer)
+    items = conversations(s, tokenizer, s.max_seq_len)
+    progress(f"{len(items)} conversations; building the model ({shape.layers} layers, hidden {shape.hidden}) ...")
+    model = _common.build_model(_common.model_config(shape, pre_seq_len=s.pre_seq_len, vocab_needed=tokenizer.vocab_size), device, torch.bfloat16)
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    rows = []
+    for strategy in STRATEGIES:
+        row = {"method": "P-Tuning v2", "strategy": strategy}
+        if time.perf_counter() - started > s.budget_s:
+            rows.append({**row, "skipped": True})
+            continue
+        progress(f"training: {strategy} ...")
+        model.train()
+        batches = epoch_batches(strategy, items, tokenizer, s.batch_size, s.max_seq_len)
+        rows.append({**row, **measure_training(model, optimizer, strategy, batches, s, device, peak)})
+    for batch_size in s.gen_batch_sizes:
+        if time.perf_counter() - started > s.budget_s:
+            rows.append({"batch": batch_size, "skipped": True})
+            continue
+        progress(f"generation: batch {batch_size} ...")
+        rows.append({"batch": batch_size, **measure_generation(model, batch_size, s, device, peak)})
+    lengths = [len(item["input_ids"]) for item in items]
+    print(f"# gpu_bench.sh  {datetime.datetime.now():%Y-%m-%d %H:%M}  {gpu}, torch {torch.__version__}"
+          + (f", CUDA {torch.version.cuda}" if device == "cuda" else "") + f", bf16; total {time.perf_counter() - started:.0f} s")
+    print(f"# model: {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads x {shape.kv_channels}, {shape.kv_groups} KV groups, "
+          f"ffn {shape.ffn}, vocab {shape.vocab}, random weights; P-Tuning v2 pre_seq_len {s.pre_seq_len}, AdamW"
+          + (", gradient checkpointing" if s.gradient_checkpointing else ""))
+    print(f"# data: {s.data or 'Pokémon conversations (data pipeline)'}, {len(items)} samples, tokens mean {statistics.fmean(lengths):.0f}, "
+          f"max {max(lengths)}; {s.warmup} warm-up + {s.steps} timed steps (median); pad_to_max = upstream's recipe (float32 "
+          "logits over the full vocabulary at every position); tokens/s of training rows = real (non-padding) tokens")
+    print(f"# MFU = model FLOPs of the real tokens / time / {peak:g} TFLOP/s (dense bf16): training 4N per token (P-Tuning: forward "
+          "+ backward to the activations) with the output layer on labelled positions + causal attention per conversation; "
+          "prefill 2N per token; N = weights of the linear layers")
+    print()
+    print(markdown(rows, s))
+    return {"date": f"{datetime.date.today()}", "gpu": gpu, "peak_tflops": peak, "max_seq_len": s.max_seq_len,
+            "batch_size": s.batch_size, "pre_seq_len": s.pre_seq_len, "prompt_len": s.prompt_len, "new_tokens": s.new_tokens,
+            "rows": rows}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="gpu_bench.sh", description="chatglm3-6b 形状的 GPU 基准（训练与生成，5 分钟内）/ GPU "
+                                     "benchmark at chatglm3-6b's shape: training strategies and generation, in under 5 minutes")
+    parser.add_argument("--dry-run", action="store_true", help="CPU 上的小模型，每项 1 步 / tiny shape on the CPU, one step each")
+    args = parser.parse_args(argv)
+    print(json.dumps(run(args.dry_run), ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ChatGLMError as e:  # bad settings or data: the message says what to do
+        _common.fail(str(e))
+    except KeyboardInterrupt:
+        _common.fail("已中断 / interrupted", 130)
