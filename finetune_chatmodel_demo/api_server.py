@@ -3,11 +3,14 @@
 
   python api_server.py --model THUDM/chatglm3-6b [--pt-checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-Serves `GET /v1/models`, `POST /v1/chat/completions` (streaming, tools) and a chat page at `/`. Requests that
-arrive together are decoded together (--max-batch); at most --max-queue wait, more are answered 503.
-Tool calls are returned to the client, never executed.
+The model flags are every script's (cli.py: a base model, a full fine-tuning checkpoint, or a base with a
+P-Tuning v2 checkpoint), loaded through the project's one loading path. Serves `GET /v1/models`,
+`POST /v1/chat/completions` (streaming, tools) and a chat page at `/`. Requests that arrive together are decoded
+together (--max-batch); at most --max-queue wait, more are answered 503. Tool calls are returned to the client,
+never executed.
 """
 import argparse
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -29,13 +32,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"须是 1 到 65535 的端口号 / must be a port number from 1 to 65535: {text!r}")
+    return int(text)
+
+
+def ipaddress_is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(parser)
     server = parser.add_argument_group("服务 / server")
     server.add_argument("--host", default="127.0.0.1",
                         help="监听地址，默认仅本机 / address to listen on (default: 127.0.0.1, this machine only)")
-    server.add_argument("--port", type=int, default=8000, help="端口 / port (default: 8000)")
+    server.add_argument("--port", type=port_number, default=8000, help="端口 / port (default: 8000)")
     server.add_argument("--api-key", default=os.environ.get("API_KEY"),
                         help="要求 Authorization: Bearer KEY（默认读取环境变量 API_KEY）/ require this bearer key "
                              "(default: $API_KEY; none: no key needed)")
@@ -73,6 +89,9 @@ def main(argv=None) -> int:
     name = args.served_model_name or Path(args.model.rstrip("/\\")).name
     limits = Limits(max_request_bytes=args.max_request_bytes, max_messages=args.max_messages, max_tokens=args.max_tokens)
     app = create_app(engine, tokenizer, name, model.config.seq_length, limits, api_key=args.api_key, page=PAGE)
+    if args.api_key is None and not ipaddress_is_loopback(args.host):
+        print(f"警告：{args.host} 对外可见却没有 --api-key / warning: {args.host} is reachable from other machines and "
+              "no --api-key is set", file=sys.stderr)
     print(f"服务地址 / serving {name!r} at http://{args.host}:{args.port}/ (API: /v1)", file=sys.stderr)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

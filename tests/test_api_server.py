@@ -412,8 +412,23 @@ def test_burst_beyond_the_queue_gets_503_and_nothing_is_lost(server):
     assert ask(server.client(), server.model, "你好", max_tokens=4).choices[0].finish_reason == "length"
 
 
-def test_bad_flags_exit_cleanly(tmp_path):
-    result = subprocess.run([sys.executable, str(SERVER), "--model", str(tmp_path / "missing")],
+@pytest.mark.parametrize("flags, says", [(["--model", "{tmp}/missing"], "missing"),
+                                         (["--model", "{tmp}", "--port", "70000"], "--port"),
+                                         (["--model", "{tmp}", "--max-batch", "0"], "--max-batch")])
+def test_bad_flags_exit_cleanly(tmp_path, flags, says):
+    result = subprocess.run([sys.executable, str(SERVER), *[f.format(tmp=tmp_path) for f in flags]],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "missing" in result.stderr
+    assert says in result.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_script_prints_its_table(tiny_model):
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_server.py"), "--model", str(tiny_model),
+                             "--clients", "1", "2", "--requests-per-client", "1", "--max-tokens", "4", "--rounds", "1",
+                             "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout.splitlines()[-1])
+    assert [(r["clients"], r["serving"]) for r in rows] == [(1, "one at a time"), (1, "batched"), (2, "one at a time"), (2, "batched")]
+    assert all(r["requests"] == r["clients"] and 0 < r["tokens"] <= 4 * r["clients"] for r in rows)
+    assert result.stdout.count("| one at a time |") == 2
