@@ -413,8 +413,7 @@ def test_burst_beyond_the_queue_gets_503_and_nothing_is_lost(server):
 
 
 @pytest.mark.parametrize("flags, says", [(["--model", "{tmp}/missing"], "missing"),
-                                         (["--model", "{tmp}", "--port", "70000"], "--port"),
-                                         (["--model", "{tmp}", "--max-batch", "0"], "--max-batch")])
+                                         (["--model", "{tmp}", "--port", "70000"], "--port")])
 def test_bad_flags_exit_cleanly(tmp_path, flags, says):
     result = subprocess.run([sys.executable, str(SERVER), *[f.format(tmp=tmp_path) for f in flags]],
                             capture_output=True, text=True, timeout=120)
