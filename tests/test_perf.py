@@ -1,13 +1,21 @@
 """Exactness of the performance paths against the plain ones they replace: the fused linear cross-entropy
 (chatglm3.fused_loss) against F.cross_entropy over full float32 logits, in the model on real tiny-model batches
 (packed rows included). Speed itself is measured by benchmarks/bench_train.py, not here."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from chatglm3.fused_loss import linear_cross_entropy, row_block_size
-from chatglm3.model import build_attention_mask
-from chatglm3.packed_attention import Segments, segment_attention
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _common  # noqa: E402  (the data pipeline, as the benchmarks run it)
+
+from chatglm3 import ChatGLMForConditionalGeneration, ChatGLMTokenizer, fused_loss  # noqa: E402
+from chatglm3.fused_loss import linear_cross_entropy, row_block_size  # noqa: E402
+from chatglm3.model import build_attention_mask  # noqa: E402
+from chatglm3.packed_attention import Segments, segment_attention  # noqa: E402
+from preprocess_utils import DataCollatorForChatGLM, DataCollatorForPacking, build_dataset, pack_samples  # noqa: E402
 
 
 def reference(hidden, weight, targets):
@@ -68,7 +76,7 @@ def test_fused_bf16_matches_autograd_in_bf16():
 
 def test_row_block_bounds_the_logits():
     cpu = torch.device("cpu")
-    assert row_block_size(65024, cpu) * 65024 * 4 <= 32 * 2**20 and row_block_size(65024, cpu) % 8 == 0
+    assert row_block_size(65024, cpu) * 65024 * 4 <= 128 * 2**20 and row_block_size(65024, cpu) % 8 == 0
     assert row_block_size(10**9, cpu) == 8  # never zero rows
 
 
@@ -110,3 +118,48 @@ def test_segment_attention_equals_block_diagonal_mask(prefix_len):
     segments = run(lambda: segment_attention(q, k, v, Segments.from_mask(mask), prefix_len))
     for name, e, g in zip(("output", "q grad", "k grad", "v grad"), dense, segments):
         torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --- in the model, on real tiny-model batches ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_batches(tiny_model, tmp_path_factory):
+    """A dynamic-padding batch and a batch of packed rows of the Pokémon conversations, tokenized for the tiny model."""
+    tokenizer = ChatGLMTokenizer.from_pretrained(str(tiny_model))
+    items = build_dataset(_common.pokemon_conversations(tmp_path_factory.mktemp("pokemon")), tokenizer, max_seq_length=256, verbose=False).items
+    packed = DataCollatorForPacking(tokenizer)(pack_samples(items[:12], 512))
+    assert int(packed["attention_mask"].max()) > 2  # rows really hold several conversations
+    return {"dynamic": DataCollatorForChatGLM(tokenizer)(items[:5]), "packed": packed}
+
+
+def upstream_style_loss(model, batch):
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=True).logits.float()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=-100)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "packed"])
+def test_model_loss_equals_full_logits_cross_entropy(tiny_model, tiny_batches, kind, monkeypatch):
+    # Full fine-tuning, so that the gradient of every weight (the output layer's and, through the hidden states,
+    # every layer's) is compared; 16-row blocks, so that the batch spans many.
+    batch = tiny_batches[kind]
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(tiny_model)).train()
+    model.config.hidden_dropout = 0.0
+    monkeypatch.setitem(fused_loss._BLOCK_BYTES, "cpu", 16 * 4 * model.config.padded_vocab_size)
+    assert fused_loss.fusable(model.transformer.output_layer)
+
+    def loss_and_grads(compute):
+        model.zero_grad()
+        loss = compute()
+        loss.backward()
+        return loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    expected, expected_grads = loss_and_grads(lambda: upstream_style_loss(model, batch))
+    got, grads = loss_and_grads(lambda: model(**batch).loss)
+    assert abs(got - expected) < 1e-5
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_fusable_only_for_a_plain_output_layer():
+    assert fused_loss.fusable(torch.nn.Linear(4, 10, bias=False))
+    assert not fused_loss.fusable(torch.nn.Linear(4, 10))  # a bias it would skip
+    assert not fused_loss.fusable(torch.nn.Sequential(torch.nn.Linear(4, 10, bias=False)))  # a wrapper (adapter)
