@@ -250,6 +250,26 @@ def test_ptuning_answers_equal_model_chat_alone_and_batched(tiny_model, ptuning_
         assert together(server, QUESTIONS[:4], lambda i: 10 + 2 * i) == expected
 
 
+@pytest.mark.parametrize("text, stop", [("\n我是[[训练时间]]训练的模型。", []), ("\n皮卡丘是电属性。它很可爱", ["它很", "属性吗"]),
+                                        ("\n一二三四五六", ["四五"]), ("\n一二 三", ["三"])])
+def test_streamed_pieces_add_up_to_the_answer(reference, text, stop):
+    """Token by token, as the server streams: the pieces never need taking back."""
+    from chatglm3.openai_api import Prompt, Reply
+
+    _, tokenizer = reference
+    reply = Reply(tokenizer, Prompt([], []), stop)
+    pieces = []
+    for token in tokenizer.tokenizer.encode(text):
+        reply.add([token])
+        pieces.append(reply.delta(final=False))
+        if reply.hit_stop:
+            break
+    pieces.append(reply.delta(final=True))
+    message, finish = reply.message("stop")
+    assert "".join(pieces) == message["content"] and "[[" not in message["content"]
+    assert reply.hit_stop == bool(stop)
+
+
 def test_stop_strings_and_seeded_sampling(server):
     client = server.client()
     full = ask(client, server.model, "介绍一下妙蛙种子", temperature=0, max_tokens=24).choices[0].message.content

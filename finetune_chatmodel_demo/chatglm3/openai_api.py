@@ -143,7 +143,6 @@ def parse_request(body: bytes) -> ChatRequest:
 class Prompt:
     ids: list  # what the model reads: the conversation, <|assistant|>, and a forced start of the reply if any
     reply_start: list  # the forced start of the reply (a tool name line), decoded with the reply
-    messages: list  # the ChatGLM3 conversation
 
 
 def to_chatglm(request: ChatRequest) -> list:
@@ -221,10 +220,10 @@ def build_prompt(tokenizer, request: ChatRequest) -> Prompt:
     elif choice == "none" and request.tools:
         start = ""
     else:
-        return Prompt(ids, [], messages)
+        return Prompt(ids, [])
     opened = conversation.encode_messages(tokenizer, messages + [{"role": "assistant", "metadata": start, "content": ""}])[0]
     assert opened[:len(ids)] == ids, "the prompt is a prefix of the conversation with the reply opened"
-    return Prompt(opened, opened[len(ids):], messages)
+    return Prompt(opened, opened[len(ids):])
 
 
 def sampling_params(request: ChatRequest, prompt_len: int, context: int, limits: Limits) -> SamplingParams:
@@ -255,7 +254,7 @@ class Reply:
     OpenAI's stop strings applied to text answers."""
 
     def __init__(self, tokenizer, prompt: Prompt, stop: list):
-        self.tokenizer, self.messages, self.stop = tokenizer, prompt.messages, stop
+        self.tokenizer, self.stop = tokenizer, stop
         self.ids = list(prompt.reply_start)
         self.sent = ""  # text already streamed
         self.hit_stop = False  # a stop string ended the answer
@@ -265,7 +264,7 @@ class Reply:
 
     def response(self):
         """Text, or {"name", "parameters"} for a tool call, or {"name", "content"} for one that does not parse."""
-        response, _ = conversation.process_response(self.tokenizer.decode(self.ids), self.messages)
+        response, _ = conversation.process_response(self.tokenizer.decode(self.ids), [])  # (the history is not needed)
         if isinstance(response, str):
             cut = min((i for i in (response.find(s) for s in self.stop) if i >= 0), default=-1)
             if cut >= 0:
@@ -274,7 +273,8 @@ class Reply:
 
     def delta(self, final: bool) -> str:
         """New text to stream. Nothing until the metadata line is complete (a tool name must not show as text),
-        and never a possible start of a stop string or a half character."""
+        and never a possible start of a stop string, an unfinished placeholder or a half character: the pieces
+        add up to the final answer."""
         text = self.tokenizer.decode(self.ids)
         if not final and ("\n" not in text or text.endswith("\ufffd")):
             return ""
@@ -284,6 +284,10 @@ class Reply:
         if not (final or self.hit_stop):
             held = max((k for s in self.stop for k in range(1, len(s)) if response.endswith(s[:k])), default=0)
             response = response[:len(response) - held]
+            opened = response.rfind("[[")  # process_response rewrites upstream's [[...]] placeholder once complete
+            if opened >= 0 and "]]" not in response[opened:]:
+                response = response[:opened]
+            response = response.removesuffix("[")
         if not response.startswith(self.sent):  # cannot take back streamed text; the rest still goes out
             return ""
         new, self.sent = response[len(self.sent):], response
