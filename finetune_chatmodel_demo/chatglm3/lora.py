@@ -14,13 +14,11 @@ from torch import nn
 from .errors import ChatGLMError
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Upstream's finetune_demo/configs/lora.yaml (r 8, lora_alpha 32, lora_dropout 0.1, no target_modules: PEFT's
-# default for model_type chatglm, the fused query/key/value projection).
-DEFAULT_RANK = 8
-DEFAULT_ALPHA = 32.0
+# default for model_type chatglm, the fused query/key/value projection). The rank has no default: it turns LoRA on.
+DEFAULT_ALPHA = 32
 DEFAULT_DROPOUT = 0.1
-DEFAULT_TARGETS = ("query_key_value",)
+DEFAULT_TARGET = "query_key_value"
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -28,10 +26,9 @@ def linear_names(model: nn.Module) -> list[str]:
     return sorted({name.rpartition(".")[2] for name, module in model.named_modules() if isinstance(module, nn.Linear)})
 
 
-def parse_targets(value) -> list[str]:
-    """`query_key_value,dense` (or a list) -> ["query_key_value", "dense"]."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [item.strip() for item in items if item.strip()]
+def parse_targets(value: str) -> list[str]:
+    """`query_key_value, dense` -> ["query_key_value", "dense"]."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def check_targets(model: nn.Module, targets: list[str]) -> None:
@@ -45,11 +42,12 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
 
 
 def add_lora(model, rank: int, alpha=None, dropout=None, targets=None, base_path=None):
-    """`model` wrapped by PEFT for training: LoRA layers on `targets`, everything else frozen. `base_path` is
-    recorded in adapter_config.json (base_model_name_or_path), where upstream's loaders look for the base."""
+    """`model` wrapped by PEFT for training: LoRA layers on `targets` (comma-separated layer names), everything
+    else frozen; None = upstream's values. `base_path` is recorded in adapter_config.json
+    (base_model_name_or_path), where upstream's loaders look for the base."""
     from peft import LoraConfig, get_peft_model
 
-    targets = parse_targets(targets) if targets is not None else list(DEFAULT_TARGETS)
+    targets = parse_targets(DEFAULT_TARGET if targets is None else targets)
     check_targets(model, targets)
     if base_path is not None:
         model.name_or_path = str(Path(base_path).resolve())
