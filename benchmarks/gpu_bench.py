@@ -40,16 +40,17 @@ PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "H20": 148, "A100": 312, "
 
 def settings(dry_run: bool) -> SimpleNamespace:
     """The run's settings: environment variables over the defaults (upstream's P-Tuning v2 recipe)."""
-    def env(name, default, kind=int):
+    def env(name, default, kind=int, many=False):
         try:
-            return kind(os.environ.get(name, default))
-        except ValueError:
-            raise BenchError(f"错误：环境变量 {name} 应为 {kind.__name__} / Error: {name} must be a {kind.__name__}, got {os.environ[name]!r}")
+            values = [kind(v) for v in str(os.environ.get(name, default)).split()]
+            return values if many else values[0]
+        except (ValueError, IndexError):
+            raise BenchError(f"错误：环境变量 {name} 应为数字 / Error: {name} must be a number, got {os.environ[name]!r}")
 
     defaults = dict(MAX_SEQ_LEN=256, BATCH_SIZE=2, PRE_SEQ_LEN=8, WARMUP=0, STEPS=1, PROMPT_LEN=16, NEW_TOKENS=4) if dry_run else \
         dict(MAX_SEQ_LEN=2048, BATCH_SIZE=4, PRE_SEQ_LEN=128, WARMUP=2, STEPS=5, PROMPT_LEN=512, NEW_TOKENS=64)
     s = SimpleNamespace(**{name.lower(): env(name, value) for name, value in defaults.items()})
-    s.gen_batch_sizes = [int(b) for b in os.environ.get("GEN_BATCH_SIZES", "1 16").split()]
+    s.gen_batch_sizes = env("GEN_BATCH_SIZES", "1 16", many=True)
     s.budget_s = env("BUDGET_S", 270, float)
     s.gradient_checkpointing = os.environ.get("GRADIENT_CHECKPOINTING", "0") == "1"
     s.tokenizer = os.environ.get("TOKENIZER", str(_common.DEFAULT_TOKENIZER))
