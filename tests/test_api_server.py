@@ -1,6 +1,7 @@
 """api_server.py as clients see it: the real server in a subprocess on a free localhost port, a tiny model, the
 official `openai` client."""
 import asyncio
+import http.client
 import json
 import socket
 import subprocess
@@ -387,19 +388,29 @@ def test_malformed_too_large_and_unauthorised(server):
     assert ask(server.client(), server.model, "你好", max_tokens=4).choices[0].finish_reason == "length"
 
 
-def test_client_disconnecting_mid_stream_cancels_its_reply(server):
+@pytest.mark.parametrize("stream", [True, False], ids=["streamed", "not streamed"])
+def test_a_client_that_disconnects_has_its_reply_cancelled(server, stream):
     before = server.health()["finished"].get("cancelled", 0)
-    body = json.dumps({"model": server.model, "messages": [user()], "max_tokens": 2000, "stream": True}).encode()
-    request = urllib.request.Request(server.url + "/v1/chat/completions", data=body, method="POST",
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
-    with urllib.request.urlopen(request, timeout=60) as response:
-        assert response.readline().startswith(b"data: ")  # the stream has started
-    deadline = time.monotonic() + 60
-    while server.health()["finished"].get("cancelled", 0) == before and time.monotonic() < deadline:
-        time.sleep(0.2)
+    body = json.dumps({"model": server.model, "messages": [user()], "max_tokens": 2000, "stream": stream})
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+    connection.request("POST", "/v1/chat/completions", body=body.encode(),
+                       headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    if stream:
+        assert connection.getresponse().readline().startswith(b"data: ")  # the stream has started
+    else:
+        wait_until(lambda: server.health()["running"] == 1)
+    connection.close()
+    wait_until(lambda: server.health()["finished"].get("cancelled", 0) > before)
     health = server.health()
     assert health["finished"].get("cancelled", 0) == before + 1 and health["running"] == 0
     assert ask(server.client(), server.model, "你好", max_tokens=4).choices[0].finish_reason == "length"
+
+
+def wait_until(condition, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
 
 
 @pytest.mark.slow

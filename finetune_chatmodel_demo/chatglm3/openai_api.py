@@ -24,7 +24,7 @@ from .serving import CANCELLED, ERROR, LENGTH, EngineBusy, SamplingParams
 
 # Sampling defaults when a request leaves them out: upstream's `model.chat` defaults.
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.8, 0.8
-DISCONNECT_POLL_S = 1.0  # how often a waiting non-streamed request checks that its client is still there
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streamed request checks that its client is still there
 PAGE_HEADERS = {  # the chat page talks to this server only and renders text, never HTML
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
                                "connect-src 'self'; img-src 'self' data:",
