@@ -271,6 +271,24 @@ def test_streamed_pieces_add_up_to_the_answer(reference, text, stop):
     assert reply.hit_stop == bool(stop)
 
 
+def test_text_before_a_tool_call_is_kept_streamed_or_not(reference):
+    """ChatGLM3 may write a thought, then `<|assistant|>tool` and the call: content and tool_calls together."""
+    from chatglm3.openai_api import Prompt, Reply
+
+    _, tokenizer = reference
+    ids = tokenizer.tokenizer.encode("\n我先查一下图鉴") + [tokenizer.get_command("<|assistant|>")] + \
+        tokenizer.tokenizer.encode("pokedex\n" + conversation.format_tool_call(CALL))
+    reply = Reply(tokenizer, Prompt([], []), [])
+    pieces = []
+    for token in ids:
+        reply.add([token])
+        pieces.append(reply.delta(final=False))
+    pieces.append(reply.delta(final=True))
+    message, finish = reply.message("stop")
+    assert (message["content"], "".join(pieces), finish) == ("我先查一下图鉴", "我先查一下图鉴", "tool_calls")
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == CALL
+
+
 def test_stop_strings_and_seeded_sampling(server):
     client = server.client()
     full = ask(client, server.model, "介绍一下妙蛙种子", temperature=0, max_tokens=24).choices[0].message.content

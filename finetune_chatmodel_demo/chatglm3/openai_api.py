@@ -279,8 +279,10 @@ class Reply:
         if not final and ("\n" not in text or text.endswith("\ufffd")):
             return ""
         response = self.response()
-        if not isinstance(response, str):
-            return ""
+        if not isinstance(response, str):  # a tool call: at the end, the text written before it
+            if not final:
+                return ""
+            response = self.preamble()
         if not (final or self.hit_stop):
             held = max((k for s in self.stop for k in range(1, len(s)) if response.endswith(s[:k])), default=0)
             response = response[:len(response) - held]
@@ -293,13 +295,20 @@ class Reply:
         new, self.sent = response[len(self.sent):], response
         return new
 
+    def preamble(self) -> str:
+        """Text the model wrote before its last segment (e.g. a thought before a tool call), as it was streamed."""
+        text = self.tokenizer.decode(self.ids)
+        cut = text.rfind(conversation.role_token("assistant"))
+        before = conversation.process_response(text[:cut], [])[0] if cut > 0 else ""
+        return before if isinstance(before, str) else ""
+
     def message(self, finish: str) -> tuple[dict, str]:
         """(OpenAI assistant message, finish_reason)."""
         response = self.response()
         if isinstance(response, dict) and "parameters" in response:
             call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
                     "function": {"name": response["name"], "arguments": json.dumps(response["parameters"], ensure_ascii=False)}}
-            return {"role": "assistant", "content": None, "tool_calls": [call]}, "tool_calls"
+            return {"role": "assistant", "content": self.preamble() or None, "tool_calls": [call]}, "tool_calls"
         if isinstance(response, dict):  # a call that does not parse is returned as the text the model wrote
             response = response["content"]
         return {"role": "assistant", "content": response}, "stop" if self.hit_stop or finish != LENGTH else "length"
