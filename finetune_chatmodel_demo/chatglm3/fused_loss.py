@@ -7,9 +7,10 @@ logits are turned into its loss and, in the same pass, into its gradients (softm
 back through the weight), then dropped. The idea of Liger-Kernel's and Apple's "cut cross-entropy" kernels, in
 plain PyTorch so that it runs the same on CPU and CUDA (both packages need Triton, i.e. CUDA).
 
-Why it is faster than autograd through `F.cross_entropy`: three matrix multiplies per block instead of four (the
-logits are not recomputed in the backward pass), two when the weight is frozen (P-Tuning v2, LoRA); no
-log-softmax tensor and its gradient; and a logits block sized to stay near the cache instead of a 266 MB chunk.
+Why it is faster than autograd through `F.cross_entropy` over checkpointed chunks (what the model did before):
+three matrix multiplies per block instead of four (no logits recomputed in the backward pass), two when the
+weight is frozen (P-Tuning v2, LoRA); no log-softmax tensor and its gradient; a logits block sized for the cache
+instead of a 266 MB chunk; and, on the CPU, oneDNN's float32 kernels (see _use_onednn).
 """
 import torch
 
@@ -24,8 +25,9 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 def _use_onednn(t: torch.Tensor) -> bool:
     """Float32 matrix multiplies on the CPU go through oneDNN (the kernel torch.compile's CPU backend uses for
-    linear layers): MKL's sgemm, behind aten::mm, keeps to AVX2 on AMD processors, and oneDNN measured 1.7-2x
-    faster on this project's AVX-512 machine (benchmarks/README.md). Same float32 arithmetic, another summation order."""
+    linear layers): MKL's sgemm, behind aten::mm, keeps to AVX2 on AMD processors, and oneDNN measured about 2x
+    as fast on this project's AVX-512 machine (benchmarks/README.md). Same float32 arithmetic, another summation
+    order. The op is torch's private one (inductor's), hence the check that it exists."""
     return _ONEDNN and t.device.type == "cpu" and t.dtype == torch.float32
 
 
@@ -89,7 +91,9 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_logits = grad_logits.to(hidden.dtype)
             if want_hidden:
                 grad_hidden[start:start + row_block] = _matmul_nt(grad_logits, weight.T)  # = grad_logits @ weight
-            if want_weight:
+            if want_weight and grad_logits.dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, h)
+            elif want_weight:  # half precision: each block's product rounded once, summed in float32
                 grad_weight += (grad_logits.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
