@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import compat
+from . import compat, hub
 from .configuration import ChatGLMConfig
 from .errors import ChatGLMError
 
@@ -105,12 +105,8 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor):
 def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dtype=None, dtype=None, device=None, device_map=None, **kwargs):
     """`ChatGLMForConditionalGeneration.from_pretrained`: config overrides as keyword arguments
     (e.g. `pre_seq_len=128`); a prefix encoder missing from the files is freshly initialised."""
-    path = Path(path)
-    if not path.is_dir():
-        raise ChatGLMError(
-            f"找不到模型目录 / model directory not found: {path}. 请先下载 THUDM/chatglm3-6b 并传入其本地路径 / "
-            "download THUDM/chatglm3-6b and pass its local path (weights are never downloaded here)."
-        )
+    # A folder, or a Hub id (the Hugging Face cache, or downloaded); AutoModel passes revision/cache_dir/token.
+    path = Path(hub.resolve(path, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token")))
     config_dict = read_config(path)
     if config is None:
         config = ChatGLMConfig.from_dict(config_dict)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from . import conversation
+from . import conversation, hub
 from .checkpoint import PREFIX_KEY, iter_tensors, parse_dtype, read_config, weight_files
 from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
@@ -66,6 +66,8 @@ def load_ptuning_checkpoint(model, path):
 
 
 def load_tokenizer(path) -> ChatGLMTokenizer:
+    """From a folder, or a Hub id (the Hugging Face cache, or downloaded)."""
+    path = hub.resolve(path, need="tokenizer")
     if not (Path(path) / "tokenizer.model").is_file():
         raise ChatGLMError(
             f"{path}: 找不到 tokenizer.model / tokenizer.model not found (pass the ChatGLM3 model directory, or --tokenizer DIR)"

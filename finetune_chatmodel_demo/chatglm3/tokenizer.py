@@ -24,7 +24,7 @@ import shutil
 import sentencepiece
 from transformers import BatchEncoding, PreTrainedTokenizer
 
-from . import conversation
+from . import conversation, hub
 from .conversation import SPECIAL_TOKENS
 from .errors import ChatGLMError
 
@@ -148,6 +148,9 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         path = os.fspath(pretrained_model_name_or_path)
+        if not os.path.isdir(path):  # a Hub id: the Hugging Face cache, or downloaded (AutoTokenizer's options kept)
+            path = pretrained_model_name_or_path = hub.resolve(
+                path, need="tokenizer", revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"))
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, VOCAB_FILE)):
             raise ChatGLMError(
                 f"错误：目录 {path} 中没有 {VOCAB_FILE} / Error: {path} has no {VOCAB_FILE} "
