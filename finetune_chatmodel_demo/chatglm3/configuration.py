@@ -1,5 +1,9 @@
 """ChatGLM3 configuration, with upstream's field names so the official config.json loads unchanged."""
+import math
+
 from transformers import PretrainedConfig
+
+from .errors import ChatGLMError
 
 
 class ChatGLMConfig(PretrainedConfig):
@@ -74,3 +78,46 @@ class ChatGLMConfig(PretrainedConfig):
     def num_key_value_groups(self) -> int:
         """Key/value heads: `multi_query_group_num` with multi-query attention, else one per attention head."""
         return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
+
+
+def _integer(low):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(test):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and test(v)
+
+
+_POSITIVE_INT = (_integer(1), "正整数", "a positive integer")
+_POSITIVE = (_number(lambda v: v > 0), "有限的正数", "a finite number > 0")
+_PROBABILITY = (_number(lambda v: 0 <= v < 1), "[0, 1) 内的数", "a number in [0, 1)")
+_BOOLEAN = (lambda v: isinstance(v, bool), "true 或 false", "true or false")
+# The config.json fields the model's shapes and arithmetic use, and what each must be: a wrong type or sign would
+# otherwise surface as a traceback deep inside torch, or as NaN output.
+FIELD_RULES = {
+    **dict.fromkeys(("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels",
+                     "num_attention_heads", "seq_length", "multi_query_group_num", "pre_seq_len"), _POSITIVE_INT),
+    **dict.fromkeys(("hidden_dropout", "attention_dropout", "classifier_dropout"), _PROBABILITY),
+    **dict.fromkeys(("layernorm_epsilon", "rope_ratio"), _POSITIVE),
+    **dict.fromkeys(("rmsnorm", "apply_residual_connection_post_layernorm", "post_layer_norm", "add_bias_linear",
+                     "add_qkv_bias", "bias_dropout_fusion", "multi_query_attention", "apply_query_key_layer_scaling",
+                     "attention_softmax_in_fp32", "fp32_residual_connection", "prefix_projection", "original_rope"),
+                    _BOOLEAN),
+    "quantization_bit": (_integer(0), "非负整数", "an integer >= 0"),
+}
+OPTIONAL_FIELDS = ("pre_seq_len", "classifier_dropout")  # null means "none"
+
+
+def check_config_dict(data, where) -> None:
+    """Raise ChatGLMError (one line naming `where` and the field) for a config.json that is not an object or has a
+    field of the wrong type or range."""
+    if not isinstance(data, dict):
+        raise ChatGLMError(f"{where}: 应为 JSON 对象 / must be a JSON object, not {type(data).__name__}")
+    for name, (ok, zh, en) in FIELD_RULES.items():
+        if name in data and not (data[name] is None and name in OPTIONAL_FIELDS) and not ok(data[name]):
+            shown = repr(data[name])[:40]
+            raise ChatGLMError(f"{where}: 字段 {name} 应为{zh}，实际为 {shown} / field {name} must be {en}, got {shown}")
+    heads, groups = data.get("num_attention_heads"), data.get("multi_query_group_num")
+    if data.get("multi_query_attention") and heads and groups and heads % groups:
+        raise ChatGLMError(f"{where}: multi_query_group_num={groups} 不能整除 num_attention_heads={heads} / field "
+                           f"multi_query_group_num ({groups}) must divide num_attention_heads ({heads})")
