@@ -423,6 +423,17 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
     def generate(self, input_ids, attention_mask=None, **kwargs):
         return generate_tokens(self, input_ids, attention_mask, **kwargs)
 
+    @classmethod
+    def can_generate(cls) -> bool:
+        return False  # generate() is chatglm3.generation's, not transformers' GenerationMixin
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None, **kwargs):
+        """The inputs of one decoding step. PEFT's wrapper for LoRA adapters of task type CAUSAL_LM (upstream's)
+        requires this method; generate() itself does not call it."""
+        if past_key_values is not None:
+            input_ids = input_ids[:, -1:]
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "past_key_values": past_key_values, "use_cache": True}
+
     def chat(self, tokenizer, query, history=None, role="user", **gen_kwargs):
         return chat_protocol.chat(self, tokenizer, query, history, role, **gen_kwargs)
 
