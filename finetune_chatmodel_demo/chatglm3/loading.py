@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from . import conversation, hub
+from . import conversation, lora, hub
 from .checkpoint import PREFIX_KEY, iter_tensors, parse_dtype, read_config, weight_files
 from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
@@ -65,6 +65,17 @@ def load_ptuning_checkpoint(model, path):
     return model
 
 
+def check_checkpoint_kinds(pt_checkpoint=None, adapter=None) -> None:
+    """A LoRA adapter passed as a P-Tuning checkpoint, or the other way round: one line naming the right flag."""
+    if pt_checkpoint is not None and adapter is not None:
+        raise ChatGLMError("--pt-checkpoint 与 --adapter 只能选一个 / pass either --pt-checkpoint or --adapter, not both")
+    if pt_checkpoint is not None and lora.is_adapter(pt_checkpoint):
+        raise ChatGLMError(f"{pt_checkpoint}: 这是 LoRA 适配器，请用 --adapter 加载 / this is a LoRA adapter: load it with --adapter")
+    if adapter is not None and read_ptuning_config(adapter).get("pre_seq_len"):
+        raise ChatGLMError(f"{adapter}: 这是 P-Tuning v2 检查点，请用 --pt-checkpoint 加载 / this is a P-Tuning v2 checkpoint: "
+                           "load it with --pt-checkpoint")
+
+
 def load_tokenizer(path) -> ChatGLMTokenizer:
     """From a folder, or a Hub id (the Hugging Face cache, or downloaded)."""
     path = hub.resolve(path, need="tokenizer")
@@ -88,16 +99,20 @@ def _prefix_settings(pt_checkpoint, pre_seq_len, prefix_projection) -> dict:
     return settings if settings.get("pre_seq_len") else {}
 
 
-def load_model(model_path, tokenizer, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None):
-    """Base or full fine-tuned model (with a P-Tuning v2 prefix when pre_seq_len or pt_checkpoint is given),
-    checked against `tokenizer`, in eval mode; generate() stops where a chat reply ends."""
+def load_model(model_path, tokenizer, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None,
+               adapter=None):
+    """Base or full fine-tuned model (with a P-Tuning v2 prefix when pre_seq_len or pt_checkpoint is given, or a
+    LoRA adapter), checked against `tokenizer`, in eval mode; generate() stops where a chat reply ends."""
     device = device or default_device()
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ChatGLMError(f"没有可用的 CUDA GPU / no CUDA GPU is available (device={device}): use --device cpu")
+    check_checkpoint_kinds(pt_checkpoint, adapter)
     settings = _prefix_settings(pt_checkpoint, pre_seq_len, prefix_projection)
     model = ChatGLMForConditionalGeneration.from_pretrained(model_path, dtype=resolve_dtype(dtype, device), device=device, **settings)
     if pt_checkpoint is not None:
         load_ptuning_checkpoint(model, pt_checkpoint)
+    if adapter is not None:
+        model = lora.load_adapter(model, adapter)
     if len(tokenizer) > model.config.padded_vocab_size:
         raise ChatGLMError(
             f"{tokenizer.name_or_path}: 分词器有 {len(tokenizer)} 个词，超过模型词表 {model.config.padded_vocab_size} / tokenizer has "
@@ -107,9 +122,10 @@ def load_model(model_path, tokenizer, pt_checkpoint=None, pre_seq_len=None, pref
     return model.eval()
 
 
-def load_model_and_tokenizer(model_path, tokenizer_path=None, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None):
+def load_model_and_tokenizer(model_path, tokenizer_path=None, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None,
+                             adapter=None):
     """(model, tokenizer) for inference; the P-Tuning checkpoint's config.json supplies pre_seq_len and
     prefix_projection, and a flag that disagrees is an error."""
     tokenizer = load_tokenizer(tokenizer_path or model_path)
-    model = load_model(model_path, tokenizer, pt_checkpoint, pre_seq_len, prefix_projection, device, dtype)
+    model = load_model(model_path, tokenizer, pt_checkpoint, pre_seq_len, prefix_projection, device, dtype, adapter)
     return model, tokenizer
