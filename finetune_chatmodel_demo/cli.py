@@ -18,6 +18,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--pt-pre-seq-len", type=int, default=None,
                        help="P-Tuning 前缀长度，默认读取检查点的 config.json / prefix length "
                             "(default: read from the checkpoint's config.json; a different value is an error)")
+    group.add_argument("--adapter", default=None,
+                       help="LoRA 适配器目录（PEFT 格式，本项目或上游 finetune_demo 训练的）/ LoRA adapter directory "
+                            "(PEFT format, trained here or by upstream's finetune_demo)")
     group.add_argument("--device", default=None,
                        help="运行设备，默认有 GPU 用 cuda，否则 cpu / device (default: cuda if available, else cpu)")
 
@@ -29,9 +32,11 @@ def load_from_args(args: argparse.Namespace):
                            "Error: --pt-pre-seq-len only makes sense with --pt-checkpoint")
     model, tokenizer = load_model_and_tokenizer(args.model, tokenizer_path=args.tokenizer,
                                                 pt_checkpoint=args.pt_checkpoint, pre_seq_len=args.pt_pre_seq_len,
-                                                device=args.device)
+                                                device=args.device, adapter=args.adapter)
     details = f"device {model.device}, dtype {str(model.dtype).replace('torch.', '')}"
     if getattr(model.config, "pre_seq_len", None):
         details += f", P-Tuning pre_seq_len {model.config.pre_seq_len}"
+    if args.adapter is not None:
+        details += f", LoRA adapter {args.adapter}"
     print(f"已加载模型 / Loaded model: {args.model} ({details})", file=sys.stderr)
     return model, tokenizer
