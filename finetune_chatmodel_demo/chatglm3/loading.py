@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from . import conversation, lora, hub
+from . import conversation, hub, lora
 from .checkpoint import PREFIX_KEY, iter_tensors, parse_dtype, read_config, weight_files
 from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
