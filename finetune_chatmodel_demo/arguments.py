@@ -41,6 +41,28 @@ class ModelArguments:
         default=False,
         metadata={"help": "前缀经过两层 MLP 投影 / Pass the prefix through a two-layer MLP (upstream option)."},
     )
+    lora_rank: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "LoRA 秩；设置则用 LoRA 微调（PEFT，只训练适配器，上游 finetune_demo 用 8）/ LoRA rank; set it to "
+            "fine-tune with LoRA (PEFT, only the adapter trains; upstream's finetune_demo uses 8)."
+        },
+    )
+    lora_alpha: Optional[float] = field(
+        default=None,
+        metadata={"help": "LoRA 缩放系数，默认 32（上游 lora.yaml）/ LoRA alpha (default 32, upstream's lora.yaml)."},
+    )
+    lora_dropout: Optional[float] = field(
+        default=None,
+        metadata={"help": "LoRA 层的 dropout，默认 0.1（上游 lora.yaml）/ dropout of the LoRA layers (default 0.1, as upstream)."},
+    )
+    lora_target: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "加 LoRA 的线性层，逗号分隔，默认 query_key_value（同上游）/ linear layers to adapt, comma-separated "
+            "(default query_key_value, as upstream; also dense, dense_h_to_4h, dense_4h_to_h, output_layer)."
+        },
+    )
     quantization_bit: Optional[int] = field(
         default=None,
         metadata={
@@ -108,6 +130,7 @@ class DataTrainingArguments:
 
 def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
     """Reject values that cannot work, before anything slow is loaded."""
+    check_lora_arguments(model_args)
     if model_args.quantization_bit is not None and model_args.quantization_bit not in (4, 8):
         raise ArgumentsError(
             f"错误：--quantization_bit 只能是 4 或 8，收到 {model_args.quantization_bit} / "
@@ -124,7 +147,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments
             "Error: --ptuning_checkpoint needs --pre_seq_len as well"
         )
     lengths = ("max_seq_length", "max_source_length", "max_target_length", "max_train_samples", "max_eval_samples")
-    for name, value in {"pre_seq_len": model_args.pre_seq_len, **{n: getattr(data_args, n) for n in lengths}}.items():
+    for name, value in {"pre_seq_len": model_args.pre_seq_len, "lora_rank": model_args.lora_rank, **{n: getattr(data_args, n) for n in lengths}}.items():
         if value is not None and value <= 0:
             raise ArgumentsError(
                 f"错误：--{name} 必须是正整数，收到 {value} / Error: --{name} must be a positive integer, got {value}"
@@ -134,3 +157,25 @@ def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments
             "错误：--packing 与 --pad_to_max_length 不能同时使用 / "
             "Error: --packing and --pad_to_max_length cannot be used together"
         )
+
+
+def check_lora_arguments(model_args: ModelArguments) -> None:
+    """LoRA's flags need --lora_rank, and LoRA is neither combined with P-Tuning nor (untested) quantization."""
+    lora_flags = [f"--{name}" for name in ("lora_alpha", "lora_dropout", "lora_target") if getattr(model_args, name) is not None]
+    if model_args.lora_rank is None:
+        if lora_flags:
+            raise ArgumentsError(f"错误：{' '.join(lora_flags)} 需要 --lora_rank / Error: {' '.join(lora_flags)} needs --lora_rank")
+        return
+    if model_args.pre_seq_len is not None or model_args.ptuning_checkpoint is not None:
+        raise ArgumentsError(
+            "错误：LoRA（--lora_rank）与 P-Tuning v2（--pre_seq_len）只能选一种 / "
+            "Error: LoRA (--lora_rank) and P-Tuning v2 (--pre_seq_len) cannot be combined: choose one"
+        )
+    if model_args.quantization_bit is not None:
+        raise ArgumentsError(
+            "错误：QLoRA（--lora_rank 加 --quantization_bit）尚未在 GPU 上验证，暂不提供 / "
+            "Error: QLoRA (--lora_rank with --quantization_bit) has not been verified on a GPU yet and is not offered"
+        )
+    if model_args.lora_dropout is not None and not 0 <= model_args.lora_dropout < 1:
+        raise ArgumentsError(f"错误：--lora_dropout 应在 [0, 1) 之间，收到 {model_args.lora_dropout} / "
+                             f"Error: --lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
