@@ -32,7 +32,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed  #
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
 from arguments import ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments  # noqa: E402
-from chatglm3 import ChatGLMError, compat, loading  # noqa: E402
+from chatglm3 import ChatGLMError, compat, loading, lora  # noqa: E402
 import preprocess_utils  # noqa: E402
 from trainer import TRAINER_STATE_NAME, PrefixTrainer, find_last_checkpoint  # noqa: E402
 
@@ -200,10 +200,12 @@ def load_tokenizer(model_args):
 
 
 def load_model(model_args, tokenizer, training_args, gradient_checkpointing: bool):
-    """On the CPU (the Trainer or DeepSpeed places it). P-Tuning v2 freezes the base model, so it can sit in half
-    precision on a GPU; full fine-tuning keeps float32 master weights (AMP or DeepSpeed compute in half)."""
+    """On the CPU (the Trainer or DeepSpeed places it). P-Tuning v2 and LoRA freeze the base model, so it can sit
+    in half precision on a GPU (the prefix and the adapter stay float32); full fine-tuning keeps float32 master
+    weights (AMP or DeepSpeed compute in half)."""
     pt = model_args.pre_seq_len is not None
-    dtype = loading.resolve_dtype(None, loading.default_device()) if pt else torch.float32
+    use_lora = model_args.lora_rank is not None
+    dtype = loading.resolve_dtype(None, loading.default_device()) if pt or use_lora else torch.float32
     model = loading.load_model(
         model_args.model_name_or_path, tokenizer, pt_checkpoint=model_args.ptuning_checkpoint,
         pre_seq_len=model_args.pre_seq_len, prefix_projection=model_args.prefix_projection if pt else None,
@@ -216,11 +218,14 @@ def load_model(model_args, tokenizer, training_args, gradient_checkpointing: boo
         main_print(training_args, f"已量化为 {model_args.quantization_bit} 比特 / Quantized to {model_args.quantization_bit} bit")
     if gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    if use_lora:
+        model = lora.add_lora(model, model_args.lora_rank, model_args.lora_alpha, model_args.lora_dropout,
+                              model_args.lora_target, base_path=model_args.model_name_or_path)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     main_print(
         training_args,
-        f"{'P-Tuning v2' if pt else '全参数微调 / full fine-tuning'}: "
+        f"{'P-Tuning v2' if pt else 'LoRA' if use_lora else '全参数微调 / full fine-tuning'}: "
         f"可训练参数 / trainable parameters {trainable:,} / {total:,}; 权重精度 / weights {dtype}",
     )
     return model.train()
