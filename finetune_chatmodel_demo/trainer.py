@@ -4,6 +4,8 @@
   `pytorch_model.bin` with `transformer.prefix_encoder.*` (float32) and `config.json` with `pre_seq_len` /
   `prefix_projection`, plus the tokenizer files. Upstream's inference.py loads it unchanged.
 - Full fine-tuning: the whole model via `model.save_pretrained` (sharded safetensors, upstream tensor names).
+- LoRA: the adapter only, by PEFT's save_pretrained (adapter_config.json + adapter_model.safetensors); resuming
+  loads it back through the Trainer's PEFT support.
 - Resuming a prefix-only checkpoint loads the prefix strictly, with chatglm3.loading's P-Tuning loader (the
   Trainer's default would load it non-strictly and warn about every frozen tensor).
 - Logs tokens per second: all real (non-padding) tokens and labelled tokens, summed over all processes.
@@ -89,7 +91,8 @@ class PrefixTrainer(Seq2SeqTrainer):
                 torch.save(prefix_state_dict(model, state_dict), os.path.join(output_dir, WEIGHTS_NAME))
                 model.config.save_pretrained(output_dir)
             else:
-                logger.info(f"Saving the whole model to {output_dir}")
+                # PEFT's LoRA model writes only its adapter (PEFT's format); ours writes every weight.
+                logger.info(f"Saving {type(model).__name__} to {output_dir}")
                 model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
         finally:
             model.config.use_cache = use_cache
