@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""Fine-tune ChatGLM3-6B on multi-turn dialogue: P-Tuning v2 (`--pre_seq_len N`) or full fine-tuning.
+"""Fine-tune ChatGLM3-6B on multi-turn dialogue: P-Tuning v2 (`--pre_seq_len N`), LoRA (`--lora_rank R`) or full
+fine-tuning.
 
-Same flags as upstream's finetune_chatmodel_demo/finetune.py, plus `--validation_file` and `--packing`.
+Same flags as upstream's finetune_chatmodel_demo/finetune.py, plus `--validation_file`, `--packing` and the LoRA flags.
 Examples (the launchers in scripts/ fill these in from environment variables):
 
     python finetune.py --model_name_or_path chatglm3-6b --train_file formatted_data/pokemon_conversations.jsonl \\
@@ -10,9 +11,10 @@ Examples (the launchers in scripts/ fill these in from environment variables):
         --gradient_checkpointing --logging_steps 10 --save_steps 200 --resume_from_checkpoint true
 
     torchrun --nproc_per_node 4 finetune.py ... --deepspeed configs/deepspeed.json --bf16   # full fine-tuning
+    python finetune.py ... --lora_rank 8 --learning_rate 5e-4   # LoRA: saves a PEFT adapter (scripts/finetune_lora.sh)
 
-Precision: with P-Tuning v2 the frozen base weights are loaded in bf16 (fp16 on GPUs without bf16) and the
-prefix stays float32, so no --fp16/--bf16 flag is needed; on CPU everything is float32. Full fine-tuning loads
+Precision: with P-Tuning v2 and LoRA the frozen base weights are loaded in bf16 (fp16 on GPUs without bf16) and
+the prefix or adapter stays float32, so no --fp16/--bf16 flag is needed; on CPU everything is float32. Full fine-tuning loads
 float32 weights and takes --bf16/--fp16 (mixed precision, or DeepSpeed's) as usual.
 
 `--resume_from_checkpoint true` continues from the newest complete checkpoint-N in --output_dir (or starts
