@@ -1,11 +1,12 @@
 """Command-line flags of finetune.py that are not transformers' own training arguments.
 
 The flag names are upstream ChatGLM3's (`finetune_chatmodel_demo/arguments.py`), so existing commands keep
-working; `--validation_file` and `--packing` are new. Everything else (`--output_dir`, `--learning_rate`,
+working; `--validation_file`, `--packing` and `--sanity_check` are new; those with no effect here are listed in NO_EFFECT
+(each one given prints a line). Everything else (`--output_dir`, `--learning_rate`,
 `--max_steps`, `--save_steps`, `--resume_from_checkpoint`, `--gradient_checkpointing`, `--deepspeed`, ...)
 comes from transformers' `Seq2SeqTrainingArguments`; see `python finetune.py --help`.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 
@@ -70,6 +71,18 @@ class ModelArguments:
             "base weights to 4 or 8 bits (needs CUDA and bitsandbytes; P-Tuning only)."
         },
     )
+    cache_dir: Optional[str] = field(
+        default=None, metadata={"help": "Hub 模型的缓存目录 / Hugging Face cache for Hub ids (default: HF_HOME's)."}
+    )
+    model_revision: str = field(
+        default="main", metadata={"help": "Hub 模型的版本（分支、标签或提交）/ Hub revision: branch, tag or commit."}
+    )
+    config_name: Optional[str] = field(default=None, metadata={"help": "上游参数，无作用 / upstream flag, no effect here."})
+    use_fast_tokenizer: bool = field(default=True, metadata={"help": "上游参数，无作用 / upstream flag, no effect here."})
+    use_auth_token: bool = field(default=False, metadata={"help": "上游参数，无作用 / upstream flag, no effect here."})
+    resize_position_embeddings: Optional[bool] = field(
+        default=None, metadata={"help": "上游参数，无作用 / upstream flag, no effect here."}
+    )
 
 
 @dataclass
@@ -93,7 +106,7 @@ class DataTrainingArguments:
         metadata={"help": "多轮格式的最大长度（超出截断）/ Maximum tokens per multi-turn sample (longer ones are truncated)."},
     )
     max_source_length: int = field(
-        default=128,
+        default=1024,
         metadata={"help": "input-output 格式的输入最大长度 / Maximum prompt tokens for input-output data."},
     )
     max_target_length: int = field(
@@ -126,6 +139,33 @@ class DataTrainingArguments:
             "one row of up to max_seq_length tokens; they cannot attend to each other. Fewer padding tokens."
         },
     )
+    sanity_check: bool = field(
+        default=True,
+        metadata={"help": "训练前打印第一条样本的 token 与标签（如上游）/ Print the first sample's tokens and labels "
+                          "before training, as upstream (main process)."},
+    )
+    overwrite_cache: bool = field(default=False, metadata={"help": "上游参数，无作用 / upstream flag, no effect here."})
+
+
+# Upstream's flags that change nothing here, with the reason printed when one is given.
+NO_EFFECT = {
+    "config_name": "配置总是读取模型目录的 config.json / the config always comes from the model folder",
+    "use_fast_tokenizer": "ChatGLM3 只有 SentencePiece 分词器 / ChatGLM3 has one (SentencePiece) tokenizer",
+    "use_auth_token": "有 token 时 huggingface_hub 总会使用（HF_TOKEN 或 hf auth login）/ huggingface_hub uses your token "
+                      "whenever there is one (HF_TOKEN or hf auth login)",
+    "resize_position_embeddings": "上游也未使用，旋转位置编码无需调整 / unused upstream too: rotary positions need no resizing",
+    "overwrite_cache": "数据不缓存，每次重新分词 / data is never cached, it is tokenized afresh each run",
+    "preprocessing_num_workers": "分词只在主进程做一次 / data is tokenized once, in the main process",
+}
+
+
+def no_effect_notes(*argument_sets) -> list:
+    """One line for each flag of NO_EFFECT given a value other than its default."""
+    return [
+        f"提示 / Note: --{f.name} 在这里没有作用 / has no effect here: {NO_EFFECT[f.name]}"
+        for args in argument_sets for f in fields(args)
+        if f.name in NO_EFFECT and getattr(args, f.name) != f.default
+    ]
 
 
 def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
