@@ -33,8 +33,11 @@ import transformers  # noqa: E402
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed  # noqa: E402
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
-from arguments import ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments  # noqa: E402
-from chatglm3 import ChatGLMError, compat, loading, lora  # noqa: E402
+from arguments import (ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments,  # noqa: E402
+                       check_training_arguments)
+from chatglm3 import ChatGLMError, compat, loading, lora, memory, safe_io, safe_load  # noqa: E402
+from arguments import no_effect_notes  # noqa: E402
+from chatglm3 import hub, train_format  # noqa: E402
 import preprocess_utils  # noqa: E402
 from trainer import TRAINER_STATE_NAME, PrefixTrainer, find_last_checkpoint  # noqa: E402
 
@@ -51,19 +54,24 @@ def parse_args(argv=None):
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments))
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    argv = compat.training_argv(argv, Seq2SeqTrainingArguments.__dataclass_fields__)
-    *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    parser.error = flag_error
+    try:  # transformers checks some flag values itself (e.g. --logging_steps 0) and raises ValueError
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+        argv = compat.training_argv(argv, Seq2SeqTrainingArguments.__dataclass_fields__)
+        *parsed, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    except ValueError as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ArgumentsError(f"错误：参数不合法 / Error: invalid flag value: {reason}") from None
     if unknown:
-        parser.print_usage(sys.stderr)
-        print(
-            f"错误：不认识的参数 {' '.join(unknown)}（python finetune.py --help 查看全部参数）/ "
-            f"Error: unrecognized arguments: {' '.join(unknown)} (see python finetune.py --help)",
-            file=sys.stderr,
-        )
-        sys.exit(2)
+        flag_error(f"不认识的参数 / unrecognized arguments: {' '.join(unknown)}")
     return parsed
+
+
+def flag_error(message: str):
+    """argparse's error as one line (its usage block would bury the reason); exit status 2."""
+    print(f"错误 / Error: {message}（python finetune.py --help）", file=sys.stderr)
+    sys.exit(2)
 
 
 def main_print(training_args, message: str):
@@ -94,6 +102,7 @@ def resolve_resume(training_args):
             f"用 true 表示 --output_dir 中最新的检查点 / Error: --resume_from_checkpoint {value} is not a complete "
             "training checkpoint (no trainer_state.json); pass true to use the newest one in --output_dir"
         )
+    safe_load.verify_checkpoint(path)
     return path
 
 
@@ -190,15 +199,46 @@ def configure_training(training_args, data_args) -> bool:
     return compat.take_gradient_checkpointing(training_args)
 
 
+def resolve_names(model_args):
+    """--model_name_or_path and --tokenizer_name as local folders: a folder as is, a Hub id from the Hugging Face
+    cache or downloaded (--cache_dir, --model_revision)."""
+    options = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
+    model_dir = hub.resolve(model_args.model_name_or_path, **options)
+    if model_args.tokenizer_name is None:
+        return model_dir, None
+    return model_dir, hub.resolve(model_args.tokenizer_name, need="tokenizer", **options)
+
+
 def load_tokenizer(model_args):
-    if not os.path.isdir(model_args.model_name_or_path):
-        raise ArgumentsError(
-            f"错误：找不到基座模型目录 {model_args.model_name_or_path}。请先下载 THUDM/chatglm3-6b 的权重，"
-            f"再用 --model_name_or_path（或启动脚本的 BASE_MODEL_PATH）指向该目录 / Error: base model directory "
-            f"{model_args.model_name_or_path} not found. Download the THUDM/chatglm3-6b weights and point "
-            "--model_name_or_path (BASE_MODEL_PATH in the launchers) at that directory"
-        )
     return loading.load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
+
+
+def sanity_check(sample, tokenizer):
+    """Upstream's print of the first training sample: each token, its id and its label (-100: not learnt), to
+    check the loss mask before training (--sanity_check false turns it off)."""
+    print("Sanity Check >>>>>>>>>>>>>")
+    for token, label in zip(sample["input_ids"], sample["labels"]):
+        print("%20s: %6d -> %6d" % (repr(tokenizer.decode([int(token)])), int(token), int(label)))
+    print("<<<<<<<<<<<<< Sanity Check", flush=True)
+
+
+def check_memory(model_args, training_args, dtype: torch.dtype):
+    """Refuse, before the weights are read, a run that clearly cannot fit (a lower bound, chatglm3.memory): every
+    process first holds the weights in RAM; the device then holds them and, for full fine-tuning, the gradients
+    and Adam states as ZeRO splits them. ZeRO-3 and offload leave the placement to DeepSpeed: a warning only."""
+    params = memory.model_parameters(model_args.model_name_or_path)
+    size, local = dtype.itemsize, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    stage, offload = memory.zero_settings(training_args.hf_deepspeed_config.config) if training_args.deepspeed else (0, False)
+    if model_args.pre_seq_len is not None or model_args.lora_rank is not None:  # the base is frozen
+        need = params * (model_args.quantization_bit or 8 * size) // 8
+    else:
+        half = bool(training_args.deepspeed) and (training_args.bf16 or training_args.fp16)
+        need = memory.training_bytes(params, 2 if half else size, training_args.world_size, stage, master_copy=half)
+    device = training_args.device
+    if device.type == "cuda":
+        memory.check_fits("加载权重 / loading the weights", params * size, "cpu", processes=local)
+    memory.check_fits(f"{model_args.model_name_or_path}", need, device, processes=1 if device.type == "cuda" else local,
+                      certain=stage < 3 and not offload)
 
 
 def load_model(model_args, tokenizer, training_args, gradient_checkpointing: bool):
@@ -208,6 +248,7 @@ def load_model(model_args, tokenizer, training_args, gradient_checkpointing: boo
     pt = model_args.pre_seq_len is not None
     use_lora = model_args.lora_rank is not None
     dtype = loading.resolve_dtype(None, loading.default_device()) if pt or use_lora else torch.float32
+    check_memory(model_args, training_args, dtype)
     model = loading.load_model(
         model_args.model_name_or_path, tokenizer, pt_checkpoint=model_args.ptuning_checkpoint,
         pre_seq_len=model_args.pre_seq_len, prefix_projection=model_args.prefix_projection if pt else None,
@@ -244,26 +285,40 @@ def make_collator(data_args, tokenizer, train_dataset):
 
 def train(model_args, data_args, training_args):
     check_arguments(model_args, data_args)
+    check_training_arguments(training_args)
+    safe_io.check_inputs({"--train_file": data_args.train_file, "--validation_file": data_args.validation_file})
     check_quantization(model_args)
     gradient_checkpointing = configure_training(training_args, data_args)
     resume = resolve_resume(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
 
+    for note in no_effect_notes(model_args, data_args):
+        main_print(training_args, note)
+    model_args.model_name_or_path, model_args.tokenizer_name = resolve_names(model_args)  # local folders from here on
     tokenizer = load_tokenizer(model_args)
     # Data first: a bad file fails in seconds, before gigabytes of weights are read.
     train_dataset = read_data(data_args.train_file, data_args.max_train_samples, data_args, tokenizer, training_args)
     eval_dataset = read_data(data_args.validation_file, data_args.max_eval_samples, data_args, tokenizer, training_args)
+    if data_args.sanity_check and training_args.process_index == 0:
+        sanity_check(train_dataset[0], tokenizer)
     model = load_model(model_args, tokenizer, training_args, gradient_checkpointing)
+    # In every checkpoint's config.json: inference.py and evaluate.py then ask the model the way it was trained.
+    setattr(model.config, train_format.CONFIG_KEY, data_args.train_format)
+    full = model_args.pre_seq_len is None and model_args.lora_rank is None
 
     trainer = PrefixTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=make_collator(data_args, tokenizer, train_dataset), processing_class=tokenizer,
         save_prefix_only=model_args.pre_seq_len is not None,
+        carry_from=model_args.model_name_or_path if full else None,  # upstream's tools open a full checkpoint
     )
-    trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
-    trainer.save_state()
+    # DeepSpeed reads its checkpoints with torch.load(weights_only=False): every load goes through the allow-list.
+    with safe_load.only_safe_torch_load():
+        trainer.train(resume_from_checkpoint=resume)
+    with safe_io.reported_write_errors(training_args.output_dir, ("；检查点不受影响", "; the checkpoints are intact")):
+        trainer.save_model()
+        trainer.save_state()
     main_print(training_args, f"训练完成，模型保存在 / Training finished, model saved to {os.path.abspath(training_args.output_dir)}")
 
 

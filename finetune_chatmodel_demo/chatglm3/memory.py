@@ -8,6 +8,7 @@ DeepSpeed's to decide: a shortfall is then a warning. CHATGLM_SKIP_MEMORY_CHECK=
 """
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -26,6 +27,21 @@ def parameter_count(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def model_parameters(model_dir) -> int:
+    """Parameters of the model whose (checked) config.json is in `model_dir`; nothing is allocated."""
+    from .checkpoint import read_config
+    from .configuration import ChatGLMConfig
+
+    return parameter_count(ChatGLMConfig.from_dict(read_config(Path(model_dir))))
+
+
+def zero_settings(deepspeed_config: dict) -> tuple:
+    """(ZeRO stage, whether anything is offloaded to CPU/NVMe) of a DeepSpeed config."""
+    zero = deepspeed_config.get("zero_optimization") or {}
+    offload = any(str((zero.get(k) or {}).get("device", "none")) != "none" for k in ("offload_optimizer", "offload_param"))
+    return int(zero.get("stage", 0)), offload
+
+
 def available_bytes(device) -> int:
     """Free memory of a CUDA device, or the memory the OS can give this process (MemAvailable)."""
     device = torch.device(device)
@@ -41,14 +57,15 @@ def available_bytes(device) -> int:
         return int(fields["MemAvailable"].split()[0]) * 1024
 
 
-def training_bytes(parameters: int, dtype_bytes: int, world_size: int = 1, zero_stage: int = 0) -> int:
-    """Full fine-tuning, per process: weights, gradients (split by ZeRO-2/3) and Adam states (split by ZeRO >= 1);
-    ZeRO-3 splits the weights too."""
+def training_bytes(parameters: int, dtype_bytes: int, world_size: int = 1, zero_stage: int = 0,
+                   master_copy: bool = False) -> int:
+    """Full fine-tuning, per process: weights, gradients (split by ZeRO-2/3), Adam states and, with DeepSpeed's
+    half precision, the float32 master weights (split by ZeRO >= 1); ZeRO-3 splits the weights too."""
     split = max(world_size, 1)
     weights = parameters * dtype_bytes / (split if zero_stage >= 3 else 1)
     grads = parameters * dtype_bytes / (split if zero_stage >= 2 else 1)
-    adam = parameters * ADAM_STATE_BYTES / (split if zero_stage >= 1 else 1)
-    return int(weights + grads + adam)
+    states = parameters * (ADAM_STATE_BYTES + (4 if master_copy else 0)) / (split if zero_stage >= 1 else 1)
+    return int(weights + grads + states)
 
 
 def check_fits(what: str, need: int, device, processes: int = 1, certain: bool = True) -> None:

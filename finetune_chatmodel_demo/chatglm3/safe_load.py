@@ -42,7 +42,7 @@ ALLOWED_GLOBALS = (
 )
 # The files a resume reads, by name (training_args.bin is written for the user and never read back).
 RESUME_FILES = ("global_step*/*.pt", "rng_state*.pth", "optimizer.pt", "scheduler.pt", "scaler.pt",
-                "*.safetensors", "pytorch_model*.bin", "*.json")
+                "*.safetensors", "pytorch_model*.bin", "adapter_model*.bin", "*.json")
 _UNSAFE = "Weights only load failed"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 _OTHER_RE = re.compile(r"WeightsUnpickler error:\s*(.+)")  # a disallowed instruction rather than a global
