@@ -6,7 +6,8 @@ upstream's sequence-first layout is an implementation detail that no checkpoint 
 
 Attention masks: `attention_mask` is (batch, seq) with 0 for padding and, for sequence packing, segment ids
 1, 2, 3, ... for the conversations packed into one row. A token attends causally to earlier tokens of its own
-segment (an ordinary 0/1 mask is a single segment), plus the whole P-Tuning prefix.
+segment (an ordinary 0/1 mask is a single segment), plus the whole P-Tuning prefix. Packed rows attend per
+conversation on the CPU (chatglm3/packed_attention.py), through a dense block-diagonal mask elsewhere.
 """
 from typing import Optional
 
@@ -19,7 +20,9 @@ from transformers import PreTrainedModel
 from . import chat as chat_protocol
 from . import checkpoint as checkpoint_io
 from .configuration import ChatGLMConfig
+from .fused_loss import fusable, linear_cross_entropy
 from .generation import generate as generate_tokens
+from .packed_attention import Segments, segment_attention
 
 # One (key, value) pair per layer, each [batch, kv_groups, seq, kv_channels]. With P-Tuning the first
 # `pre_seq_len` positions of every layer's cache are the prefix.
@@ -113,7 +116,10 @@ class SelfAttention(nn.Module):
         k_all = k.repeat_interleave(rep, dim=1)
         v_all = v.repeat_interleave(rep, dim=1)
         dropout = self.dropout if self.training else 0.0
-        if mask is None:  # plain causal attention over the whole row: lets SDPA pick its fastest kernel
+        if isinstance(mask, Segments):  # packed rows, no past: the cache holds the prefix only
+            prefix_len = kv_cache[0].shape[2] if kv_cache is not None else 0
+            out = segment_attention(q, k_all, v_all, mask, prefix_len, dropout)
+        elif mask is None:  # plain causal attention over the whole row: lets SDPA pick its fastest kernel
             out = F.scaled_dot_product_attention(q, k_all, v_all, is_causal=s > 1, dropout_p=dropout)
         else:
             out = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, dropout_p=dropout)
@@ -298,7 +304,11 @@ class ChatGLMModel(nn.Module):
                 position_ids = torch.arange(past_len, past_len + s, device=device).expand(b, s)
             else:
                 position_ids = position_ids_from_mask(attention_mask, past_len)
-        mask = build_attention_mask(attention_mask, s, past_len, self.pre_seq_len, device)
+        # Packed rows on the CPU: attention per conversation, none of the block-diagonal mask's wasted pairs. On a
+        # GPU the dense mask keeps each layer's attention one fused kernel over the batch (a launch per
+        # conversation would cost more than the pairs it skips).
+        segments = Segments.from_mask(attention_mask) if device.type == "cpu" and past_len == 0 and attention_mask is not None else None
+        mask = segments or build_attention_mask(attention_mask, s, past_len, self.pre_seq_len, device)
         x = self.embedding(input_ids)
         rope = self.rotary_pos_emb(position_ids, x.dtype)
         return self.encoder(x, rope, mask, past_key_values, use_cache)
@@ -388,29 +398,16 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
             logits = self.transformer.output_layer(hidden)
         return ChatGLMOutput(loss=loss, logits=logits, past_key_values=cache)
 
-    # Labelled positions per chunk of the loss: bounds the float32 logits held at once (1024 x 65024 x 4 B =
-    # 266 MB) however many tokens a batch labels.
-    loss_chunk_size = 1024
-
     def loss(self, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         targets = labels[:, 1:]
         selected = targets != -100
         h = hidden[:, :-1][selected]  # [n_labelled, hidden]
         y = targets[selected]
-        if h.shape[0] <= self.loss_chunk_size or not torch.is_grad_enabled():
-            logits = self.transformer.output_layer(h).float()
-            if logits.shape[0] == 0:  # nothing to learn in this batch: a zero that still has a graph
-                return logits.sum()
-            return F.cross_entropy(logits, y)
-        # Each chunk's logits are recomputed in the backward pass instead of being kept.
-        total = sum(
-            checkpoint(self._loss_sum, h[i:i + self.loss_chunk_size], y[i:i + self.loss_chunk_size], use_reentrant=False)
-            for i in range(0, h.shape[0], self.loss_chunk_size)
-        )
-        return total / h.shape[0]
-
-    def _loss_sum(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.transformer.output_layer(h).float(), y, reduction="sum")
+        head = self.transformer.output_layer
+        if fusable(head):  # output layer + cross-entropy in one blocked pass: the float32 logits never held whole
+            return linear_cross_entropy(h, head.weight, y)
+        logits = head(h).float()
+        return logits.sum() if logits.shape[0] == 0 else F.cross_entropy(logits, y)  # an empty batch: a zero with a graph
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
