@@ -25,6 +25,8 @@ from chatglm3.carry import carry_upstream_files
 from chatglm3.checkpoint import PREFIX_KEY
 from chatglm3.errors import ChatGLMError
 from chatglm3.loading import load_ptuning_checkpoint
+from chatglm3.safe_io import reported_write_errors
+from chatglm3.safe_load import CorruptFileError, verify_checkpoint
 
 logger = logging.get_logger(__name__)
 
@@ -36,7 +38,8 @@ _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def find_last_checkpoint(output_dir) -> Optional[Path]:
-    """The complete `checkpoint-N` with the largest N in `output_dir`, or None.
+    """The complete `checkpoint-N` with the largest N in `output_dir` whose files are whole, or None: a damaged one
+    is reported and skipped for the one before; one holding code (UnsafeFileError) stops the run.
 
     Built with pathlib, so it works on any OS (upstream joined paths with a backslash)."""
     output_dir = Path(output_dir)
@@ -53,7 +56,14 @@ def find_last_checkpoint(output_dir) -> Optional[Path]:
                     f"跳过不完整的检查点 {path}（缺少 {TRAINER_STATE_NAME}）/ "
                     f"Skipping incomplete checkpoint {path} (no {TRAINER_STATE_NAME})"
                 )
-    return max(complete)[1] if complete else None
+    for _, path in sorted(complete, reverse=True):
+        try:
+            verify_checkpoint(path)
+        except CorruptFileError as e:
+            print(f"跳过损坏的检查点 / Skipping the damaged checkpoint {path}: {e}")
+            continue
+        return path
+    return None
 
 
 def prefix_state_dict(model, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
@@ -75,6 +85,12 @@ class PrefixTrainer(Seq2SeqTrainer):
         self._last_log_time: Optional[float] = None
 
     # ---- saving -------------------------------------------------------------------------------------------
+    def _save_checkpoint(self, model, trial, *args, **kwargs):
+        # A checkpoint that cannot be written (disk full, ...) ends the run with one line; earlier ones stay whole.
+        target = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        with reported_write_errors(target, ("；之前的检查点完好", "; the earlier checkpoints are intact")):
+            return super()._save_checkpoint(model, trial, *args, **kwargs)
+
     def _save(self, output_dir: Optional[str] = None, state_dict=None):
         if not self.args.should_save:
             return
