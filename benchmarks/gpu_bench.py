@@ -4,7 +4,8 @@ Training, P-Tuning v2 (upstream's recipe: pre_seq_len 128, max_seq_length 2048):
 padded to max_seq_length, float32 logits over the whole vocabulary at every position) beside this project's
 dynamic padding, length-grouped batches and packing, on the Pokémon conversations (the data pipeline, real
 tokenizer). Per row: useful (non-padding) tokens/s, its ratio to upstream's, step time, peak GPU memory, MFU.
-Generation with the KV cache, batch 1 and 16: prefill tokens/s and decode tokens/s.
+LoRA (PEFT, rank 8 on query_key_value as upstream's lora.yaml; bf16 base frozen, float32 adapter), dynamic padding
+and packing, on a model of its own. Generation with the KV cache, batch 1 and 16: prefill and decode tokens/s.
 
 Output: header lines (#), one Markdown table a README can take as it is, and one JSON line (the last).
 Run through benchmarks/gpu_bench.sh; `--dry-run` runs a tiny shape on the CPU, one step each (what the tests run).
@@ -27,6 +28,7 @@ from _common import BenchError, ChatGLMError, progress  # noqa: E402
 import torch  # noqa: E402
 from _strategies import BASELINE, epoch_batches, spread, strategy_loss  # noqa: E402
 
+from chatglm3 import lora  # noqa: E402
 from chatglm3.generation import generate_stream  # noqa: E402
 from preprocess_utils import build_dataset  # noqa: E402
 
@@ -34,6 +36,7 @@ from preprocess_utils import build_dataset  # noqa: E402
 SHAPE_6B = SimpleNamespace(layers=28, hidden=4096, heads=32, kv_channels=128, kv_groups=2, ffn=13696, vocab=65024)
 SHAPE_DRY = SimpleNamespace(layers=2, hidden=64, heads=4, kv_channels=16, kv_groups=2, ffn=128, vocab=65024)
 STRATEGIES = ("pad_to_max", "dynamic", "grouped", "packing")
+LORA_STRATEGIES = ("dynamic", "packing")
 # Dense bf16 tensor-core peak (TFLOP/s) by GPU name; PEAK_TFLOPS overrides, and is required for other GPUs.
 PEAK_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "H20": 148, "A100": 312, "A800": 312, "L40S": 362, "4090": 165}
 
@@ -49,6 +52,7 @@ def settings(dry_run: bool) -> SimpleNamespace:
 
     defaults = dict(MAX_SEQ_LEN=256, BATCH_SIZE=2, PRE_SEQ_LEN=8, WARMUP=0, STEPS=1, PROMPT_LEN=16, NEW_TOKENS=4) if dry_run else \
         dict(MAX_SEQ_LEN=2048, BATCH_SIZE=4, PRE_SEQ_LEN=128, WARMUP=2, STEPS=5, PROMPT_LEN=512, NEW_TOKENS=64)
+    defaults["LORA_RANK"] = 8
     s = SimpleNamespace(**{name.lower(): env(name, value) for name, value in defaults.items()})
     s.gen_batch_sizes = env("GEN_BATCH_SIZES", "1 16", many=True)
     s.budget_s = env("BUDGET_S", 270, float)
@@ -107,6 +111,29 @@ def measure_training(model, optimizer, strategy: str, batches: list[dict], s, de
         "mfu": round(statistics.median(flops / t for t, _, flops, _ in timed) / (peak * 1e12), 4),
         "loss": round(statistics.fmean(loss for _, _, _, loss in timed), 4),
     }
+
+
+def train_rows(method: str, strategies, model, s, items, tokenizer, device: str, peak: float, started: float) -> list[dict]:
+    """One row per strategy, skipped once the time budget is spent."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2 if method == "P-Tuning v2" else 5e-4)
+    rows = []
+    for strategy in strategies:
+        row = {"method": method, "strategy": strategy}
+        if time.perf_counter() - started > s.budget_s:
+            rows.append({**row, "skipped": True})
+            continue
+        progress(f"training ({method}): {strategy} ...")
+        model.train()
+        batches = epoch_batches(strategy, items, tokenizer, s.batch_size, s.max_seq_len)
+        rows.append({**row, **measure_training(model, optimizer, strategy, batches, s, device, peak)})
+    return rows
+
+
+def build(shape, s, tokenizer, device: str, pre_seq_len=None):
+    model = _common.build_model(_common.model_config(shape, pre_seq_len=pre_seq_len, vocab_needed=tokenizer.vocab_size), device, torch.bfloat16)
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model
 
 
 def measure_generation(model, batch_size: int, s, device: str, peak: float) -> dict:
@@ -168,42 +195,38 @@ def run(dry_run: bool) -> dict:
     tokenizer = _common.load_tokenizer(s.tokenizer)
     items = conversations(s, tokenizer, s.max_seq_len)
     progress(f"{len(items)} conversations; building the model ({shape.layers} layers, hidden {shape.hidden}) ...")
-    model = _common.build_model(_common.model_config(shape, pre_seq_len=s.pre_seq_len, vocab_needed=tokenizer.vocab_size), device, torch.bfloat16)
-    if s.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
-    rows = []
-    for strategy in STRATEGIES:
-        row = {"method": "P-Tuning v2", "strategy": strategy}
-        if time.perf_counter() - started > s.budget_s:
-            rows.append({**row, "skipped": True})
-            continue
-        progress(f"training: {strategy} ...")
-        model.train()
-        batches = epoch_batches(strategy, items, tokenizer, s.batch_size, s.max_seq_len)
-        rows.append({**row, **measure_training(model, optimizer, strategy, batches, s, device, peak)})
+    model = build(shape, s, tokenizer, device, pre_seq_len=s.pre_seq_len)
+    training = train_rows("P-Tuning v2", STRATEGIES, model, s, items, tokenizer, device, peak, started)
+    generation = []
     for batch_size in s.gen_batch_sizes:
         if time.perf_counter() - started > s.budget_s:
-            rows.append({"batch": batch_size, "skipped": True})
+            generation.append({"batch": batch_size, "skipped": True})
             continue
         progress(f"generation: batch {batch_size} ...")
-        rows.append({"batch": batch_size, **measure_generation(model, batch_size, s, device, peak)})
+        generation.append({"batch": batch_size, **measure_generation(model, batch_size, s, device, peak)})
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    model = lora.add_lora(build(shape, s, tokenizer, device), s.lora_rank)
+    training += train_rows("LoRA", LORA_STRATEGIES, model, s, items, tokenizer, device, peak, started)
+    rows = training + generation
     lengths = [len(item["input_ids"]) for item in items]
     print(f"# gpu_bench.sh  {datetime.datetime.now():%Y-%m-%d %H:%M}  {gpu}, torch {torch.__version__}"
           + (f", CUDA {torch.version.cuda}" if device == "cuda" else "") + f", bf16; total {time.perf_counter() - started:.0f} s")
     print(f"# model: {shape.layers} layers, hidden {shape.hidden}, {shape.heads} heads x {shape.kv_channels}, {shape.kv_groups} KV groups, "
-          f"ffn {shape.ffn}, vocab {shape.vocab}, random weights; P-Tuning v2 pre_seq_len {s.pre_seq_len}, AdamW"
+          f"ffn {shape.ffn}, vocab {shape.vocab}, random weights; P-Tuning v2 pre_seq_len {s.pre_seq_len}; LoRA rank {s.lora_rank} "
+          "on query_key_value (PEFT, float32 adapter); AdamW"
           + (", gradient checkpointing" if s.gradient_checkpointing else ""))
     print(f"# data: {s.data or 'Pokémon conversations (data pipeline)'}, {len(items)} samples, tokens mean {statistics.fmean(lengths):.0f}, "
           f"max {max(lengths)}; {s.warmup} warm-up + {s.steps} timed steps (median); pad_to_max = upstream's recipe (float32 "
           "logits over the full vocabulary at every position); tokens/s of training rows = real (non-padding) tokens")
-    print(f"# MFU = model FLOPs of the real tokens / time / {peak:g} TFLOP/s (dense bf16): training 4N per token (P-Tuning: forward "
-          "+ backward to the activations) with the output layer on labelled positions + causal attention per conversation; "
+    print(f"# MFU = model FLOPs of the real tokens / time / {peak:g} TFLOP/s (dense bf16): training 4N per token (P-Tuning and LoRA: "
+          "forward + backward to the activations) with the output layer on labelled positions + causal attention per conversation; "
           "prefill 2N per token; N = weights of the linear layers")
     print()
     print(markdown(rows, s))
     return {"date": f"{datetime.date.today()}", "gpu": gpu, "peak_tflops": peak, "max_seq_len": s.max_seq_len,
-            "batch_size": s.batch_size, "pre_seq_len": s.pre_seq_len, "prompt_len": s.prompt_len, "new_tokens": s.new_tokens,
+            "batch_size": s.batch_size, "pre_seq_len": s.pre_seq_len, "lora_rank": s.lora_rank, "prompt_len": s.prompt_len, "new_tokens": s.new_tokens,
             "rows": rows}
 
 

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Everything measured on one CUDA GPU in one run of at most 5 minutes, at chatglm3-6b's exact shape in bf16
 # (random weights): P-Tuning v2 training the upstream way (pad to max, float32 full-vocabulary loss) beside
-# dynamic padding, length grouping and packing; then generation with the KV cache (prefill and decode, batch 1
+# dynamic padding, length grouping and packing; LoRA (rank 8 on query_key_value) with dynamic padding and packing;
+# then generation with the KV cache (prefill and decode, batch 1
 # and 16). Prints one Markdown table (useful tokens/s, × upstream, step time, peak memory, MFU) and a JSON line.
 #
 #   bash benchmarks/gpu_bench.sh              # on a CUDA GPU (needs the real tokenizer: TOKENIZER=/path/to/chatglm3-6b)
 #   bash benchmarks/gpu_bench.sh --dry-run    # tiny shape on the CPU, 1 step each: checks the script itself
 #
-# Environment overrides: MAX_SEQ_LEN=2048 BATCH_SIZE=4 PRE_SEQ_LEN=128 WARMUP=2 STEPS=5 GRADIENT_CHECKPOINTING=0
+# Environment overrides: MAX_SEQ_LEN=2048 BATCH_SIZE=4 PRE_SEQ_LEN=128 LORA_RANK=8 WARMUP=2 STEPS=5 GRADIENT_CHECKPOINTING=0
 # PROMPT_LEN=512 NEW_TOKENS=64 GEN_BATCH_SIZES="1 16" PEAK_TFLOPS (dense bf16; known for H100/H200/A100/...)
 # BUDGET_S=270 (later rows are skipped, and say so, once this many seconds have passed) TOKENIZER DATA PYTHON.
 set -euo pipefail

@@ -3,7 +3,7 @@ scripts/quiz_types.py."""
 import argparse
 import sys
 
-from chatglm3 import ChatGLMError
+from chatglm3 import ChatGLMError, train_format
 from chatglm3.loading import load_model_and_tokenizer
 
 
@@ -23,6 +23,23 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                             "(PEFT format, trained here or by upstream's finetune_demo)")
     group.add_argument("--device", default=None,
                        help="运行设备，默认有 GPU 用 cuda，否则 cpu / device (default: cuda if available, else cpu)")
+
+
+def add_format_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--format", choices=train_format.FORMATS, default=None,
+                        help="提问的格式，默认按检查点记录的训练格式（没有记录时为 multi-turn）/ how to ask the model "
+                             "(default: the training format its checkpoint records; multi-turn when none): "
+                             "multi-turn = chat format, input-output = the raw prompt")
+
+
+def prompt_format(args: argparse.Namespace) -> str:
+    """--format, else the checkpoint's recorded training format; says on stderr which and why."""
+    chosen = train_format.choose(args.format, args.model, args.pt_checkpoint)
+    how = "原始提示 / raw prompt" if chosen == "input-output" else "对话格式 / chat format"
+    why = "--format" if args.format else ("检查点记录 / recorded in the checkpoint"
+                                          if train_format.recorded(args.model, args.pt_checkpoint) else "默认 / default")
+    print(f"提问格式 / prompt format: {chosen}（{how}；{why}）", file=sys.stderr)
+    return chosen
 
 
 def load_from_args(args: argparse.Namespace):

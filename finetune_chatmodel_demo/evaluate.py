@@ -19,8 +19,9 @@ import torch
 from chatglm3 import ChatGLMError
 from chatglm3.batch import generate_replies
 from chatglm3.conversation import prompt_ids, sample_to_messages
-from chatglm3.data import load_conversations
-from cli import add_model_args, load_from_args
+from chatglm3.data import load_conversations, load_input_output
+from chatglm3.train_format import raw_prompt_ids
+from cli import add_format_arg, add_model_args, load_from_args, prompt_format
 from metrics import METRIC_KEYS, compute_metrics, score_pair
 
 DEFAULT_OUTPUT = "output/eval_predictions.jsonl"
@@ -61,6 +62,14 @@ def load_samples(path: str, max_samples: Optional[int] = None) -> List[EvalSampl
     return samples
 
 
+def input_output_samples(path: str, max_samples: Optional[int] = None) -> List[EvalSample]:
+    """An input-output model's data ({"prompt", "response"}): each prompt alone, its response as the reference."""
+    records = load_input_output(path)
+    samples = [EvalSample(location, 0, [{"role": "user", "content": record["prompt"]}], record["response"])
+               for record, location in zip(records, records.locations)]
+    return samples[:max_samples] if max_samples else samples
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description="在验证集上计算 ROUGE 与 BLEU / Score a model on a dev set with ROUGE-1/2/L and BLEU-4",
@@ -71,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="验证集：JSONL（每行一个对话）或 JSON 列表，如 data_processing.py 的 --dev-output / dev set: "
                              "JSONL (one conversation a line) or a JSON list, e.g. data_processing.py's --dev-output")
     add_model_args(parser)
+    add_format_arg(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="每批生成的样本数 / prompts per batch (8)")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="每条回复最多生成的 token 数 / most new tokens (128)")
     parser.add_argument("--max-samples", type=int, default=None, help="最多评测多少条回复 / score at most N replies")
@@ -93,13 +103,15 @@ def check_args(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> Dict:
     """Generate, score and write predictions; returns the summary dict."""
     check_args(args)
-    samples = load_samples(args.data, args.max_samples)
+    fmt = prompt_format(args)  # input-output models: the raw prompt, as trained
+    samples = (input_output_samples if fmt == "input-output" else load_samples)(args.data, args.max_samples)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_from_args(args)
 
     limit = model.config.seq_length - args.max_new_tokens
-    prompts = [prompt_ids(tokenizer, s.history) for s in samples]
+    prompts = [raw_prompt_ids(tokenizer, s.history[-1]["content"]) if fmt == "input-output"
+               else prompt_ids(tokenizer, s.history) for s in samples]
     fitting = [i for i, p in enumerate(prompts) if len(p) <= limit]
     if len(fitting) < len(samples):
         print(f"提示：跳过 {len(samples) - len(fitting)} 条过长的样本（输入超过 {limit} 个 token）/ Note: skipped "

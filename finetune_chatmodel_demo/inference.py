@@ -46,7 +46,9 @@ with stdout_to_stderr() if __name__ == "__main__" else contextlib.nullcontext():
 
     from chatglm3 import ChatGLMError
     from chatglm3.conversation import prompt_ids, tool_system_message
-    from cli import add_model_args, load_from_args
+    from chatglm3.generation import generate_stream
+    from chatglm3.train_format import raw_prompt_ids
+    from cli import add_format_arg, add_model_args, load_from_args, prompt_format
     from pokedex import PokedexTool
 
 ANSWER_PREFIX = "ChatGLM："
@@ -171,6 +173,38 @@ def chat_turn(model, tokenizer, query: str, history: List[dict], gen_kwargs: Dic
                        f"more than {max_tool_rounds} times in a row; this turn was given up")
 
 
+def raw_turn(model, tokenizer, prompt: str, gen_kwargs: Dict, max_prompt_tokens: int,
+             display: Optional[Display] = None) -> str:
+    """Answer a model trained on input-output data: the prompt alone, encoded as training encoded it (no role
+    tokens, no history), the answer ending at eos, as upstream's inference.py asked."""
+    display = display or Display(stream=False)
+    ids = raw_prompt_ids(tokenizer, prompt)
+    if len(ids) > max_prompt_tokens:
+        raise ChatGLMError(f"错误：提示有 {len(ids)} 个 token，超过 {max_prompt_tokens} / Error: the prompt has {len(ids)} "
+                           f"tokens, more than {max_prompt_tokens} (the context length minus --max-new-tokens)")
+    display.debug_prompt(ids)
+    display.begin_answer()
+    new_ids = []
+    for token in generate_stream(model, torch.tensor([ids], device=model.device),
+                                 eos_token_id=tokenizer.eos_token_id, **gen_kwargs):
+        if int(token[0]) == tokenizer.eos_token_id:
+            break
+        new_ids.append(int(token[0]))
+        display.partial(tokenizer.decode(new_ids, skip_special_tokens=True))
+    answer = tokenizer.decode(new_ids, skip_special_tokens=True).strip()
+    display.end_answer(answer)
+    return answer
+
+
+def answer_turn(fmt: str, model, tokenizer, query: str, history: List[dict], gen_kwargs: Dict,
+                max_prompt_tokens: int, tool=None, display: Optional[Display] = None) -> Tuple[str, List[dict]]:
+    """One turn in the format the model was trained on (cli.prompt_format): a chat turn, or a raw prompt (an
+    input-output model keeps no history)."""
+    if fmt == "input-output":
+        return raw_turn(model, tokenizer, query, gen_kwargs, max_prompt_tokens, display), history
+    return chat_turn(model, tokenizer, query, history, gen_kwargs, max_prompt_tokens, tool, display)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Command line
 # ---------------------------------------------------------------------------------------------------------------
@@ -181,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n", 2)[2],
     )
     add_model_args(parser)
+    add_format_arg(parser)
     parser.add_argument("--max-new-tokens", type=int, default=512,
                         help="每次回答最多生成的 token 数 / most new tokens per answer (default 512)")
     parser.add_argument("--system", default=None, help="系统提示词 / system prompt")
@@ -223,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"工具 / Tool {tool.name}: {len(tool.table.rows)} 只宝可梦 / Pokémon from {args.tools}", file=sys.stderr)
     if args.seed is not None:
         torch.manual_seed(args.seed)
+    fmt = prompt_format(args)
+    if fmt == "input-output" and (tool or args.system):
+        raise ChatGLMError("错误：--tools、--system 只适用于对话格式（--format multi-turn）/ Error: --tools and --system need "
+                           "the chat format; this model was trained on input-output data (--format multi-turn to force)")
     with stdout_to_stderr():
         model, tokenizer = load_from_args(args)
     max_prompt_tokens = model.config.seq_length - args.max_new_tokens
@@ -236,8 +275,8 @@ def run(args: argparse.Namespace) -> int:
     if args.prompt is not None:
         if not args.prompt.strip():
             raise ChatGLMError("错误：--prompt 为空 / Error: --prompt is empty")
-        chat_turn(model, tokenizer, args.prompt, list(fresh), gen_kwargs, max_prompt_tokens, tool,
-                  Display(stream=True, verbose=args.verbose))
+        answer_turn(fmt, model, tokenizer, args.prompt, list(fresh), gen_kwargs, max_prompt_tokens, tool,
+                    Display(stream=True, verbose=args.verbose))
         return 0
 
     interactive = sys.stdin.isatty()
@@ -265,8 +304,8 @@ def run(args: argparse.Namespace) -> int:
                 print("提示：请输入问题（空行被忽略）/ Note: type a question (empty lines are ignored)")
             continue
         try:
-            answer, history = chat_turn(model, tokenizer, query, history, gen_kwargs, max_prompt_tokens, tool,
-                                        display)
+            answer, history = answer_turn(fmt, model, tokenizer, query, history, gen_kwargs, max_prompt_tokens,
+                                          tool, display)
         except ChatGLMError as exc:
             failed_turns += 1
             print(exc, file=sys.stderr, flush=True)

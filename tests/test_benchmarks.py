@@ -150,10 +150,11 @@ def test_gpu_bench_dry_run():
     lines = result.stdout.strip().splitlines()
     report = json.loads(lines[-1])
     rows = report["rows"]
-    assert [r.get("strategy") for r in rows[:4]] == ["pad_to_max", "dynamic", "grouped", "packing"]
-    assert all(not r["oom"] and r["useful_tokens_per_s"] > 0 and 0 <= r["mfu"] < 1 and math.isfinite(r["loss"]) for r in rows[:4])
-    assert [r["batch"] for r in rows[4:]] == [1, 16]
-    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows[4:])
-    # One Markdown table: a header, its rule, a row per training strategy and two per generation batch size.
+    assert [(r.get("method"), r.get("strategy")) for r in rows[:6]] == [
+        *(("P-Tuning v2", s) for s in ("pad_to_max", "dynamic", "grouped", "packing")), ("LoRA", "dynamic"), ("LoRA", "packing")]
+    assert all(not r["oom"] and r["useful_tokens_per_s"] > 0 and 0 <= r["mfu"] < 1 and math.isfinite(r["loss"]) for r in rows[:6])
+    assert [r["batch"] for r in rows[6:]] == [1, 16]
+    assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows[6:])
+    # One Markdown table: a header, its rule, a row per training run and two per generation batch size.
     table = [line for line in lines[:-1] if line.startswith("|")]
-    assert len(table) == 2 + 4 + 4 and table[1].startswith("| ---") and "1.00×" in table[2]
+    assert len(table) == 2 + 6 + 4 and table[1].startswith("| ---") and "1.00×" in table[2]
