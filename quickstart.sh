@@ -2,7 +2,7 @@
 # 快速上手：在一台只有 CPU 的机器上跑通整个流程（约 10 分钟）。
 # Quick start: the whole job on a CPU-only machine in about 10 minutes, with the same scripts that fine-tune
 # chatglm3-6b on a GPU, but on a tiny ChatGLM3 built here (random weights, tokenizer trained on the bundled data):
-#   CSV → conversations → JSONL → tiny model → full fine-tuning (DeepSpeed) → P-Tuning v2 → evaluation → chat
+#   CSV → conversations → JSONL → tiny model → full fine-tuning (DeepSpeed) → P-Tuning v2 and LoRA → evaluation → chat
 #
 #   bash quickstart.sh                 # everything lands in quickstart_out/
 #   QUICKSTART_FAST=1 bash quickstart.sh   # a few steps only (what CI runs); the model will not have learned
@@ -62,12 +62,20 @@ BASE_MODEL_PATH="$OUT/tiny-base" DATASET_PATH="$DATA/train.jsonl" VALIDATION_PAT
     bash "$DEMO/scripts/finetune_ds_multiturn.sh" 2>&1 | tee "$OUT/full.log" | progress "$FULL_STEPS" \
     || { tail -40 "$OUT/full.log"; exit 1; }
 
-stage 5 "在其上做 P-Tuning v2 / P-Tuning v2 on top of it"
+stage 5 "在其上做 P-Tuning v2 和 LoRA / P-Tuning v2 and LoRA on top of it"
 BASE_MODEL_PATH="$OUT/full" DATASET_PATH="$DATA/train.jsonl" OUTPUT_DIR="$OUT/ptuning" NUM_GPUS=1 \
     MAX_STEP="$PT_STEPS" PRE_SEQ_LEN=8 LR=2e-2 DEV_BATCH_SIZE=8 GRAD_ACCUMULATION_STEPS=1 MAX_SEQ_LEN=256 \
     SAVE_INTERVAL="$PT_STEPS" LOG_INTERVAL="$PT_LOG_EVERY" GRADIENT_CHECKPOINTING=0 RESUME=false \
     bash "$DEMO/scripts/finetune_ps_pt_m.sh" 2>&1 | tee "$OUT/ptuning.log" | progress "$PT_STEPS" \
     || { tail -40 "$OUT/ptuning.log"; exit 1; }
+echo "LoRA（秩 8，query_key_value，启动脚本的默认学习率）/ LoRA (rank 8 on query_key_value, the launcher's default LR):"
+BASE_MODEL_PATH="$OUT/full" DATASET_PATH="$DATA/train.jsonl" OUTPUT_DIR="$OUT/lora" NUM_GPUS=1 \
+    MAX_STEP="$PT_STEPS" DEV_BATCH_SIZE=8 GRAD_ACCUMULATION_STEPS=1 MAX_SEQ_LEN=256 \
+    SAVE_INTERVAL="$PT_STEPS" LOG_INTERVAL="$PT_LOG_EVERY" GRADIENT_CHECKPOINTING=0 RESUME=false \
+    bash "$DEMO/scripts/finetune_lora.sh" 2>&1 | tee "$OUT/lora.log" | progress "$PT_STEPS" \
+    || { tail -40 "$OUT/lora.log"; exit 1; }
+final_loss() { python -c 'import json, sys; print("%.3f" % [e["loss"] for e in json.load(open(sys.argv[1]))["log_history"] if "loss" in e][-1])' "$1/trainer_state.json"; }
+echo "最终损失 / final loss after $PT_STEPS steps: P-Tuning v2 $(final_loss "$OUT/ptuning"), LoRA $(final_loss "$OUT/lora")"
 
 stage 6 "在验证集上评测（ROUGE / BLEU）/ evaluate on the dev split (ROUGE / BLEU)"
 python "$DEMO/evaluate.py" --data "$DATA/dev.jsonl" --model "$OUT/full" --pt-checkpoint "$OUT/ptuning" \
@@ -95,5 +103,7 @@ echo "  data/                 对话数据 / conversations (train/dev, JSON and 
 echo "  tiny-base/            初始小模型 / the tiny base model"
 echo "  full/                 全参数微调结果 / full fine-tuned model (+ train.log, trainer_state.json)"
 echo "  ptuning/              P-Tuning v2 检查点 / P-Tuning v2 checkpoint (prefix only)"
+echo "  lora/                 LoRA 适配器 / LoRA adapter (PEFT format)"
 echo "  eval_predictions.jsonl, quiz.txt, loss.png"
 echo "和它聊天 / chat with it:  python finetune_chatmodel_demo/inference.py --model $OUT/full --pt-checkpoint $OUT/ptuning"
+echo "                          python finetune_chatmodel_demo/inference.py --model $OUT/full --adapter $OUT/lora"
