@@ -33,6 +33,9 @@ def build_parser():
     p.add_argument("--real-variants", type=int, default=4,
                    help="每只训练集宝可梦的查询对话和普通对话数 / lookups and ordinary conversations per real training "
                         "Pokémon (default: %(default)s)")
+    p.add_argument("--max-pokemon", type=int, default=3,
+                   help="每段查询对话最多问几只宝可梦（1 到该数，均匀）/ Pokémon asked about per lookup conversation, "
+                        "1 to this many (default: %(default)s)")
     p.add_argument("--held-out-ratio", type=float, default=0.1,
                    help="留出（从不训练）的真实宝可梦比例 / share of real Pokémon held out of training "
                         "(default: %(default)s)")
@@ -68,12 +71,13 @@ def check_tokenizer(args):
 def run(args):
     if args.check_tokenizer:
         return check_tokenizer(args)
-    if args.synthetic < 0 or args.real_variants < 1 or not 0 < args.held_out_ratio < 1:
-        raise ChatGLMError("错误：需要 --synthetic ≥ 0、--real-variants ≥ 1、0 < --held-out-ratio < 1 / Error: need "
-                           "--synthetic >= 0, --real-variants >= 1 and 0 < --held-out-ratio < 1")
+    if args.synthetic < 0 or args.real_variants < 1 or args.max_pokemon < 1 or not 0 < args.held_out_ratio < 1:
+        raise ChatGLMError("错误：需要 --synthetic ≥ 0、--real-variants ≥ 1、--max-pokemon ≥ 1、0 < --held-out-ratio < 1 / Error: need "
+                           "--synthetic >= 0, --real-variants >= 1, --max-pokemon >= 1 and 0 < --held-out-ratio < 1")
     table = load_table(args.table, columns=table_columns(args), encoding=args.encoding)
     held_out = held_out_names(table, args.held_out_ratio, args.seed)
-    train, counts = build_training_samples(table, held_out, args.synthetic, args.real_variants, args.seed)
+    train, counts = build_training_samples(table, held_out, args.synthetic, args.real_variants, args.max_pokemon,
+                                           args.seed)
     evaluation = build_eval_samples(table, held_out, args.seed)
     leaks = mentioning(train, held_out)
     if leaks:  # a bug in tool_data.py, never the user's input

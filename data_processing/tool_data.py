@@ -169,17 +169,17 @@ def no_call_conversation(rng):
                                                        {"role": "assistant", "content": reply}]}
 
 
-def build_training_samples(table, held_out, synthetic=8000, real_variants=4, seed=0):
-    """The tool-use training set: lookups of `synthetic` invented Pokémon (with 0-2 more invented ones asked about
-    in the same conversation), `real_variants` lookups and ordinary conversations per real training Pokémon, not-found lookups (5%)
+def build_training_samples(table, held_out, synthetic=8000, real_variants=4, max_pokemon=3, seed=0):
+    """The tool-use training set: lookups of `synthetic` invented Pokémon (with up to `max_pokemon` - 1 more
+    invented ones asked about in the same conversation), `real_variants` lookups and ordinary conversations per real training Pokémon, not-found lookups (5%)
     and no-call questions (10%), shuffled. No sample mentions a held-out Pokémon. Returns (samples, counts)."""
     rng = random.Random(f"{seed}|tool-train")
     train_rows = [scrubbed(row, held_out) for row in table.rows if row.name not in held_out]
     # Rows that had to be scrubbed are looked up nowhere: every observation in training is the tool's own.
     unchanged = [row for row in train_rows if row in table.rows]
     fake = synthetic_rows(synthetic, table, held_out, rng)
-    # 1-3 Pokémon per conversation: more calls (name copies) per token of the long tool system prompt.
-    lookups = [lookup_conversation([row] + rng.sample(fake, min(len(fake), rng.choice((0, 0, 1, 1, 2)))), rng)
+    # Up to `max_pokemon` per conversation: more calls (name copies) per token of the long tool system prompt.
+    lookups = [lookup_conversation([row] + rng.sample(fake, min(len(fake), rng.randint(0, max_pokemon - 1))), rng)
                for row in fake + unchanged * real_variants]
     missing = unknown_names(max(1, len(lookups) // 20), table, {row.name for row in fake} | held_out, rng)
     train_table = PokemonTable(path=table.path, encoding=table.encoding, columns=table.columns, rows=train_rows)

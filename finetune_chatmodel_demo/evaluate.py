@@ -6,6 +6,11 @@ format), the model generates a reply from the conversation before it (the prompt
 reply; batched, left padded, greedy unless --do-sample). Predictions and references are segmented with jieba and
 scored as upstream ChatGLM3's finetune demo does (see metrics.py). Predictions are written beside their
 references to --output (JSONL); the last line of stdout is the JSON summary {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "samples"}.
+
+With --tools CSV, every user turn is answered through the real tool loop instead (the model's calls executed by
+the pokedex_lookup tool on that table, observations fed back), and the summary adds tool_call_rate,
+tool_false_call_rate, tool_name_accuracy, tool_args_exact, tool_answer_grounded, answer_types_correct and
+stopped_share (fractions 0-1, defined in tool_eval.py); --hide-tools asks the same questions without the tool.
 """
 import argparse
 import json
@@ -23,6 +28,8 @@ from chatglm3.data import load_conversations, load_input_output
 from chatglm3.train_format import raw_prompt_ids
 from cli import add_format_arg, add_model_args, load_from_args, prompt_format
 from metrics import METRIC_KEYS, compute_metrics, score_pair
+from pokedex import PokedexTool
+from tool_eval import TOOL_METRIC_KEYS, answer_items, load_items, tool_metrics, turn_record
 
 DEFAULT_OUTPUT = "output/eval_predictions.jsonl"
 
@@ -90,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.8, help="采样温度，配合 --do-sample / temperature (0.8)")
     parser.add_argument("--top-p", type=float, default=0.8, help="top-p，配合 --do-sample / top-p (0.8)")
     parser.add_argument("--seed", type=int, default=None, help="随机种子 / random seed")
+    parser.add_argument("--tools", default=None, metavar="CSV",
+                        help="评测工具调用：每个用户问题都走真实的工具循环，pokedex_lookup 由该表回答，汇总里加上 tool_* 指标 / "
+                             "measure tool use: every user turn goes through the real tool loop, pokedex_lookup "
+                             "answered from this table; adds the tool_* keys to the summary (see tool_eval.py)")
+    parser.add_argument("--hide-tools", action="store_true",
+                        help="配合 --tools：同样的问题，但不提供工具（无工具的对照）/ with --tools: the same questions "
+                             "without offering the tool (the no-tool baseline)")
     return parser
 
 
@@ -98,11 +112,46 @@ def check_args(args: argparse.Namespace) -> None:
                         ("--max-samples", args.max_samples)):
         if value is not None and value < 1:
             raise ChatGLMError(f"错误：{flag} 必须 ≥ 1（收到 {value}）/ Error: {flag} must be at least 1 (got {value})")
+    if args.hide_tools and not args.tools:
+        raise ChatGLMError("错误：--hide-tools 需要 --tools / Error: --hide-tools needs --tools")
+
+
+def generation_kwargs(args: argparse.Namespace) -> Dict:
+    gen_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
+    if args.do_sample:
+        gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
+    return gen_kwargs
+
+
+def write_predictions(path: str, records: List[Dict]) -> None:
+    output = Path(path)
+    replaced = "（替换了旧文件）/ (replaced the previous file)" if output.exists() else ""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with output.open("w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    print(f"预测结果已写入 / Predictions written to {output} {replaced}".rstrip(), file=sys.stderr)
+
+
+def evaluate_tools(args: argparse.Namespace) -> Dict:
+    """--tools: every user turn answered through the real tool loop; ROUGE/BLEU of the final answers against the
+    references, and the tool metrics (tool_eval.py)."""
+    tool = PokedexTool(args.tools)  # a bad table is reported before the model loads
+    items = load_items(args.data, args.hide_tools)[:args.max_samples]
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    model, tokenizer = load_from_args(args)
+    turns = answer_items(model, tokenizer, items, {} if args.hide_tools else {tool.name: tool},
+                         generation_kwargs(args), args.batch_size, model.config.seq_length - args.max_new_tokens)
+    write_predictions(args.output, [turn_record(i, t) for i, t in zip(items, turns)])
+    answered = [(t.answer or "", i.reference) for i, t in zip(items, turns) if i.reference is not None]
+    return {**compute_metrics([a for a, _ in answered], [r for _, r in answered]), **tool_metrics(items, turns)}
 
 
 def evaluate(args: argparse.Namespace) -> Dict:
     """Generate, score and write predictions; returns the summary dict."""
     check_args(args)
+    if args.tools:
+        return evaluate_tools(args)
     fmt = prompt_format(args)  # input-output models: the raw prompt, as trained
     samples = (input_output_samples if fmt == "input-output" else load_samples)(args.data, args.max_samples)
     if args.seed is not None:
@@ -122,21 +171,10 @@ def evaluate(args: argparse.Namespace) -> Dict:
     samples = [samples[i] for i in fitting]
     prompts = [prompts[i] for i in fitting]
 
-    gen_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
-    if args.do_sample:
-        gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
-    predictions = generate_replies(model, tokenizer, prompts, args.batch_size, gen_kwargs)
-
-    output = Path(args.output)
-    replaced = "（替换了旧文件）/ (replaced the previous file)" if output.exists() else ""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as f:
-        for sample, prediction in zip(samples, predictions):
-            record = {"location": sample.location, "turn": sample.turn, "query": sample.history[-1]["content"],
-                      "prediction": prediction, "reference": sample.reference,
-                      **score_pair(prediction, sample.reference)}
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    print(f"预测结果已写入 / Predictions written to {output} {replaced}".rstrip(), file=sys.stderr)
+    predictions = generate_replies(model, tokenizer, prompts, args.batch_size, generation_kwargs(args))
+    write_predictions(args.output, [{"location": s.location, "turn": s.turn, "query": s.history[-1]["content"],
+                                     "prediction": p, "reference": s.reference, **score_pair(p, s.reference)}
+                                    for s, p in zip(samples, predictions)])
     return compute_metrics(predictions, [s.reference for s in samples])
 
 
@@ -147,7 +185,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ChatGLMError as exc:
         print(exc, file=sys.stderr)
         return 2
-    print(json.dumps({key: summary[key] for key in (*METRIC_KEYS, "samples")}, ensure_ascii=False))
+    keys = (*METRIC_KEYS, "samples", *(TOOL_METRIC_KEYS if args.tools else ()))
+    print(json.dumps({key: summary[key] for key in keys}, ensure_ascii=False))
     return 0
 
 

@@ -46,6 +46,7 @@ with stdout_to_stderr() if __name__ == "__main__" else contextlib.nullcontext():
 
     from chatglm3 import ChatGLMError
     from chatglm3.conversation import prompt_ids, tool_system_message
+    from chatglm3.toolloop import MAX_CALLS, MAX_ERROR_OBSERVATIONS, ToolTurn
     from chatglm3.generation import generate_stream
     from chatglm3.train_format import raw_prompt_ids
     from cli import add_format_arg, add_model_args, load_from_args, prompt_format
@@ -53,7 +54,6 @@ with stdout_to_stderr() if __name__ == "__main__" else contextlib.nullcontext():
 
 ANSWER_PREFIX = "ChatGLM："
 USER_PROMPT = "用户 / User："
-MAX_TOOL_ROUNDS = 3  # tool calls answered per user turn before the turn is given up (stops call loops)
 EXIT_COMMANDS = ("exit", "quit", "stop")
 CLEAR_COMMAND = "clear"
 
@@ -142,35 +142,37 @@ class Display:
 
 def chat_turn(model, tokenizer, query: str, history: List[dict], gen_kwargs: Dict, max_prompt_tokens: int,
               tool: Optional[Callable[[dict], str]] = None, display: Optional[Display] = None,
-              max_tool_rounds: int = MAX_TOOL_ROUNDS) -> Tuple[str, List[dict]]:
+              max_tool_rounds: int = MAX_CALLS) -> Tuple[str, List[dict]]:
     """Answer one user message; returns (answer text, new history).
 
-    With `tool`, a tool call from the model is answered by `tool(call)` as an observation turn and the model goes
-    on, at most `max_tool_rounds` times. Raises ChatGLMError for a prompt that cannot fit or too many tool calls;
-    the caller's history is then unchanged.
+    With `tool`, the turn runs the tool loop (chatglm3.toolloop, as evaluate.py --tools does): a call from the
+    model is executed by `tool` and its observation (or an error observation) fed back, at most `max_tool_rounds`
+    calls. Raises ChatGLMError for a prompt that cannot fit, too many calls or failed calls; the caller's history
+    is then unchanged.
     """
     display = display or Display(stream=False)
-    role, content = "user", query
-    for _ in range(max_tool_rounds + 1):
-        history = trim_history(tokenizer, content, history, role, max_prompt_tokens)
-        display.debug_prompt(prompt_ids(tokenizer, history, content, role))
+    turn = ToolTurn(history, query, {tool.name: tool} if tool else {}, max_calls=max_tool_rounds)
+    while not turn.done:
+        turn.history = trim_history(tokenizer, turn.content, turn.history, turn.role, max_prompt_tokens)
+        display.debug_prompt(turn.prompt(tokenizer))
         display.begin_answer()
-        response, new_history = "", history
-        for response, new_history in model.stream_chat(tokenizer, content, history, role=role, **gen_kwargs):
+        response, new_history = "", turn.history
+        for response, new_history in model.stream_chat(tokenizer, turn.content, turn.history, role=turn.role,
+                                                        **gen_kwargs):
             if isinstance(response, str):
                 display.partial(response)
-        history = new_history
-        if isinstance(response, dict) and "parameters" in response and tool is not None:
-            observation = tool(response)
-            display.tool_call(response, observation)
-            role, content = "observation", observation
-            continue
-        answer = response if isinstance(response, str) else response.get("content", json.dumps(response))
-        display.end_answer(answer)
-        return answer, history
-    display.end_answer("")
-    raise ChatGLMError(f"错误：模型连续调用工具超过 {max_tool_rounds} 次，本轮放弃 / Error: the model called tools "
-                       f"more than {max_tool_rounds} times in a row; this turn was given up")
+        call = turn.step(response, new_history, stopped=None)
+        if call is not None:
+            display.tool_call(call.call, call.observation)
+    if turn.given_up:
+        display.end_answer("")
+        if turn.errors > MAX_ERROR_OBSERVATIONS:
+            raise ChatGLMError(f"错误：工具调用失败 {turn.errors} 次，本轮放弃 / Error: {turn.errors} tool calls failed; "
+                               f"this turn was given up")
+        raise ChatGLMError(f"错误：模型连续调用工具超过 {max_tool_rounds} 次，本轮放弃 / Error: the model called tools "
+                           f"more than {max_tool_rounds} times in a row; this turn was given up")
+    display.end_answer(turn.answer)
+    return turn.answer, turn.history
 
 
 def raw_turn(model, tokenizer, prompt: str, gen_kwargs: Dict, max_prompt_tokens: int,

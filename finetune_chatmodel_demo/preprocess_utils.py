@@ -59,7 +59,7 @@ class _TokenizedDataset(Dataset):
 
 
 class MultiTurnDataset(_TokenizedDataset):
-    """Multi-turn samples -> {"input_ids", "labels"}, truncated to max_seq_length (None: no limit).
+    """Multi-turn samples -> {"input_ids", "labels"}, cut to max_seq_length by whole turns (None: no limit).
 
     A sample whose labels are all -100 (no assistant reply to learn, or none left after truncation) is dropped
     and counted in `num_dropped`; `dropped` lists where those samples came from."""
@@ -72,7 +72,8 @@ class MultiTurnDataset(_TokenizedDataset):
         for sample, where in zip(records, records.locations):
             tokens, labels = encode_sample(tokenizer, sample)
             if max_seq_length is not None and len(tokens) > max_seq_length:
-                tokens, labels = tokens[:max_seq_length], labels[:max_seq_length]
+                # Whole turns dropped from the end, never half a reply: each reply learnt ends with its stop token.
+                tokens, labels = encode_sample(tokenizer, sample, max_seq_length)
                 self.num_truncated += 1
             if all(label == IGNORE_INDEX for label in labels):
                 self.num_dropped += 1

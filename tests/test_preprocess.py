@@ -85,14 +85,18 @@ def test_tool_entry_observation_is_json(real_tokenizer):
 
 # --- truncation and dropping -------------------------------------------------------------------------------------
 def test_truncation_keeps_ids_and_labels_aligned(tiny, capsys):
+    # Whole turns are dropped from the end (tests/test_tools.py checks the rule itself): what is left is a prefix
+    # of the whole sample closed by eos.
     full = MultiTurnDataset(SAMPLES, tiny, max_seq_length=None, verbose=False)
     limit = 24
     short = MultiTurnDataset(SAMPLES, tiny, max_seq_length=limit)
-    kept = [item for item in full if any(label != IGNORE_INDEX for label in item["labels"][:limit])]
+    cuts = [encode_sample(tiny, sample, limit) for sample in SAMPLES]
+    kept = [(whole, cut) for whole, cut in zip(full, cuts) if any(label != IGNORE_INDEX for label in cut[1])]
     assert len(short) == len(kept)
-    for whole, cut in zip(kept, short):
-        assert cut["input_ids"] == whole["input_ids"][:limit]
-        assert cut["labels"] == whole["labels"][:limit]
+    for (whole, (ids, labels)), item in zip(kept, short):
+        assert item == {"input_ids": ids, "labels": labels}
+        assert ids[:-1] == whole["input_ids"][:len(ids) - 1] and ids[-1] == tiny.eos_token_id
+        assert labels[:-1] == whole["labels"][:len(ids) - 1]
     assert short.num_truncated == sum(n > limit for n in full.lengths)
     assert short.num_dropped == len(SAMPLES) - len(kept)
     assert max(short.lengths) <= limit

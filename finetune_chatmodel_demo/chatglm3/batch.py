@@ -23,13 +23,21 @@ def left_pad(rows: List[List[int]], pad_token_id: int, device="cpu") -> Tuple[to
     return input_ids, attention_mask
 
 
-@torch.no_grad()
 def generate_replies(model, tokenizer, prompts: List[List[int]], batch_size: int, gen_kwargs: Dict,
                      progress: bool = True) -> List[str]:
     """The reply to each prompt (ids from conversation.prompt_ids), in the order of `prompts`."""
+    return [clean_response(text) for text, _ in generate_texts(model, tokenizer, prompts, batch_size, gen_kwargs,
+                                                               progress)]
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: List[List[int]], batch_size: int, gen_kwargs: Dict,
+                   progress: bool = True) -> List[Tuple[str, bool]]:
+    """For each prompt, the decoded reply as generated (the tokens before the stop token, for process_response)
+    and whether it ended on a stop token rather than the length limit."""
     stop_ids = stop_token_ids(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    replies: List[Optional[str]] = [None] * len(prompts)
+    replies: List[Optional[Tuple[str, bool]]] = [None] * len(prompts)
     bar = tqdm(total=len(prompts), desc="生成 / generating", file=sys.stderr, disable=not progress)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
@@ -40,7 +48,7 @@ def generate_replies(model, tokenizer, prompts: List[List[int]], batch_size: int
         for row, i in enumerate(batch):
             new_ids = output[row, width:].tolist()
             stop = next((k for k, t in enumerate(new_ids) if t in stop_ids), len(new_ids))
-            replies[i] = clean_response(tokenizer.decode(new_ids[:stop]))
+            replies[i] = (tokenizer.decode(new_ids[:stop]), stop < len(new_ids))
         bar.update(len(batch))
     bar.close()
     return replies

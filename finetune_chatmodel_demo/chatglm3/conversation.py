@@ -99,28 +99,53 @@ def encode_message(tokenizer, role: str, metadata: str, content: str) -> list[in
     return [tokenizer.get_command(role_token(role))] + encode(f"{metadata}\n") + encode(content)
 
 
+def message_text(message: dict) -> str:
+    """The text encoded after a message's role token and metadata line: its content, and for a system message that
+    offers tools, the tools as JSON after it."""
+    if message["role"] == "system" and TOOLS_KEY in message:
+        return message["content"] + "\n" + json.dumps(message[TOOLS_KEY], indent=4, ensure_ascii=False)
+    return message["content"]
+
+
 def encode_messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
     """(ids, learnt): `[gMASK] sop` and every message; learnt[i] says token i belongs to a reply the model
     learns (an assistant message with "loss")."""
     ids = [tokenizer.get_command(t) for t in PREFIX_TOKENS]
     learnt = [False] * len(ids)
     for message in messages:
-        content = message["content"]
-        if message["role"] == "system" and TOOLS_KEY in message:
-            content = content + "\n" + json.dumps(message[TOOLS_KEY], indent=4, ensure_ascii=False)
-        message_ids = encode_message(tokenizer, message["role"], message.get("metadata", ""), content)
+        message_ids = encode_message(tokenizer, message["role"], message.get("metadata", ""), message_text(message))
         ids += message_ids
         learnt += [bool(message.get("loss")) and message["role"] == "assistant"] * len(message_ids)
     return ids, learnt
 
 
-def encode_sample(tokenizer, sample: dict) -> tuple[list[int], list[int]]:
+def encode_sample(tokenizer, sample: dict, max_length: int | None = None) -> tuple[list[int], list[int]]:
     """Training (input_ids, labels) of a sample, upstream-exact: the messages and a final eos; label i is token i
-    when token i-1 is learnt (so a reply's closing role token or eos is learnt too), else -100."""
-    ids, learnt = encode_messages(tokenizer, sample_to_messages(sample))
+    when token i-1 is learnt (so a reply's closing role token or eos is learnt too), else -100.
+
+    With `max_length`, a longer sample loses whole messages from its end, down to the last learnt reply that fits
+    with the eos: never half a reply, so every reply learnt ends with its stop token (labels all -100 when not even
+    the first reply fits)."""
+    messages = sample_to_messages(sample)
+    ids, learnt = encode_messages(tokenizer, messages)
+    if max_length is not None and len(ids) + 1 > max_length:
+        ids, learnt = _whole_turns(tokenizer, messages, max_length - 1)
     ids.append(tokenizer.eos_token_id)
     labels = [token if previous else IGNORE_INDEX for token, previous in zip(ids, [False] + learnt)]
     return ids, labels
+
+
+def _whole_turns(tokenizer, messages: list[dict], limit: int) -> tuple[list[int], list[bool]]:
+    """encode_messages of the longest run of leading messages that ends with a learnt reply and fits in `limit`
+    tokens; `[gMASK] sop` alone (nothing learnt) when there is none."""
+    length, keep = len(PREFIX_TOKENS), 0
+    for k, message in enumerate(messages, 1):
+        length += len(encode_message(tokenizer, message["role"], message.get("metadata", ""), message_text(message)))
+        if length > limit:
+            break
+        if message["role"] == "assistant" and message.get("loss"):
+            keep = k
+    return encode_messages(tokenizer, messages[:keep])
 
 
 def prompt_ids(tokenizer, history: list[dict], query: str | None = None, role: str = "user") -> list[int]:
@@ -150,6 +175,8 @@ def process_response(text: str, history: list) -> tuple:
             history.append({"role": "assistant", "metadata": metadata, "content": content})
             content = content.replace("[[训练时间]]", "2023年")  # upstream's placeholder
         else:
+            # Decoding gives back the space SentencePiece puts before the content; format_tool_call writes none.
+            content = content.strip()
             history.append({"role": "assistant", "metadata": metadata, "content": content})
             try:
                 content = {"name": metadata.strip(), "parameters": parse_tool_call(content)}

@@ -11,7 +11,7 @@ import sentencepiece as spm
 import torch
 
 from .configuration import ChatGLMConfig
-from .conversation import TOOL_SYSTEM_PROMPT, format_tool_call
+from .conversation import CONVERSATION_KEY, TOOL_SYSTEM_PROMPT, format_tool_call, message_text, sample_to_messages
 from .data import read_json_records
 from .errors import ChatGLMError
 
@@ -27,12 +27,25 @@ def _strings(value) -> Iterator[str]:
             yield from _strings(v)
 
 
+def _record_texts(record) -> list[str]:
+    """A record's text as the model reads it: a conversation sample message by message as the chat format writes
+    it (the tool list as JSON, tool calls, observations), so that the tokenizer learns those pieces; any other
+    record, every string value."""
+    if isinstance(record, dict) and CONVERSATION_KEY in record:
+        try:
+            return [message_text(m) for m in sample_to_messages(record)]
+        except (KeyError, TypeError, AttributeError):  # not a well-formed sample: its strings will do
+            pass
+    return list(_strings(record))
+
+
 def corpus_lines(path: Path) -> list[str]:
-    """Text lines from a .txt, .csv (every cell, UTF-8 or GBK) or .json/.jsonl data file (every string value)."""
+    """Text lines from a .txt, .csv (every cell, UTF-8 or GBK) or .json/.jsonl data file (conversation samples as
+    the model reads them, other records every string value)."""
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in (".json", ".jsonl"):
-        values = [text for _, record in read_json_records(path) for text in _strings(record)]
+        values = [text for _, record in read_json_records(path) for text in _record_texts(record)]
     elif not path.is_file():
         raise ChatGLMError(f"找不到语料文件 / corpus file not found: {path}")
     else:

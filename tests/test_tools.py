@@ -1,0 +1,337 @@
+"""Tool use: the training data (held-out Pokémon in no sample, their names writable), the tool loop (its prompts
+are training's ids token for token; bad calls become error observations), the metrics, evaluate.py --tools, and
+truncation by whole turns."""
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import build_tool_data
+import tool_data
+import tool_eval
+from chatglm3 import ChatGLMTokenizer
+from chatglm3.conversation import encode_messages, encode_sample, sample_to_messages, stop_token_ids
+from chatglm3.data import check_conversation
+from chatglm3.tiny import build_tiny_model
+from chatglm3.toolloop import MAX_ERROR_OBSERVATIONS, ToolTurn, is_error_observation
+from pokedex import POKEDEX_TOOL, PokedexTool, load_table
+
+REPO = Path(__file__).resolve().parents[1]
+TABLE = REPO / "data_processing" / "data.csv"
+
+
+@pytest.fixture(scope="module")
+def table():
+    return load_table(TABLE)
+
+
+@pytest.fixture(scope="module")
+def held_out(table):
+    return tool_data.held_out_names(table, 0.1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def training(table, held_out):
+    return tool_data.build_training_samples(table, held_out, synthetic=1500, real_variants=1, seed=0)[0]
+
+
+@pytest.fixture(scope="module")
+def pokedex():
+    return PokedexTool(str(TABLE))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return ChatGLMTokenizer.from_pretrained(str(tiny_model))
+
+
+# --- the data -----------------------------------------------------------------------------------------------------
+def test_held_out_pokemon_are_in_no_training_sample(table, held_out, training):
+    assert len(held_out) >= 15 and "嘟嘟利" in held_out  # holds the held-out 嘟嘟, so it is held out too
+    text = [json.dumps(s, ensure_ascii=False) for s in training]
+    assert not [n for n in held_out if any(n in t for t in text)]
+    assert tool_data.mentioning(training + [{"conversations": [{"role": "user", "content": "怪力"}]}], held_out) == [len(training)]
+    for i, sample in enumerate(training):
+        check_conversation(sample, f"sample {i}")
+
+
+def test_training_set_holds_every_kind_of_sample(table, training):
+    real = {row.name for row in table.rows}
+    tool_samples = [s for s in training if "tools" in s]
+    calls = [[m for m in s["conversations"] if m["role"] == "tool"] for s in tool_samples]
+    called = {c["parameters"]["name"] for cs in calls for c in cs}
+    assert len(called - real) >= 1500  # synthetic Pokémon
+    assert any(len(cs) >= 2 for cs in calls)  # several calls in one conversation
+    assert any(not cs for cs in calls)  # the tool offered, no call needed
+    assert any("错误" in c["observation"] for cs in calls for c in cs)  # lookups that find nothing
+    assert any(s["conversations"][-1]["role"] == "assistant" and s["conversations"][-2]["role"] == "user"
+               and cs for s, cs in zip(tool_samples, calls))  # a follow-up answered from the earlier observation
+    assert any("tools" not in s for s in training)  # ordinary conversations
+    for sample, cs in zip(tool_samples, calls):  # every observation is what the tool answers for that name
+        for c in cs:
+            if c["parameters"]["name"] in real:
+                assert c["observation"] == json.loads(PokedexTool(str(TABLE))({"name": c["name"], "parameters": c["parameters"]}))
+
+
+def test_synthetic_pokemon_follow_the_type_chart(table, held_out):
+    rows = tool_data.synthetic_rows(2000, table, held_out, random.Random(1))
+    chars = {ch for row in table.rows for ch in row.name}
+    held_chars = {ch for name in held_out for ch in name}
+    assert held_chars <= {ch for row in rows for ch in row.name} <= chars
+    for row in rows:
+        assert row.name not in {r.name for r in table.rows} and not any(h in row.name for h in held_out)
+        assert row.weaknesses == tool_data.weaknesses(row.types)
+        observation = tool_data.lookup(row)
+        assert observation["姓名"] == row.name and observation["属性"] == row.types
+
+
+def test_held_out_names_are_writable_with_a_tokenizer_of_the_training_set(tmp_path, tokenizer, table, held_out,
+                                                                         training):
+    # The tokenizer trained on data.csv (held-out names included) has pieces such as 刺龙 (海刺龙) that no
+    # training reply holds: the model could never write them. One trained on the training set has none; there,
+    # without synthetic Pokémon, characters such as 耿 would never be written either.
+    assert tool_data.unlearnt_name_tokens(tokenizer, held_out, training)
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in training), encoding="utf-8")
+    own = ChatGLMTokenizer.from_pretrained(str(build_tiny_model(path, tmp_path / "m", layers=1, hidden=32, heads=2,
+                                                                kv_groups=1, vocab_size=2000)))
+    assert tool_data.unlearnt_name_tokens(own, held_out, training) == {}
+    real_only = tool_data.build_training_samples(table, held_out, synthetic=0, real_variants=1, seed=0)[0]
+    assert "耿鬼" in tool_data.unlearnt_name_tokens(own, held_out, real_only)
+
+
+# --- the tool loop ------------------------------------------------------------------------------------------------
+def _replay(tokenizer, sample, tools):
+    """Drive the tool loop through `sample` with the replies training learns as the model's output; assert every
+    prompt the loop builds is training's ids up to that reply. Returns the turns."""
+    ids, labels = encode_sample(tokenizer, sample)
+    stops = stop_token_ids(tokenizer)
+    history = sample_to_messages({"tools": sample["tools"], "conversations": []})
+    history = [{k: v for k, v in m.items() if k != "loss"} for m in history]
+    turns = []
+    for message in sample["conversations"]:
+        if message["role"] != "user":
+            continue
+        turn = ToolTurn(history, message["content"], tools)
+        while not turn.done:
+            prompt = turn.prompt(tokenizer)
+            assert prompt == ids[:len(prompt)], "the loop's prompt differs from training's ids"
+            end = next(k for k in range(len(prompt), len(ids)) if ids[k] in stops)
+            assert labels[len(prompt):end + 1] == ids[len(prompt):end + 1]  # the reply and its stop are learnt
+            turn.feed_text(tokenizer.decode(ids[len(prompt):end]), stopped=True)
+        turns.append(turn)
+        history = turn.history
+    assert encode_messages(tokenizer, history)[0] + [tokenizer.eos_token_id] == ids  # the whole conversation too
+    return turns
+
+
+def _real_sample(table, seed=3):
+    rows = table.by_name()
+    sample = tool_data.lookup_conversation([rows["皮卡丘"], rows["妙蛙种子"], rows["可达鸭"]], random.Random(seed))
+    return sample
+
+
+@pytest.mark.parametrize("which", ["tiny", "real"])
+def test_tool_loop_prompts_equal_training_ids_multi_turn_multi_call(which, request, table, pokedex):
+    tokenizer = request.getfixturevalue("tokenizer" if which == "tiny" else "real_tokenizer")
+    sample = _real_sample(table)
+    assert sum(m["role"] == "tool" for m in sample["conversations"]) == 3
+    assert sum(m["role"] == "user" for m in sample["conversations"]) > 3  # follow-ups without a call
+    turns = _replay(tokenizer, sample, {pokedex.name: pokedex})
+    assert [len(t.calls) for t in turns if t.calls] == [1, 1, 1] and all(c.ok for t in turns for c in t.calls)
+    assert [t.answer for t in turns] == [m["content"] for m, n in zip(sample["conversations"], sample["conversations"][1:] + [None])
+                                         if m["role"] == "assistant" and (n is None or n["role"] == "user")]
+
+
+def test_bad_calls_are_failed_calls_with_error_observations(tmp_path, pokedex):
+    marker = tmp_path / "pwned"
+
+    def broken(call):
+        raise RuntimeError("table offline")
+
+    tools = {pokedex.name: pokedex, "broken": broken}
+    turn = ToolTurn([], "皮卡丘是什么属性？", tools)
+    replies = [
+        f"pokedex_lookup\n```python\ntool_call(name=__import__('os').system('touch {marker}'))\n```",  # not a literal
+        "weather\n```python\ntool_call(city='北京')\n```",  # no such tool
+        "broken\n```python\ntool_call(name='皮卡丘')\n```",  # the tool raises
+    ]
+    for text in replies:
+        assert not turn.done
+        result = turn.feed_text(text, stopped=True)
+        assert not result.ok and is_error_observation(result.observation) and turn.content == result.observation
+    assert turn.given_up and turn.errors == MAX_ERROR_OBSERVATIONS + 1 and not marker.exists()
+    assert "tool_call" in turn.calls[0].observation and "weather" in turn.calls[1].observation
+    assert "RuntimeError: table offline" in turn.calls[2].observation
+
+    unknown = ToolTurn([], "小火鸡是什么属性？", tools)
+    result = unknown.feed_text("pokedex_lookup\n```python\ntool_call(name='小火鸡')\n```", stopped=True)
+    assert not result.ok and "没有找到" in result.observation and not unknown.done
+    unknown.feed_text("图鉴里没有找到「小火鸡」。", stopped=True)
+    assert unknown.answer == "图鉴里没有找到「小火鸡」。" and unknown.errors == 1
+
+
+def test_calls_beyond_the_limit_give_the_turn_up(pokedex):
+    turn = ToolTurn([], "皮卡丘是什么属性？", {pokedex.name: pokedex}, max_calls=2)
+    call = "pokedex_lookup\n```python\ntool_call(name='皮卡丘')\n```"
+    assert turn.feed_text(call, True).ok and turn.feed_text(call, True).ok and not turn.done
+    assert turn.feed_text(call, True) is None and turn.given_up and len(turn.calls) == 2
+
+
+# --- the metrics --------------------------------------------------------------------------------------------------
+def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_out):
+    path = tmp_path / "heldout.jsonl"
+    samples = tool_data.build_eval_samples(table, held_out, seed=0)
+    path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    items = tool_eval.load_items(path)
+    expecting = [i for i in items if i.expected]
+    assert len(expecting) == 3 * len(held_out) and len(items) - len(expecting) == 2 * len(held_out)
+    tools = {pokedex.name: pokedex}
+    turns = []
+    for k, item in enumerate(items):  # a scripted "model": right on even items, wrong in various ways on odd ones
+        turn = ToolTurn(list(item.history), item.query, tools)
+        if item.expected:
+            name = item.expected[0]["parameters"]["name"]
+            turn.feed_text(f"pokedex_lookup\n```python\ntool_call(name='{name if k % 2 == 0 else name + '兽'}')\n```", True)
+            types = item.expected[0]["observation"]["属性"]
+            turn.feed_text(f"{name}是{'和'.join(types) if k % 2 == 0 else '一般'}属性的宝可梦。", k % 4 != 1)
+        else:
+            turn.feed_text("pokedex_lookup\n```python\ntool_call(name='皮卡丘')\n```" if k % 3 == 0 else "好的。", True)
+            if not turn.done:
+                turn.feed_text("好的。", True)
+        turns.append(turn)
+    m = tool_eval.tool_metrics(items, turns)
+    even = [k % 2 == 0 for k, i in enumerate(items) if i.expected]
+    assert m["tool_call_rate"] == 1.0 and m["tool_name_accuracy"] == 1.0
+    assert m["tool_args_exact"] == round(sum(even) / len(even), 4)
+    assert m["answer_types_correct"] == m["tool_args_exact"]
+    # A wrong name finds nothing: no observation to ground the answer in.
+    assert m["tool_answer_grounded"] == m["tool_args_exact"]
+    nocall = [k for k, i in enumerate(items) if not i.expected]
+    assert m["tool_false_call_rate"] == round(sum(k % 3 == 0 for k in nocall) / len(nocall), 4)
+    replies = sum(t.replies for t in turns)
+    assert m["stopped_share"] == round((replies - sum(k % 4 == 1 for k, i in enumerate(items) if i.expected)) / replies, 4)
+
+
+def test_types_named_ignores_the_pokemon_name():
+    assert tool_eval.types_named("海刺龙是水属性的宝可梦。", ["海刺龙"]) == {"水"}
+    assert tool_eval.types_named("超梦是超能力属性的宝可梦。", ["超梦"]) == {"超能力"}
+
+
+def test_hidden_tools_ask_the_same_questions_without_the_tool(tmp_path, table, held_out):
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in tool_data.build_eval_samples(table, held_out)),
+                    encoding="utf-8")
+    shown, hidden = tool_eval.load_items(path), tool_eval.load_items(path, hide_tools=True)
+    assert [i.query for i in shown] == [i.query for i in hidden]
+    assert [i.expected for i in shown] == [i.expected for i in hidden]
+    assert all(m["role"] != "observation" and "tools" not in m for i in hidden for m in i.history)
+    assert shown[0].history[0]["tools"] == [POKEDEX_TOOL]
+
+
+# --- evaluate.py --tools: the real loop with a real (rewired) model -----------------------------------------------
+@pytest.fixture(scope="module")
+def calling_model_dir(shared, tmp_path_factory):
+    """The reference tiny model rewired to always answer with the call pokedex_lookup(name='皮卡丘')."""
+    from test_inference import _tool_calling_model
+
+    model, tokenizer = _tool_calling_model(shared)
+    out = tmp_path_factory.mktemp("calling-model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _eval_file(path, table):
+    rows = table.by_name()
+    samples = [tool_data.lookup_conversation([rows[n]], random.Random(0)) for n in ("皮卡丘", "妙蛙种子")]
+    samples.append({"tools": [POKEDEX_TOOL], "conversations": [{"role": "user", "content": "你好"},
+                                                                {"role": "assistant", "content": "你好！"}]})
+    for s in samples[:2]:
+        s["conversations"] = s["conversations"][:3]
+    path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    return path
+
+
+def test_evaluate_tools_runs_the_real_loop(calling_model_dir, tmp_path, table, capsys):
+    import evaluate
+
+    data, predictions = _eval_file(tmp_path / "eval.jsonl", table), tmp_path / "pred.jsonl"
+    args = ["--data", str(data), "--model", str(calling_model_dir), "--tools", str(TABLE), "--max-new-tokens", "30",
+            "--output", str(predictions)]
+    assert evaluate.main(args) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # It always calls for 皮卡丘: right for the first question, wrong for the second, a false call on "你好"; every
+    # reply ends on <|observation|>, and no turn gets an answer (the model's 256-token context fills up first).
+    assert summary["tool_call_rate"] == 1.0 and summary["tool_name_accuracy"] == 1.0
+    assert summary["tool_args_exact"] == 0.5 and summary["tool_false_call_rate"] == 1.0
+    assert summary["tool_answer_grounded"] == 0.0 and summary["stopped_share"] == 1.0
+    assert {"rouge-1", "bleu-4", "samples"} <= set(summary)
+    records = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    first = records[0]["calls"]
+    assert first and all(c["call"]["parameters"] == {"name": "皮卡丘"} and c["ok"] for c in first)
+    assert json.loads(first[0]["observation"])["属性"] == ["电"] and records[0]["given_up"]
+
+    assert evaluate.main(args + ["--hide-tools"]) == 0  # no tool offered: the call is not executed
+    hidden = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert hidden["tool_call_rate"] == 0.0 and hidden["answer_types_correct"] == 0.0
+
+
+def test_evaluate_tools_bad_input_is_one_line(tmp_path, table, tiny_model, capsys):
+    import evaluate
+
+    data = _eval_file(tmp_path / "eval.jsonl", table)
+    assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--tools", str(tmp_path / "no.csv")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no.csv" in err and "\n" not in err and "Traceback" not in err
+    assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--hide-tools"]) == 2
+    assert "--tools" in capsys.readouterr().err
+
+
+# --- truncation by whole turns ------------------------------------------------------------------------------------
+def test_truncation_drops_whole_turns_and_every_learnt_reply_ends_with_a_stop(tokenizer, table):
+    from preprocess_utils import MultiTurnDataset
+
+    sample = _real_sample(table)
+    ids, _ = encode_sample(tokenizer, sample)
+    messages = sample_to_messages(sample)
+    ends = {len(encode_messages(tokenizer, messages[:k])[0]): messages[k - 1] for k in range(1, len(messages) + 1)}
+    stops, eos = set(stop_token_ids(tokenizer)), tokenizer.eos_token_id
+    kept_some = 0
+    for limit in range(20, len(ids) + 8, 5):
+        cut, labels = encode_sample(tokenizer, sample, max_length=limit)
+        assert len(cut) <= limit and len(cut) == len(labels)
+        if len(ids) <= limit:
+            assert (cut, labels) == encode_sample(tokenizer, sample)
+            continue
+        if all(label == -100 for label in labels):  # not even the first reply fits
+            continue
+        kept_some += 1
+        # Whole messages up to a learnt reply, then eos: never half a reply.
+        assert cut[-1] == eos and cut[:-1] == ids[:len(cut) - 1]
+        last = ends[len(cut) - 1]
+        assert last["role"] == "assistant" and last["loss"]
+        # Each learnt run of labels ends on a stop token (the next role token, or eos).
+        for k, label in enumerate(labels):
+            if label != -100 and (k + 1 == len(labels) or labels[k + 1] == -100):
+                assert cut[k] in stops
+        dataset = MultiTurnDataset([sample], tokenizer, max_seq_length=limit, verbose=False)
+        assert dataset[0] == {"input_ids": cut, "labels": labels} and dataset.num_truncated == 1
+    assert kept_some >= 5
+
+
+# --- the data CLI ---------------------------------------------------------------------------------------------------
+def test_build_tool_data_cli(tmp_path, tiny_model):
+    script = REPO / "data_processing" / "build_tool_data.py"
+    run = subprocess.run([sys.executable, str(script), "--out-dir", str(tmp_path), "--synthetic", "40",
+                          "--real-variants", "1"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    names = (tmp_path / "heldout_names.txt").read_text(encoding="utf-8").split()
+    assert "超梦" in names and "超梦" not in (tmp_path / "train.jsonl").read_text(encoding="utf-8")
+    assert f"held out {len(names)} real Pokémon" in run.stdout
+    # The bundled tokenizer (trained on data.csv, held-out names included) fails the check, in one line.
+    assert build_tool_data.main(["--out-dir", str(tmp_path), "--check-tokenizer", str(tiny_model)]) == 1
+    assert build_tool_data.main(["--out-dir", str(tmp_path), "--held-out-ratio", "1.5"]) == 1
