@@ -33,13 +33,8 @@ def add_format_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def prompt_format(args: argparse.Namespace) -> str:
-    """--format, else the checkpoint's recorded training format; says on stderr which and why."""
-    chosen = train_format.choose(args.format, args.model, args.pt_checkpoint)
-    how = "原始提示 / raw prompt" if chosen == "input-output" else "对话格式 / chat format"
-    why = "--format" if args.format else ("检查点记录 / recorded in the checkpoint"
-                                          if train_format.recorded(args.model, args.pt_checkpoint) else "默认 / default")
-    print(f"提问格式 / prompt format: {chosen}（{how}；{why}）", file=sys.stderr)
-    return chosen
+    """--format, else the training format the checkpoint records (load_from_args says which)."""
+    return train_format.choose(args.format, args.model, args.pt_checkpoint)
 
 
 def load_from_args(args: argparse.Namespace):
@@ -55,5 +50,8 @@ def load_from_args(args: argparse.Namespace):
         details += f", P-Tuning pre_seq_len {model.config.pre_seq_len}"
     if args.adapter is not None:
         details += f", LoRA adapter {args.adapter}"
+    if hasattr(args, "format"):  # add_format_arg
+        raw = prompt_format(args) == "input-output"
+        details += f", 提问格式 / prompt format {'input-output: raw prompt' if raw else 'multi-turn: chat format'}"
     print(f"已加载模型 / Loaded model: {args.model} ({details})", file=sys.stderr)
     return model, tokenizer
