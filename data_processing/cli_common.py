@@ -1,12 +1,11 @@
-"""What data_processing.py and format_tool_poke.py share: the paths, the table flags, atomic writing and the runner
-that turns a bad input into one line on stderr and exit status 1.
+"""What data_processing.py and format_tool_poke.py share: the paths, the table flags, output checks and atomic
+writing (chatglm3.safe_io's, the project's one) and the runner that turns a bad input into one line on stderr and
+exit status 1.
 
 Importing this module puts finetune_chatmodel_demo/ on sys.path (the one place that does), so that the pipeline
 reads tables with `pokedex` and conversation files with `chatglm3.data`, as training does.
 """
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -16,6 +15,7 @@ if str(DEMO) not in sys.path:
     sys.path.insert(0, str(DEMO))
 
 from chatglm3.errors import ChatGLMError  # noqa: E402
+from chatglm3.safe_io import check_outputs, write_atomic  # noqa: E402,F401  (the scripts' one way to write)
 from pokedex import COLUMN_FLAGS, COLUMNS  # noqa: E402
 
 DEFAULT_TABLE = HERE / "data.csv"
@@ -37,23 +37,6 @@ def add_table_args(parser, zh_prefix="", en_suffix=""):
 def table_columns(args):
     """The column names given on the command line, {role: header}."""
     return {role: getattr(args, f"col_{role}") for role in COLUMNS if getattr(args, f"col_{role}")}
-
-
-def write_atomic(path, text):
-    """Write `text` to `path` through a temporary file in the same folder, so a failure leaves no half file."""
-    path = Path(path)
-    if path.is_dir():
-        raise ChatGLMError(f"错误：输出路径 {path} 是目录 / Error: output path {path} is a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def run_cli(build_parser, run, argv=None):

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 # cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
-from cli_common import DEFAULT_CONVERSATIONS, DEFAULT_TABLE, add_table_args, run_cli, table_columns, write_atomic
+from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_TABLE, add_table_args, check_outputs, run_cli, table_columns,
+                        write_atomic)
 from chatglm3.errors import ChatGLMError
 from dialogues import build_samples, split_dev
 from pokedex import REASONS, format_report, load_table
@@ -63,9 +64,8 @@ def check_options(args):
                            "must be given together")
     if args.variants < 1:
         raise ChatGLMError(f"错误：--variants 至少为 1 / Error: --variants must be at least 1, got {args.variants}")
-    for out in filter(None, (args.output, args.dev_output, args.report)):
-        if Path(out).resolve() == Path(args.input).resolve():
-            raise ChatGLMError(f"错误：输出文件 {out} 与输入文件相同 / Error: output {out} is the input file")
+    check_outputs(inputs={"--input": args.input},
+                  outputs={"--output": args.output, "--dev-output": args.dev_output, "--report": args.report})
 
 
 def no_rows_error(table):

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 # cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
-from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_JSONL, DEFAULT_TABLE, add_table_args, run_cli, table_columns,
-                        write_atomic)
+from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_JSONL, DEFAULT_TABLE, add_table_args, check_outputs, run_cli,
+                        table_columns, write_atomic)
 from chatglm3.data import check_conversation, load_conversations
 from chatglm3.errors import ChatGLMError
 from dialogues import build_tool_samples, conversation_stats
@@ -60,6 +60,7 @@ def run(args):
     """Do the work for parsed arguments; return the lines to print. Raises ChatGLMError."""
     samples, lines = [], []
     path = args.path or (None if args.tools else str(DEFAULT_CONVERSATIONS))
+    check_outputs(inputs={"--path": path, "--table": args.table if args.tools else None}, outputs={"--output": args.output})
     if path:
         if not Path(path).exists() and not args.path:
             raise ChatGLMError(f"错误：找不到文件 {path}；请先运行 data_processing.py 或用 --path 指定 / Error: file "
@@ -70,8 +71,6 @@ def run(args):
         built, table_lines = tool_samples(args)
         samples += built
         lines += table_lines
-    if Path(args.output).resolve() in {Path(p).resolve() for p in (path, args.table) if p}:
-        raise ChatGLMError(f"错误：输出文件 {args.output} 与输入文件相同 / Error: output {args.output} is an input file")
     write_atomic(args.output, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     stats = conversation_stats(samples)
     lines.append("错误数 / err_count: 0")

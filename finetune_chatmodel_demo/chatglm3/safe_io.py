@@ -2,10 +2,11 @@
 
 `check_outputs` runs before any work: an output may not be one of the inputs or another output (same resolved
 path, or same file through a link: inode and device), and must be a regular file or a new path whose nearest
-existing folder is a folder. `check_inputs` refuses a device as an input (/dev/zero would be read forever); a
-pipe is fine (`--path <(zcat data.json.gz)`). `write_atomic` writes through a temporary file in the same folder and renames it
-over the target, so a failure (a full disk) leaves the old file as it was. `reported_write_errors` turns a write
-that fails into one line naming what was being written, why, and the space left.
+existing parent is a directory. `check_inputs` refuses a device as an input (/dev/zero would be read forever); a
+pipe is fine (`--path <(zcat data.json.gz)`). `write_atomic` writes through a temporary file in the same
+directory and renames it over the target, so a failure (a full disk) leaves the old file as it was.
+`reported_write_errors` turns a write that fails into one line naming what was being written, why, and the space
+left.
 """
 import contextlib
 import os
@@ -31,7 +32,7 @@ def _check_writable_path(label: str, path: Path) -> None:
     if path.exists():
         mode = path.stat().st_mode
         if stat.S_ISDIR(mode):
-            raise ChatGLMError(f"错误：{label} {path} 是目录，请给出文件路径 / Error: {label} {path} is a folder; "
+            raise ChatGLMError(f"错误：{label} {path} 是目录，请给出文件路径 / Error: {label} {path} is a directory; "
                                "give a file path")
         if not stat.S_ISREG(mode):
             raise ChatGLMError(f"错误：{label} {path} 不是普通文件（设备、管道或套接字）/ Error: {label} {path} is not "
@@ -42,7 +43,7 @@ def _check_writable_path(label: str, path: Path) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise ChatGLMError(f"错误：{label} {path} 无法创建：{parent} 不是目录 / Error: cannot create {label} {path}: "
-                           f"{parent} is not a folder")
+                           f"{parent} is not a directory")
 
 
 def _paths(named) -> list:
@@ -71,8 +72,8 @@ def check_outputs(inputs=None, outputs=None) -> None:
         for input_label, input_path in inputs:
             if _same(path, input_path):
                 raise ChatGLMError(f"错误：输出 {label} {path} 与输入 {input_label} {input_path} 是同一个文件，会被覆盖 / "
-                                   f"Error: output {label} {path} is the input {input_label} {input_path}; choose "
-                                   "another output path")
+                                   f"Error: output {label} {path} is an input file ({input_label} {input_path}); "
+                                   "choose another output path")
         for other_label, other in seen:
             if _same(path, other):
                 raise ChatGLMError(f"错误：输出 {label} 与 {other_label} 是同一个文件 {path} / Error: outputs "
@@ -86,7 +87,7 @@ def write_atomic(path, data) -> None:
     The new file gets the old file's permissions, or the usual ones for a new file."""
     path = Path(os.path.realpath(path))
     if path.is_dir():
-        raise ChatGLMError(f"错误：输出路径 {path} 是目录 / Error: output path {path} is a folder")
+        raise ChatGLMError(f"错误：输出路径 {path} 是目录 / Error: output path {path} is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
