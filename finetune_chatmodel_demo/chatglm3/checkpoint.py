@@ -15,8 +15,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from . import compat, hub
-from .configuration import ChatGLMConfig
+from .configuration import ChatGLMConfig, check_config_dict
 from .errors import ChatGLMError
+from .safe_load import torch_load
 
 PREFIX_KEY = "transformer.prefix_encoder."
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -50,6 +51,7 @@ def read_config(path: Path) -> dict:
         data = json.loads(config_file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ChatGLMError(f"{config_file}: 不是合法的 JSON / not valid JSON: {e}") from None
+    check_config_dict(data, config_file)
     if data.get("model_type") != "chatglm":
         raise ChatGLMError(f"{config_file}: model_type 应为 \"chatglm\"，实际为 {data.get('model_type')!r} / field model_type must be \"chatglm\"")
     return data
@@ -83,8 +85,9 @@ def iter_tensors(file: Path):
                 for key in f.keys():
                     yield key, f.get_tensor(key)
         else:
-            # mmap: tensors are paged in as they are copied out, not all at once.
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            # mmap: tensors are paged in as they are copied out, not all at once. The allow-listed loader: a
+            # pickle that would run code is one line naming the file.
+            state = torch_load(file, mmap=True)
             yield from state.items()
     except ChatGLMError:
         raise

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import torch
 
-from . import conversation, hub, lora
+from . import conversation, hub, lora, memory
 from .checkpoint import PREFIX_KEY, iter_tensors, parse_dtype, read_config, weight_files
 from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
@@ -108,7 +108,10 @@ def load_model(model_path, tokenizer, pt_checkpoint=None, pre_seq_len=None, pref
         raise ChatGLMError(f"没有可用的 CUDA GPU / no CUDA GPU is available (device={device}): use --device cpu")
     check_checkpoint_kinds(pt_checkpoint, adapter)
     settings = _prefix_settings(pt_checkpoint, pre_seq_len, prefix_projection)
-    model = ChatGLMForConditionalGeneration.from_pretrained(model_path, dtype=resolve_dtype(dtype, device), device=device, **settings)
+    dtype = resolve_dtype(dtype, device)
+    # Refused before anything is allocated when the weights alone cannot fit (chatglm3.memory).
+    memory.check_fits(str(model_path), memory.model_parameters(hub.resolve(model_path)) * dtype.itemsize, device)
+    model = ChatGLMForConditionalGeneration.from_pretrained(model_path, dtype=dtype, device=device, **settings)
     if pt_checkpoint is not None:
         load_ptuning_checkpoint(model, pt_checkpoint)
     if adapter is not None:
@@ -120,6 +123,16 @@ def load_model(model_path, tokenizer, pt_checkpoint=None, pre_seq_len=None, pref
         )
     model.stop_token_ids = conversation.stop_token_ids(tokenizer)
     return model.eval()
+
+
+def input_files(model_path, tokenizer_path=None, pt_checkpoint=None, adapter=None) -> list:
+    """(flag, file) for the files loading reads from local folders (config, weights, tokenizer, prefix, adapter),
+    for chatglm3.safe_io.check_outputs: a script's output may not overwrite one of them. Hub ids are skipped."""
+    patterns = ("config.json", "*.safetensors", "*.bin", "*.index.json", "tokenizer*", "adapter_config.json")
+    folders = {"--model": model_path, "--tokenizer": tokenizer_path or model_path, "--pt-checkpoint": pt_checkpoint,
+               "--adapter": adapter}
+    return [(flag, file) for flag, folder in folders.items() if folder is not None and Path(folder).is_dir()
+            for pattern in patterns for file in sorted(Path(folder).glob(pattern)) if file.is_file()]
 
 
 def load_model_and_tokenizer(model_path, tokenizer_path=None, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None,
