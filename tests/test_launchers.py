@@ -1,8 +1,13 @@
 """The bash launchers in finetune_chatmodel_demo/scripts, run as users run them (from another directory, with
-environment overrides) on a tiny model on CPU."""
+environment overrides) on a tiny model on CPU, and what scripts/launch.py decides for them (NUM_GPUS, the output
+folder's lock, continuing an unfinished run)."""
 import json
 import os
+import shutil
+import signal
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -137,3 +142,132 @@ def test_deepspeed_zero3_gathers_the_same_model(deepspeed_runs):
         # Reductions run in another order under ZeRO-3; Adam turns that float noise into differences of
         # ~1e-4 in a few elements, against updates of ~1e-2 per step.
         torch.testing.assert_close(zero3[key], zero2[key], atol=5e-4, rtol=0, msg=key)
+
+
+# --- what scripts/launch.py decides (chatglm3/launching.py) --------------------------------------------------------
+LAUNCH = SCRIPTS / "launch.py"
+DATESTR = "20261129-120000"
+
+
+@pytest.mark.parametrize("value", ["abc", "0"])
+def test_num_gpus_is_checked(tmp_path, value):
+    result = launch("finetune_pt.sh", tmp_path, NUM_GPUS=value)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "NUM_GPUS" in lines[0] and repr(value) in lines[0], result.stderr
+
+
+def test_num_gpus_defaults_to_the_visible_gpus():
+    from chatglm3.launching import LaunchError, process_count
+
+    assert process_count("", 0) == 1 and process_count("", 4) == 4 and process_count("2", 0) == 2
+    with pytest.raises(LaunchError, match="NUM_GPUS=8"):
+        process_count("8", 4)
+    for bad in ("-1", "1.5", "2 GPUs"):
+        with pytest.raises(LaunchError, match="NUM_GPUS"):
+            process_count(bad, 0)
+
+
+def make_run(parent: Path, name: str, checkpoint=True, finished=False) -> Path:
+    run = parent / name
+    (run / "checkpoint-2").mkdir(parents=True)
+    if checkpoint:
+        (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    if finished:
+        (run / "trainer_state.json").write_text("{}")
+    return run
+
+
+def test_resume_continues_the_newest_unfinished_run_of_the_same_name(tmp_path, capsys):
+    from chatglm3.launching import choose_output_dir, claim
+
+    make_run(tmp_path, "tool_alpaca_pt-20261101-000000-128-2e-2", finished=True)
+    wanted = make_run(tmp_path, "tool_alpaca_pt-20261102-000000-128-2e-2")
+    make_run(tmp_path, "tool_alpaca_pt-20261103-000000-128-2e-2", checkpoint=False)  # nothing to continue from
+    make_run(tmp_path, "tool_alpaca_pt-20261104-000000-128-2e-2", finished=True)
+    make_run(tmp_path, "tool_alpaca_pt-20261105-000000-128-1e-2")  # other settings
+    make_run(tmp_path, "advertise_gen_pt-20261106-000000-128-2e-2")  # another RUN_NAME
+    fresh = tmp_path / f"tool_alpaca_pt-{DATESTR}-128-2e-2"
+    args = ["--output_dir", str(fresh), "--resume_from_checkpoint"]
+
+    assert choose_output_dir(args + ["True"], DATESTR) == wanted
+    assert str(wanted) in capsys.readouterr().out
+    assert choose_output_dir(args + ["false"], DATESTR) == fresh
+    assert choose_output_dir(["--output_dir", str(tmp_path / "mine"), "--resume_from_checkpoint", "true"], DATESTR) == tmp_path / "mine"
+    live = claim(wanted)  # a live run's folder is not taken over
+    try:
+        assert choose_output_dir(args + ["true"], DATESTR) == fresh
+    finally:
+        os.close(live)
+
+
+def hold_lock(folder: Path) -> subprocess.Popen:
+    """A process that locks `folder` as a launcher does and sleeps."""
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from chatglm3.launching import claim; "
+            "from pathlib import Path; claim(Path(sys.argv[2])); print('locked', flush=True); time.sleep(600)")
+    child = subprocess.Popen([sys.executable, "-c", code, str(SCRIPTS.parent), str(folder)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
+    from chatglm3.launching import LaunchError, claim
+
+    out = tmp_path / "out"
+    holder = hold_lock(out)
+    try:
+        with pytest.raises(LaunchError, match="in use"):
+            claim(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    os.close(claim(out))
+
+
+def test_the_training_keeps_the_lock_when_the_launcher_is_killed(tmp_path):
+    """launch.py hands its lock to the training it starts: killing only the launcher does not free the folder."""
+    from chatglm3.launching import LaunchError, claim
+
+    trainer = tmp_path / "train.py"
+    trainer.write_text("import time\nprint('training', flush=True)\ntime.sleep(600)\n")
+    out = tmp_path / "out"
+    launcher = subprocess.Popen([sys.executable, str(LAUNCH), "--num-gpus", "1", "--", str(trainer), "--output_dir", str(out)],
+                                stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        for line in launcher.stdout:
+            if line.strip() == "training":
+                break
+        launcher.kill()
+        launcher.wait()
+        with pytest.raises(LaunchError, match="in use"):
+            claim(out)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)  # the training, left behind in the launcher's session
+    for _ in range(100):
+        try:
+            os.close(claim(out))
+            break
+        except LaunchError:
+            time.sleep(0.1)
+    else:
+        pytest.fail("the lock outlived the training")
+
+
+def test_rerunning_a_launcher_continues_its_killed_run(tiny_model, pokemon_jsonl, tmp_path):
+    """Upstream's timestamped folders: RESUME=true (the default) finds the unfinished run by itself."""
+    demo = tmp_path / "demo"
+    shutil.copytree(SCRIPTS.parent, demo, ignore=shutil.ignore_patterns("__pycache__", "output"))
+    settings = dict(BASE_MODEL_PATH=tiny_model, DATASET_PATH=pokemon_jsonl, PRE_SEQ_LEN=4, MAX_SEQ_LEN=256,
+                    DEV_BATCH_SIZE=4, GRAD_ACCUMULARION_STEPS=1, SAVE_INTERVAL=2, LOG_INTERVAL=1)
+    env = {**os.environ, "EXTRA_ARGS": "--disable_tqdm true", **{k: str(v) for k, v in settings.items()}}
+    first = subprocess.run(["bash", str(demo / "scripts" / "finetune_pt_multiturn.sh")], cwd=tmp_path,
+                           env={**env, "MAX_STEP": "2"}, capture_output=True, text=True, timeout=600)
+    ok(first)
+    (run,) = (demo / "output").glob("tool_alpaca_pt-*-4-2e-2")
+    (run / "trainer_state.json").unlink()  # as if it had been killed after its checkpoint
+    second = subprocess.run(["bash", str(demo / "scripts" / "finetune_pt_multiturn.sh")], cwd=tmp_path,
+                            env={**env, "MAX_STEP": "4"}, capture_output=True, text=True, timeout=600)
+    ok(second)
+    assert f"Continuing the unfinished run {run}" in second.stdout
+    assert list((demo / "output").iterdir()) == [run]
+    assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 4
