@@ -25,6 +25,8 @@ from chatglm3 import ChatGLMError
 from chatglm3.batch import generate_replies
 from chatglm3.conversation import prompt_ids, sample_to_messages
 from chatglm3.data import load_conversations, load_input_output
+from chatglm3.loading import input_files
+from chatglm3.safe_io import check_outputs, write_atomic
 from chatglm3.train_format import raw_prompt_ids
 from cli import add_format_arg, add_model_args, load_from_args, prompt_format
 from metrics import METRIC_KEYS, compute_metrics, score_pair
@@ -114,6 +116,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise ChatGLMError(f"错误：{flag} 必须 ≥ 1（收到 {value}）/ Error: {flag} must be at least 1 (got {value})")
     if args.hide_tools and not args.tools:
         raise ChatGLMError("错误：--hide-tools 需要 --tools / Error: --hide-tools needs --tools")
+    # Before generation: --output may not replace the dev set, the table or a model file, nor be a directory.
+    inputs = [("--data", args.data), ("--tools", args.tools),
+              *input_files(args.model, args.tokenizer, args.pt_checkpoint, args.adapter)]
+    check_outputs(inputs=inputs, outputs={"--output": args.output})
 
 
 def generation_kwargs(args: argparse.Namespace) -> Dict:
@@ -126,9 +132,7 @@ def generation_kwargs(args: argparse.Namespace) -> Dict:
 def write_predictions(path: str, records: List[Dict]) -> None:
     output = Path(path)
     replaced = "（替换了旧文件）/ (replaced the previous file)" if output.exists() else ""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with output.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    write_atomic(output, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
     print(f"预测结果已写入 / Predictions written to {output} {replaced}".rstrip(), file=sys.stderr)
 
 
