@@ -165,6 +165,18 @@ def test_only_the_adapter_trains_and_save_then_load_gives_identical_logits(tiny,
         assert not torch.allclose(loaded(ids).logits, ChatGLMForConditionalGeneration.from_pretrained(tiny)(ids).logits)
 
 
+def test_merging_folds_the_adapter_into_the_base_weights(tiny, adapter):
+    model, tokenizer = load_model_and_tokenizer(str(tiny), adapter=str(adapter), device="cpu")
+    ids = tokenizer.build_chat_input("皮卡丘是什么属性的宝可梦？")["input_ids"]
+    with torch.no_grad():
+        with_adapter = model(ids).logits
+        merged = lora.merge(model)
+        torch.testing.assert_close(merged(ids).logits, with_adapter, atol=1e-5, rtol=0)
+    base = ChatGLMForConditionalGeneration.from_pretrained(tiny)
+    assert {k: v.shape for k, v in merged.state_dict().items()} == {k: v.shape for k, v in base.state_dict().items()}
+    assert all(type(m).__module__.startswith("torch.") for m in merged.modules() if "Linear" in type(m).__name__)
+
+
 def test_finetune_builds_the_lora_model_from_its_flags(tiny):
     args = ModelArguments(model_name_or_path=str(tiny), lora_rank=4, lora_alpha=8, lora_dropout=0.0,
                           lora_target="query_key_value, dense_4h_to_h")

@@ -118,3 +118,16 @@ def load_adapter(model, path):
         )
     return peft_model.get_base_model()
 
+
+
+def merge(model):
+    """`model` as load_adapter returns it, with every LoRA layer's update added into its base weight and the plain
+    linear layer put back: no PEFT left, the tensor names of the base (what scripts/export.py writes out)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, module.get_base_layer())
+    return model
