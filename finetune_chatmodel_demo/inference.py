@@ -234,6 +234,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_line(interactive: bool, number: int) -> Optional[str]:
+    """Input line `number`, or None at the end. Piped lines are decoded one at a time, so a line that is not valid
+    text raises ChatGLMError naming it and nothing else is lost."""
+    encoding = sys.stdin.encoding or "utf-8"
+    try:
+        if interactive:
+            return input(f"\n{USER_PROMPT}")
+        raw = sys.stdin.buffer.readline()
+        return raw.decode(encoding) if raw else None
+    except (EOFError, KeyboardInterrupt):
+        return None
+    except UnicodeDecodeError:
+        raise ChatGLMError(f"错误：输入第 {number} 行不是有效的 {encoding} 文本，已跳过 / Error: input line {number} is "
+                           f"not valid {encoding} text; skipped") from None
+
+
 def check_args(args: argparse.Namespace) -> None:
     if args.max_new_tokens < 1:
         raise ChatGLMError(f"错误：--max-new-tokens 必须 ≥ 1（收到 {args.max_new_tokens}）/ "
@@ -286,13 +302,16 @@ def run(args: argparse.Namespace) -> int:
     if interactive:
         print("输入问题开始对话；clear 清空历史，exit / stop 退出 / Type to chat; `clear` starts over, "
               "`exit` / `stop` quits")
-    history, failed_turns = list(fresh), 0
+    history, failed_turns, number = list(fresh), 0, 0
     while True:
+        number += 1
         try:
-            line = input(f"\n{USER_PROMPT}") if interactive else sys.stdin.readline()
-        except (EOFError, KeyboardInterrupt):
-            line = None
-        if line is None or (not interactive and line == ""):  # EOF
+            line = read_line(interactive, number)
+        except ChatGLMError as exc:  # not valid text: skipped, the chat goes on
+            failed_turns += 1
+            print(exc, file=sys.stderr, flush=True)
+            continue
+        if line is None:  # EOF
             break
         query = line.strip()
         if query in EXIT_COMMANDS:
@@ -314,6 +333,12 @@ def run(args: argparse.Namespace) -> int:
             continue
         except KeyboardInterrupt:
             print("\n已中断本次回答 / Answer interrupted", file=sys.stderr)
+            continue
+        except Exception as exc:  # e.g. out of memory: this turn is lost, not the conversation
+            failed_turns += 1
+            reason = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            print(f"错误：这一轮失败（{reason}），对话继续 / Error: this turn failed ({reason}); the chat goes on",
+                  file=sys.stderr, flush=True)
             continue
         if not interactive:
             print(ANSWER_PREFIX + answer.replace("\n", "\\n"), flush=True)
