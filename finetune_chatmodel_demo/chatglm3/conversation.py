@@ -45,8 +45,8 @@ def format_tool_call(parameters: dict) -> str:
 
 
 def parse_tool_call(text: str) -> dict:
-    """Inverse of format_tool_call (the fence is optional): literal keyword arguments only, never `eval`.
-    Raises ValueError for anything else."""
+    """Inverse of format_tool_call (the fence is optional): keyword arguments that are literal JSON values only,
+    never `eval`. Raises ValueError for anything else."""
     lines = text.strip().split("\n")
     if lines and lines[0].startswith("```"):
         lines = lines[1:]
@@ -67,8 +67,9 @@ def parse_tool_call(text: str) -> dict:
             raise ValueError("not a tool call: **kwargs are not allowed")
         try:
             params[kw.arg] = ast.literal_eval(kw.value)
+            json.dumps(params[kw.arg])  # the tool gets it and the chat shows it as JSON: no set, bytes, 1j, ...
         except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError):
-            raise ValueError(f"not a tool call: argument {kw.arg} is not a literal") from None
+            raise ValueError(f"not a tool call: argument {kw.arg} is not a literal JSON value") from None
     return params
 
 
