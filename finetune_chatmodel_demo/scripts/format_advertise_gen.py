@@ -14,6 +14,7 @@ DEMO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(DEMO))
 
 from chatglm3 import ChatGLMError  # noqa: E402
+from chatglm3.safe_io import check_outputs  # noqa: E402
 from chatglm3.example_data import advertise_gen_samples, write_jsonl  # noqa: E402
 
 
@@ -24,6 +25,7 @@ def main(argv=None) -> int:
                         help="输出 JSONL / output JSONL (default: formatted_data/advertise_gen.jsonl in this folder)")
     args = parser.parse_args(argv)
     try:
+        check_outputs({"--path": args.path}, {"--output": args.output})  # before reading: /dev/zero is endless
         samples = advertise_gen_samples(args.path)
         if not samples:
             raise ChatGLMError(f"错误：{args.path} 中没有记录 / Error: {args.path} holds no records")
