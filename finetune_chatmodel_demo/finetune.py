@@ -203,10 +203,10 @@ def resolve_names(model_args):
     """--model_name_or_path and --tokenizer_name as local folders: a folder as is, a Hub id from the Hugging Face
     cache or downloaded (--cache_dir, --model_revision)."""
     options = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
-    model_dir = hub.resolve(model_args.model_name_or_path, **options)
+    model_dir = hub.resolve(model_args.model_name_or_path, label="--model_name_or_path, BASE_MODEL_PATH", **options)
     if model_args.tokenizer_name is None:
         return model_dir, None
-    return model_dir, hub.resolve(model_args.tokenizer_name, need="tokenizer", **options)
+    return model_dir, hub.resolve(model_args.tokenizer_name, need="tokenizer", label="--tokenizer_name", **options)
 
 
 def load_tokenizer(model_args):

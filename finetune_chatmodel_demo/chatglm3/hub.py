@@ -33,8 +33,9 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
 
 
-def _download(repo_id: str, patterns: list, revision, cache_dir, token) -> Path:
-    """snapshot_download, its exceptions turned into one line naming the id and what to do."""
+def _download(repo_id: str, patterns: list, revision, cache_dir, token, shown: str) -> Path:
+    """snapshot_download, its exceptions turned into one line naming the id (`shown`: with the setting that gave
+    it) and what to do."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -45,49 +46,52 @@ def _download(repo_id: str, patterns: list, revision, cache_dir, token) -> Path:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
                                       allow_patterns=patterns))
     except HFValidationError:
-        raise HubError(f"错误：{repo_id} 既不是本地目录，也不是合法的 Hub 模型名 / Error: {repo_id} is neither a local "
+        raise HubError(f"错误：{shown} 既不是本地目录，也不是合法的 Hub 模型名 / Error: {shown} is neither a local "
                        "folder nor a valid Hub id (owner/name): check the path") from None
     except GatedRepoError:
-        raise HubError(f"错误：{endpoint} 上的 {repo_id} 需要授权，请设置 HF_TOKEN / Error: {repo_id} on {endpoint} is gated: "
+        raise HubError(f"错误：{endpoint} 上的 {shown} 需要授权，请设置 HF_TOKEN / Error: {shown} on {endpoint} is gated: "
                        "accept its terms and set HF_TOKEN, or pass a local folder") from None
     except RepositoryNotFoundError:
-        raise HubError(f"错误：{repo_id} 不是本地目录，{endpoint} 上也没有这个模型 / Error: {repo_id} is neither a local folder "
+        raise HubError(f"错误：{shown} 不是本地目录，{endpoint} 上也没有这个模型 / Error: {shown} is neither a local folder "
                        f"nor a model on {endpoint}: check the name, or pass a local folder") from None
     except RevisionNotFoundError:
-        raise HubError(f"错误：{repo_id} 没有版本 {revision} / Error: {repo_id} has no revision {revision!r} "
+        raise HubError(f"错误：{shown} 没有版本 {revision} / Error: {shown} has no revision {revision!r} "
                        "(--model_revision)") from None
     except LocalEntryNotFoundError:
         if constants.HF_HUB_OFFLINE:
             zh, en = "HF_HUB_OFFLINE=1 禁止下载", "downloads are off (HF_HUB_OFFLINE=1)"
         else:
             zh, en = f"无法连接 {endpoint}", f"cannot reach {endpoint} (a mirror: HF_ENDPOINT=https://hf-mirror.com)"
-        raise HubError(f"错误：{repo_id} 不是本地目录，Hugging Face 缓存 {cache} 中也没有，且{zh}；请先联网下载一次或传入本地目录 / "
-                       f"Error: {repo_id} is not a local folder nor in the Hugging Face cache {cache}, and {en}: "
+        raise HubError(f"错误：{shown} 不是本地目录，Hugging Face 缓存 {cache} 中也没有，且{zh}；请先联网下载一次或传入本地目录 / "
+                       f"Error: {shown} is not a local folder nor in the Hugging Face cache {cache}, and {en}: "
                        "download it once online, or pass a local folder") from None
     except OSError as e:  # IncompleteSnapshotError, disk full, proxy errors ...
-        raise HubError(f"错误：无法获取 {repo_id} / Error: cannot fetch {repo_id} from {endpoint} or the cache {cache}: "
+        raise HubError(f"错误：无法获取 {shown} / Error: cannot fetch {shown} from {endpoint} or the cache {cache}: "
                        f"{str(e).splitlines()[0]}") from None
 
 
-def resolve(name_or_path, need: str = "model", revision: Optional[str] = None, cache_dir=None, token=None) -> str:
+def resolve(name_or_path, need: str = "model", revision: Optional[str] = None, cache_dir=None, token=None,
+            label: Optional[str] = None) -> str:
     """The local folder for `name_or_path`: the folder itself when it exists, else the Hub snapshot holding what
-    `need` ("model": config, weights, tokenizer, code files; "tokenizer": the tokenizer files) asks for."""
+    `need` ("model": config, weights, tokenizer, code files; "tokenizer": the tokenizer files) asks for. `label`:
+    the flag or variable the name came from, shown in errors."""
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
         return name
+    shown = f"{name} ({label})" if label else name
     if os.path.exists(name) or looks_like_path(name) or not name.strip():
-        raise HubError(f"错误：找不到目录 {name}（也不是 Hub 模型名）/ Error: folder {name} not found (nor a Hub id)")
+        raise HubError(f"错误：找不到目录 {shown}（也不是 Hub 模型名）/ Error: folder {shown} not found (nor a Hub id)")
     if need == "tokenizer":
-        folder = _download(name, TOKENIZER_FILES, revision, cache_dir, token)
+        folder = _download(name, TOKENIZER_FILES, revision, cache_dir, token, shown)
     else:
-        folder = _download(name, MODEL_FILES + SAFETENSORS_WEIGHTS, revision, cache_dir, token)
+        folder = _download(name, MODEL_FILES + SAFETENSORS_WEIGHTS, revision, cache_dir, token, shown)
         if not _has_weights(folder):
-            folder = _download(name, MODEL_FILES + BIN_WEIGHTS, revision, cache_dir, token)
+            folder = _download(name, MODEL_FILES + BIN_WEIGHTS, revision, cache_dir, token, shown)
     wanted = ["tokenizer.model"] if need == "tokenizer" else ["config.json"]
     missing = [f for f in wanted if not (folder / f).is_file()]
     if need == "model" and not _has_weights(folder):
         missing.append("weights")
     if missing:
-        raise HubError(f"错误：{name} 的缓存副本 {folder} 缺少 {', '.join(missing)}；请联网重新下载 / Error: the cached copy "
-                       f"of {name} ({folder}) lacks {', '.join(missing)}: download it again online")
+        raise HubError(f"错误：{shown} 的缓存副本 {folder} 缺少 {', '.join(missing)}；请联网重新下载 / Error: the cached copy "
+                       f"of {shown} ({folder}) lacks {', '.join(missing)}: download it again online")
     return str(folder)

@@ -190,10 +190,8 @@ def check_inputs(argv: List[str]) -> None:
                           f"{Path(train_file).absolute()} not found (DATASET_PATH): run the format script first")
     model = flag_value(argv, "--model_name_or_path")
     if model is not None:
-        try:
-            hub.resolve(model, revision=flag_value(argv, "--model_revision"), cache_dir=flag_value(argv, "--cache_dir"))
-        except hub.HubError as e:
-            raise LaunchError(f"BASE_MODEL_PATH={model}: {e}") from None
+        hub.resolve(model, revision=flag_value(argv, "--model_revision"), cache_dir=flag_value(argv, "--cache_dir"),
+                    label="BASE_MODEL_PATH")
 
 
 def claim(output_dir: Path) -> int:
