@@ -12,6 +12,7 @@ from .compat import config_dtype
 from .configuration import ChatGLMConfig
 from .errors import ChatGLMError
 from .loading import load_model_and_tokenizer, read_ptuning_config
+from .safe_load import only_safe_torch_load
 
 FORMATS = ("chatglm", "hf-glm")
 PTUNING_CANNOT_MERGE = (
@@ -61,7 +62,10 @@ def merge_lora(model, adapter_dir: Path):
     # Merging needs none of the generation hooks of PEFT's task classes: load it as a plain PeftModel.
     config.task_type = None
     try:
-        merged = PeftModel.from_pretrained(model, str(adapter_dir), config=config)
+        with only_safe_torch_load():  # adapter_model.bin is a pickle: the allow-listed loader, one line if refused
+            merged = PeftModel.from_pretrained(model, str(adapter_dir), config=config)
+    except ChatGLMError:  # a disallowed pickle, named by the loader
+        raise
     except (RuntimeError, ValueError, KeyError) as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)

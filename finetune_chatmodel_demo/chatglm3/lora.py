@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from .errors import ChatGLMError
+from .safe_load import only_safe_torch_load
 
 ADAPTER_CONFIG = "adapter_config.json"
 # Upstream's finetune_demo/configs/lora.yaml (r 8, lora_alpha 32, lora_dropout 0.1, no target_modules: PEFT's
@@ -78,7 +79,8 @@ def _read_config(path: Path):
 def _saved_keys(path: Path) -> set[str]:
     from peft.utils import load_peft_weights
 
-    return set(load_peft_weights(str(path), device="cpu"))
+    with only_safe_torch_load():  # adapter_model.bin is a pickle: the allow-listed loader, one line if refused
+        return set(load_peft_weights(str(path), device="cpu"))
 
 
 def _mismatch(path: Path, error: Exception) -> ChatGLMError:
