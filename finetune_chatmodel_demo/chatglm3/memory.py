@@ -38,7 +38,8 @@ def model_parameters(model_dir) -> int:
 def zero_settings(deepspeed_config: dict) -> tuple:
     """(ZeRO stage, whether anything is offloaded to CPU/NVMe) of a DeepSpeed config."""
     zero = deepspeed_config.get("zero_optimization") or {}
-    offload = any(str((zero.get(k) or {}).get("device", "none")) != "none" for k in ("offload_optimizer", "offload_param"))
+    offload = any(str((zero.get(k) or {}).get("device", "none")) != "none"
+                  for k in ("offload_optimizer", "offload_param"))
     return int(zero.get("stage", 0)), offload
 
 
@@ -84,4 +85,5 @@ def check_fits(what: str, need: int, device, processes: int = 1, certain: bool =
               "DeepSpeed decides the placement, carrying on", file=sys.stderr, flush=True)
         return
     raise ChatGLMError(f"错误：{zh}。请换更大的机器、更多 GPU 或用 P-Tuning；确信放得下时设置 {SKIP_ENV}=1 跳过检查 / "
-                       f"Error: {en}. Use a larger machine, more GPUs or P-Tuning, or set {SKIP_ENV}=1 to skip this check")
+                       f"Error: {en}. Use a larger machine, more GPUs or P-Tuning, or set {SKIP_ENV}=1 to skip this "
+                       "check")

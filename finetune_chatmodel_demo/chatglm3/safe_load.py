@@ -91,6 +91,9 @@ def torch_load(file, map_location="cpu", mmap: bool = False):
     """torch.load with the restricted unpickler and ALLOWED_GLOBALS. Raises UnsafeFileError (naming the file and
     the object) or CorruptFileError, both one line."""
     name = file if isinstance(file, (str, os.PathLike)) else getattr(file, "name", "<stream>")
+    path = Path(file) if isinstance(file, (str, os.PathLike)) else None
+    if mmap and path is not None and path.is_file() and not _starts_with(path, _ZIP_MAGIC):
+        mmap = False  # torch maps only its zip format; an old-style pickle is read (and checked) the plain way
     try:
         with torch.serialization.safe_globals(allowed_globals()):
             return _torch_load(file, map_location=map_location, weights_only=True, mmap=mmap or None)
