@@ -9,8 +9,9 @@ Strategies (every one trains each sample of the data exactly once per epoch):
   dynamic              padded to the batch's longest sample (multiple of 8).
   grouped              dynamic padding over length-grouped batches (transformers' LengthGroupedSampler, as
                        finetune.py --group_by_length uses).
-  packing              several conversations per row (pack_samples, as finetune.py --packing): block-diagonal
-                       causal mask, positions restarting per conversation, the P-Tuning prefix seen by all.
+  packing              several conversations per row (pack_samples, as finetune.py --packing): attention within
+                       each conversation (per conversation on the CPU, a block-diagonal mask on a GPU), positions
+                       restarting per conversation, the P-Tuning prefix seen by all.
 
 Each strategy runs in its own forked process (so its peak memory is its own), and the processes take steps in
 turn (so a change in the machine's load touches every strategy alike): warm-up steps, then timed steps, with
