@@ -33,7 +33,7 @@ def _has_weights(folder: Path) -> bool:
     return any(folder.glob("model*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
 
 
-def _download(repo_id: str, patterns: list, revision, cache_dir, token, shown: str) -> Path:
+def _download(repo_id: str, patterns: list, revision, cache_dir, token, shown: str, local_files_only=False) -> Path:
     """snapshot_download, its exceptions turned into one line naming the id (`shown`: with the setting that gave
     it) and what to do."""
     from huggingface_hub import constants, snapshot_download
@@ -44,7 +44,7 @@ def _download(repo_id: str, patterns: list, revision, cache_dir, token, shown: s
     cache = cache_dir or constants.HF_HUB_CACHE
     try:
         return Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token,
-                                      allow_patterns=patterns))
+                                      allow_patterns=patterns, local_files_only=local_files_only))
     except HFValidationError:
         raise HubError(f"错误：{shown} 既不是本地目录，也不是合法的 Hub 模型名 / Error: {shown} is neither a local "
                        "folder nor a valid Hub id (owner/name): check the path") from None
@@ -58,8 +58,9 @@ def _download(repo_id: str, patterns: list, revision, cache_dir, token, shown: s
         raise HubError(f"错误：{shown} 没有版本 {revision} / Error: {shown} has no revision {revision!r} "
                        "(--model_revision)") from None
     except LocalEntryNotFoundError:
-        if constants.HF_HUB_OFFLINE:
-            zh, en = "HF_HUB_OFFLINE=1 禁止下载", "downloads are off (HF_HUB_OFFLINE=1)"
+        if constants.HF_HUB_OFFLINE or local_files_only:
+            why = "HF_HUB_OFFLINE=1" if constants.HF_HUB_OFFLINE else "local_files_only"
+            zh, en = f"{why} 禁止下载", f"downloads are off ({why})"
         else:
             zh, en = f"无法连接 {endpoint}", f"cannot reach {endpoint} (a mirror: HF_ENDPOINT=https://hf-mirror.com)"
         raise HubError(f"错误：{shown} 不是本地目录，Hugging Face 缓存 {cache} 中也没有，且{zh}；请先联网下载一次或传入本地目录 / "
@@ -71,22 +72,23 @@ def _download(repo_id: str, patterns: list, revision, cache_dir, token, shown: s
 
 
 def resolve(name_or_path, need: str = "model", revision: Optional[str] = None, cache_dir=None, token=None,
-            label: Optional[str] = None) -> str:
+            label: Optional[str] = None, local_files_only: bool = False) -> str:
     """The local folder for `name_or_path`: the folder itself when it exists, else the Hub snapshot holding what
     `need` ("model": config, weights, tokenizer, code files; "tokenizer": the tokenizer files) asks for. `label`:
     the flag or variable the name came from, shown in errors."""
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
         return name
-    shown = f"{name} ({label})" if label else name
+    details = ([label] if label else []) + (["tokenizer.model"] if need == "tokenizer" else [])
+    shown = f"{name} ({', '.join(details)})" if details else name  # errors name where it came from and what it is for
     if os.path.exists(name) or looks_like_path(name) or not name.strip():
         raise HubError(f"错误：找不到目录 {shown}（也不是 Hub 模型名）/ Error: folder {shown} not found (nor a Hub id)")
     if need == "tokenizer":
-        folder = _download(name, TOKENIZER_FILES, revision, cache_dir, token, shown)
+        folder = _download(name, TOKENIZER_FILES, revision, cache_dir, token, shown, local_files_only)
     else:
-        folder = _download(name, MODEL_FILES + SAFETENSORS_WEIGHTS, revision, cache_dir, token, shown)
+        folder = _download(name, MODEL_FILES + SAFETENSORS_WEIGHTS, revision, cache_dir, token, shown, local_files_only)
         if not _has_weights(folder):
-            folder = _download(name, MODEL_FILES + BIN_WEIGHTS, revision, cache_dir, token, shown)
+            folder = _download(name, MODEL_FILES + BIN_WEIGHTS, revision, cache_dir, token, shown, local_files_only)
     wanted = ["tokenizer.model"] if need == "tokenizer" else ["config.json"]
     missing = [f for f in wanted if not (folder / f).is_file()]
     if need == "model" and not _has_weights(folder):

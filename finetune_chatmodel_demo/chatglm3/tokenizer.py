@@ -150,7 +150,8 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         path = os.fspath(pretrained_model_name_or_path)
         if not os.path.isdir(path):  # a Hub id: the Hugging Face cache, or downloaded (AutoTokenizer's options kept)
             path = pretrained_model_name_or_path = hub.resolve(
-                path, need="tokenizer", revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"))
+                path, need="tokenizer", revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
+                local_files_only=kwargs.get("local_files_only", False))
         if os.path.isdir(path) and not os.path.isfile(os.path.join(path, VOCAB_FILE)):
             raise ChatGLMError(
                 f"错误：目录 {path} 中没有 {VOCAB_FILE} / Error: {path} has no {VOCAB_FILE} "
