@@ -27,7 +27,7 @@ rm -rf "$OUT"
 mkdir -p "$DATA"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 START=$SECONDS
-stage() { printf '\n[%s/8] %s  (%ds)\n' "$1" "$2" $((SECONDS - START)); }
+stage() { printf '\n[%s/9] %s  (%ds)\n' "$1" "$2" $((SECONDS - START)); }
 # One line per logged step of a training run (loss, tokens/s, epoch; eval loss); the full log goes to a file.
 progress() {
     python -u -c '
@@ -98,6 +98,16 @@ else
     echo "跳过：没有 matplotlib / skipped: matplotlib is not installed"
 fi
 
+stage 9 "工具调用演示（缩短版）：为没见过的宝可梦查图鉴 / tool-use demo (shortened): looking up Pokémon never seen"
+# The full demo (2 seeds, 2000 steps) is `bash scripts/tool_demo.sh`; here 1 seed and fewer steps, so the figures
+# below are those of a model that has barely started to learn (see the README for the full demo's).
+if [ "$FAST" = 1 ]; then TOOL_ENV=(STEPS=20 SAVE_EVERY=10); else TOOL_ENV=(); fi
+env "${TOOL_ENV[@]}" TOOL_DEMO_FAST=1 TOOL_DEMO_OUT="$OUT/tools" bash "$ROOT/scripts/tool_demo.sh" > "$OUT/tools.log" 2>&1 \
+    || { tail -30 "$OUT/tools.log"; exit 1; }
+sed -n '/^\[6\/6\]/,$p' "$OUT/tools.log" | sed '1d'
+echo "留出的真实宝可梦上的工具评测 / tool evaluation on the held-out real Pokémon (evaluate.py --tools, 1 seed):"
+cat "$OUT/tools/eval-s0.json"
+
 printf '\n完成，用时 %d 秒 / done in %d s. 输出 / outputs in %s:\n' $((SECONDS - START)) $((SECONDS - START)) "$OUT"
 echo "  data/                 对话数据 / conversations (train/dev, JSON and JSONL)"
 echo "  tiny-base/            初始小模型 / the tiny base model"
@@ -105,5 +115,6 @@ echo "  full/                 全参数微调结果 / full fine-tuned model (+ t
 echo "  ptuning/              P-Tuning v2 检查点 / P-Tuning v2 checkpoint (prefix only)"
 echo "  lora/                 LoRA 适配器 / LoRA adapter (PEFT format)"
 echo "  eval_predictions.jsonl, quiz.txt, loss.png"
+echo "  tools/                工具调用演示（缩短版）/ the shortened tool-use demo (tools.log)"
 echo "和它聊天 / chat with it:  python finetune_chatmodel_demo/inference.py --model $OUT/full --pt-checkpoint $OUT/ptuning"
 echo "                          python finetune_chatmodel_demo/inference.py --model $OUT/full --adapter $OUT/lora"

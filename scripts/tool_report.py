@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""工具演示的汇总与学习曲线 / The tool demo's summary over seeds and its learning curve.
+
+    python scripts/tool_report.py mean OUT/eval-s0.json OUT/eval-s1.json       # mean of evaluate.py's JSON lines
+    python scripts/tool_report.py curve OUT/curve-s0.jsonl OUT/curve-s1.jsonl --out curve.png
+
+A curve file holds one JSON object per evaluated checkpoint: {"step": N, ...evaluate.py's summary}.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact", "tool_answer_grounded",
+        "answer_types_correct", "stopped_share")
+
+
+def read_json_lines(path: Path) -> list:
+    try:
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"错误：无法读取 {path}：{e} / Error: cannot read {path}: {e}") from None
+
+
+def mean(paths: list) -> dict:
+    """Mean of each metric over the runs' summaries (the last JSON line of each file)."""
+    runs = [read_json_lines(p)[-1] for p in paths]
+    summary = {}
+    for key in KEYS:
+        values = [r[key] for r in runs if r.get(key) is not None]
+        summary[key] = round(sum(values) / len(values), 4) if values else None
+    summary["seeds"] = len(runs)
+    return summary
+
+
+def curve(paths: list, out: Path, key: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for path in paths:
+        points = sorted((r["step"], r[key]) for r in read_json_lines(path) if r.get(key) is not None)
+        ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=path.stem)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(f"{key} (held-out real Pokemon)")  # ASCII: default fonts have no CJK glyphs
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Tool use of a tiny ChatGLM3 on Pokemon it never saw")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    print(f"曲线已保存 / curve saved: {out}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    m = sub.add_parser("mean", help="各种子的平均 / mean over seeds")
+    m.add_argument("files", nargs="+", type=Path)
+    c = sub.add_parser("curve", help="学习曲线 / learning curve")
+    c.add_argument("files", nargs="+", type=Path)
+    c.add_argument("--out", type=Path, required=True)
+    c.add_argument("--key", default="tool_args_exact", choices=KEYS)
+    args = parser.parse_args(argv)
+    if args.command == "mean":
+        print(json.dumps(mean(args.files), ensure_ascii=False))
+    else:
+        curve(args.files, args.out, args.key)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
