@@ -39,6 +39,7 @@ ALLOWED_GLOBALS = (
     "numpy.core.multiarray._reconstruct",
     "numpy.ndarray",
     "numpy.dtype",
+    "numpy.dtypes.UInt32DType",  # the dtype of the Mersenne Twister state (numpy >= 1.25 pickles it by class)
 )
 # The files a resume reads, by name (training_args.bin is written for the user and never read back).
 RESUME_FILES = ("global_step*/*.pt", "rng_state*.pth", "optimizer.pt", "scheduler.pt", "scaler.pt",
