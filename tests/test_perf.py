@@ -11,7 +11,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _common  # noqa: E402  (the data pipeline, as the benchmarks run it)
 
-from chatglm3 import ChatGLMForConditionalGeneration, ChatGLMTokenizer, fused_loss  # noqa: E402
+from chatglm3 import ChatGLMForConditionalGeneration, ChatGLMTokenizer, fused_loss, onednn  # noqa: E402
 from chatglm3.fused_loss import linear_cross_entropy, row_block_size  # noqa: E402
 from chatglm3.model import build_attention_mask  # noqa: E402
 from chatglm3.packed_attention import Segments, segment_attention  # noqa: E402
@@ -163,3 +163,25 @@ def test_fusable_only_for_a_plain_output_layer():
     assert fused_loss.fusable(torch.nn.Linear(4, 10, bias=False))
     assert not fused_loss.fusable(torch.nn.Linear(4, 10))  # a bias it would skip
     assert not fused_loss.fusable(torch.nn.Sequential(torch.nn.Linear(4, 10, bias=False)))  # a wrapper (adapter)
+
+
+# --- oneDNN linear layers ------------------------------------------------------------------------------------------
+def test_onednn_linear_equals_nn_linear():
+    torch.manual_seed(4)
+    reference = torch.nn.Linear(48, 80)
+    fast = onednn.Linear(48, 80)
+    fast.load_state_dict(reference.state_dict())
+    x = torch.randn(3, 7, 48)
+    weights = torch.randn(3, 7, 80)
+    results = []
+    for layer in (reference, fast):
+        inputs = x.clone().requires_grad_(True)
+        out = layer(inputs)
+        (out * weights).sum().backward()
+        results.append((out.detach(), inputs.grad, layer.weight.grad, layer.bias.grad))
+    for name, e, g in zip(("output", "input grad", "weight grad", "bias grad"), *results):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
+    assert isinstance(fast, torch.nn.Linear) and onednn.usable(x, fast.weight)
+    assert not onednn.usable(x.bfloat16(), fast.weight)  # other dtypes keep F.linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not onednn.usable(x, fast.weight) and fast(x).dtype == torch.bfloat16  # autocast keeps its casts

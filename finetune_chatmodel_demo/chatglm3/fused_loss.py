@@ -10,33 +10,16 @@ plain PyTorch so that it runs the same on CPU and CUDA (both packages need Trito
 Why it is faster than autograd through `F.cross_entropy` over checkpointed chunks (what the model did before):
 three matrix multiplies per block instead of four (no logits recomputed in the backward pass), two when the
 weight is frozen (P-Tuning v2, LoRA); no log-softmax tensor and its gradient; a logits block sized for the cache
-instead of a 266 MB chunk; and, on the CPU, oneDNN's float32 kernels (see _use_onednn).
+instead of a 266 MB chunk; and, on the CPU, oneDNN's float32 kernels (chatglm3/onednn.py).
 """
 import torch
+
+from .onednn import matmul_nt
 
 # Bytes of float32 logits per row block (the block's rows are fixed by the vocabulary). CPU: a few times the
 # last-level cache, the best measured on 1 and 2 threads (smaller blocks stream the weight through once per block
 # too often, larger ones gained nothing); GPU: large, so that a block's matrix multiplies fill the device.
 _BLOCK_BYTES = {"cpu": 128 * 2**20, "cuda": 1024 * 2**20}
-
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _use_onednn(t: torch.Tensor) -> bool:
-    """Float32 matrix multiplies on the CPU go through oneDNN (the kernel torch.compile's CPU backend uses for
-    linear layers): MKL's sgemm, behind aten::mm, keeps to AVX2 on AMD processors, and oneDNN measured about 2x
-    as fast on this project's AVX-512 machine (benchmarks/README.md). Same float32 arithmetic, another summation
-    order. The op is torch's private one (inductor's), hence the check that it exists."""
-    return _ONEDNN and t.device.type == "cpu" and t.dtype == torch.float32
-
-
-def _matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T (b laid out as a linear layer's [out, in] weight; a transposed view is read as it is: measured as
-    fast as a contiguous copy, without the copy)."""
-    if _use_onednn(a) and b.dtype == torch.float32:
-        return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-    return a @ b.T
 
 
 def row_block_size(vocab_size: int, device: torch.device) -> int:
@@ -76,7 +59,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], row_block):
             h, y = hidden[start:start + row_block], targets[start:start + row_block]
-            logits = _matmul_nt(h, weight).float()  # [rows, vocab]; the one tensor of the block's size
+            logits = matmul_nt(h, weight).float()  # [rows, vocab]; the one tensor of the block's size
             rows = torch.arange(h.shape[0], device=h.device)
             target_logit = logits[rows, y]
             peak = logits.amax(dim=-1, keepdim=True)
@@ -90,7 +73,7 @@ class _LinearCrossEntropySum(torch.autograd.Function):
             grad_logits[rows, y] -= 1  # d(loss)/d(logits) = softmax - one-hot
             grad_logits = grad_logits.to(hidden.dtype)
             if want_hidden:
-                grad_hidden[start:start + row_block] = _matmul_nt(grad_logits, weight.T)  # = grad_logits @ weight
+                grad_hidden[start:start + row_block] = matmul_nt(grad_logits, weight.T)  # = grad_logits @ weight
             if want_weight and grad_logits.dtype == torch.float32:
                 grad_weight.addmm_(grad_logits.T, h)
             elif want_weight:  # half precision: each block's product rounded once, summed in float32
