@@ -81,7 +81,9 @@ def resolve(name_or_path, need: str = "model", revision: Optional[str] = None, c
         return name
     details = ([label] if label else []) + (["tokenizer.model"] if need == "tokenizer" else [])
     shown = f"{name} ({', '.join(details)})" if details else name  # errors name where it came from and what it is for
-    if os.path.exists(name) or looks_like_path(name) or not name.strip():
+    if os.path.exists(name):
+        raise HubError(f"错误：{shown} 不是目录 / Error: {shown} is not a folder")
+    if looks_like_path(name) or not name.strip():
         raise HubError(f"错误：找不到目录 {shown}（也不是 Hub 模型名）/ Error: folder {shown} not found (nor a Hub id)")
     if need == "tokenizer":
         folder = _download(name, TOKENIZER_FILES, revision, cache_dir, token, shown, local_files_only)
