@@ -287,6 +287,9 @@ def train(model_args, data_args, training_args):
     check_arguments(model_args, data_args)
     check_training_arguments(training_args)
     safe_io.check_inputs({"--train_file": data_args.train_file, "--validation_file": data_args.validation_file})
+    safe_io.check_output_dir("--output_dir", training_args.output_dir, {
+        "--model_name_or_path": model_args.model_name_or_path, "--tokenizer_name": model_args.tokenizer_name,
+        "--ptuning_checkpoint": model_args.ptuning_checkpoint})
     check_quantization(model_args)
     gradient_checkpointing = configure_training(training_args, data_args)
     resume = resolve_resume(training_args)

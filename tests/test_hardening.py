@@ -286,6 +286,8 @@ FLAG_CASES = {
     "beta above 1": (["--adam_beta2", "1.5"], "--adam_beta2"),
     "zero epsilon": (["--adam_epsilon", "0"], "--adam_epsilon"),
     "training data from a device": (["--train_file", "/dev/null"], "--train_file"),
+    "output_dir is a file": (["--output_dir", "{data}"], "--output_dir"),
+    "output_dir is the base model": (["--output_dir", "{model}"], "--model_name_or_path"),
 }
 
 
@@ -293,13 +295,16 @@ FLAG_CASES = {
 def test_bad_training_flags_are_one_line_naming_the_flag(tiny_model, pokemon_jsonl, tmp_path, cli, case):  # noqa: F811
     flags, flag = FLAG_CASES[case]
     out_dir = tmp_path / "out"
+    before = snapshot(tiny_model)
     argv = ["--model_name_or_path", tiny_model, "--train_file", pokemon_jsonl, "--output_dir", out_dir,
-            "--pre_seq_len", "4", "--max_steps", "1", "--use_cpu", "--report_to", "none", *flags]
+            "--pre_seq_len", "4", "--max_steps", "1", "--use_cpu", "--report_to", "none",
+            *(str(f).format(data=pokemon_jsonl, model=tiny_model) for f in flags)]
     code, out, err = cli(finetune.main, argv)
     assert code in (1, 2), out + err
     assert_one_line_error(err, flag)
     assert "可训练参数" not in out  # refused before the model was loaded
     assert not out_dir.exists() or not any(out_dir.iterdir())
+    assert snapshot(tiny_model) == before
 
 
 # ---- 3. a model that clearly cannot fit -----------------------------------------------------------------------

@@ -81,6 +81,18 @@ def check_outputs(inputs=None, outputs=None) -> None:
         seen.append((label, path))
 
 
+def check_output_dir(label: str, path, inputs) -> None:
+    """An output directory must be a directory or a new path, and not the directory of an input (saving a model
+    into its base model's directory would replace the base weights). `inputs`: {flag: directory}."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ChatGLMError(f"错误：{label} {path} 已存在且不是目录 / Error: {label} {path} exists and is not a directory")
+    for input_label, folder in _paths(inputs):
+        if path.is_dir() and folder.is_dir() and os.path.samefile(path, folder):
+            raise ChatGLMError(f"错误：{label} {path} 就是 {input_label} 的目录，保存时会覆盖其中的文件 / Error: {label} {path} is "
+                               f"the directory of {input_label}; saving would replace its files: choose another {label}")
+
+
 def write_atomic(path, data) -> None:
     """Write `data` (str, as UTF-8 with \\n line ends, or bytes) to `path` (through a link, to the file it names)
     via a temporary file in the same folder and a rename: a failure leaves no half file and the old one intact.
