@@ -257,15 +257,20 @@ TOKENIZER_CASES = {
 }
 
 
+TOKENIZER_CASES.update({f"tokenizer_config.json {name}": change for name, change in CONFIG_FILE_CASES.items()})
+
+
 @pytest.mark.parametrize("case", sorted(TOKENIZER_CASES))
-def test_corrupt_tokenizer_model_is_one_line(tiny_model, tmp_path, cli, case):
+def test_corrupt_tokenizer_files_are_one_line(tiny_model, tmp_path, cli, case):
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    path = model / "tokenizer.model"
-    path.write_bytes(TOKENIZER_CASES[case](path.read_bytes()))
+    name = "tokenizer_config.json" if case.startswith("tokenizer_config.json") else "tokenizer.model"
+    change = TOKENIZER_CASES[case]
+    content = change((model / name).read_bytes()) if callable(change) else change
+    (model / name).write_bytes(content if isinstance(content, bytes) else content.encode())
     code, out, err = cli(inference.main, ["--model", model, "--prompt", "你好"])
     assert code == 2, out + err
-    assert_one_line_error(err, "tokenizer.model")
+    assert_one_line_error(err, name)
 
 
 FLAG_CASES = {

@@ -17,6 +17,7 @@ Deliberate differences:
   attention mask, so `model.generate(**inputs)` works.
 - `decode(..., skip_special_tokens=True)` also drops the nine ChatGLM tokens (upstream only dropped eos/pad).
 """
+import json
 import os
 import re
 import shutil
@@ -107,6 +108,19 @@ class SPTokenizer:
         return self.sp_model.id_to_piece(index)
 
 
+def _check_json_object(file: str) -> None:
+    """transformers reads tokenizer_config.json with no check: a broken one would be a traceback deep inside it."""
+    if not os.path.isfile(file):
+        return
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ChatGLMError(f"错误：{file} 不是合法的 JSON / Error: {file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ChatGLMError(f"错误：{file} 应为 JSON 对象 / Error: {file} must be a JSON object")
+
+
 class ChatGLMTokenizer(PreTrainedTokenizer):
     """ChatGLM3 tokenizer: `ChatGLMTokenizer.from_pretrained(dir)` reads `dir/tokenizer.model` (any
     SentencePiece model) and `dir/tokenizer_config.json` if present."""
@@ -162,6 +176,7 @@ class ChatGLMTokenizer(PreTrainedTokenizer):
         if os.path.isdir(path):
             # Check the file here: transformers 4.x turns errors inside __init__ into an unrelated protobuf ImportError.
             SPTokenizer(os.path.join(path, VOCAB_FILE))
+            _check_json_object(os.path.join(path, "tokenizer_config.json"))
         try:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except OSError as e:  # not a local directory and not downloadable (e.g. offline)
