@@ -48,6 +48,7 @@ with stdout_to_stderr() if __name__ == "__main__" else contextlib.nullcontext():
     from chatglm3.conversation import prompt_ids, tool_system_message
     from chatglm3.toolloop import MAX_CALLS, MAX_ERROR_OBSERVATIONS, ToolTurn
     from chatglm3.generation import generate_stream
+    from chatglm3.safe_io import check_inputs
     from chatglm3.train_format import raw_prompt_ids
     from cli import add_format_arg, add_model_args, load_from_args, prompt_format
     from pokedex import PokedexTool
@@ -272,6 +273,7 @@ def run(args: argparse.Namespace) -> int:
     check_args(args)
     tool = None
     if args.tools:
+        check_inputs({"--tools": args.tools})  # /dev/zero would be read forever
         tool = PokedexTool(args.tools)
         print(f"工具 / Tool {tool.name}: {len(tool.table.rows)} 只宝可梦 / Pokémon from {args.tools}", file=sys.stderr)
     if args.seed is not None:

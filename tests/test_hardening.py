@@ -159,6 +159,8 @@ OUTPUT_CASES = {
     "predictions into a folder": (EV, [*EVAL, "--output", "{w}/folder"], 2, ["--output", "is a directory"]),
     "predictions over the model": (EV, [*EVAL, "--output", "{w}/model/config.json"], 2, ["--output", "--model"]),
     "predictions over the weights": (EV, [*EVAL, "--output", "{w}/model/model.safetensors"], 2, ["--model"]),
+    "tool table from a device": (inference.main, ["--model", "{w}/model", "--prompt", "你好", "--tools", "/dev/null"], 2,
+                                 ["--tools", "device"]),
     "dev set from a device": (EV, [*EVAL, "--data", "/dev/null", "--output", "{w}/new.json"], 2, ["--data", "device"]),
 }
 
