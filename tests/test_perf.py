@@ -165,23 +165,13 @@ def test_fusable_only_for_a_plain_output_layer():
     assert not fused_loss.fusable(torch.nn.Sequential(torch.nn.Linear(4, 10, bias=False)))  # a wrapper (adapter)
 
 
-# --- oneDNN linear layers ------------------------------------------------------------------------------------------
-def test_onednn_linear_equals_nn_linear():
+# --- oneDNN matmul ----------------------------------------------------------------------------------------------------
+def test_onednn_matmul_equals_aten_and_keeps_out_of_autocast():
     torch.manual_seed(4)
-    reference = torch.nn.Linear(48, 80)
-    fast = onednn.Linear(48, 80)
-    fast.load_state_dict(reference.state_dict())
-    x = torch.randn(3, 7, 48)
-    weights = torch.randn(3, 7, 80)
-    results = []
-    for layer in (reference, fast):
-        inputs = x.clone().requires_grad_(True)
-        out = layer(inputs)
-        (out * weights).sum().backward()
-        results.append((out.detach(), inputs.grad, layer.weight.grad, layer.bias.grad))
-    for name, e, g in zip(("output", "input grad", "weight grad", "bias grad"), *results):
-        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5, msg=name)
-    assert isinstance(fast, torch.nn.Linear) and onednn.usable(x, fast.weight)
-    assert not onednn.usable(x.bfloat16(), fast.weight)  # other dtypes keep F.linear
+    a, b = torch.randn(70, 48), torch.randn(90, 48)
+    assert onednn.usable(a, b)
+    torch.testing.assert_close(onednn.matmul_nt(a, b), a @ b.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(onednn.matmul_nt(a, b.T.contiguous().T), a @ b.T, rtol=1e-5, atol=1e-5)  # a transposed view
+    assert not onednn.usable(a.bfloat16(), b.bfloat16())  # other dtypes: aten
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not onednn.usable(x, fast.weight) and fast(x).dtype == torch.bfloat16  # autocast keeps its casts
+        assert not onednn.usable(a, b) and onednn.matmul_nt(a, b).dtype == torch.bfloat16  # autocast keeps its casts

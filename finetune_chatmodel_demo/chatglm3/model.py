@@ -22,7 +22,6 @@ from . import checkpoint as checkpoint_io
 from .configuration import ChatGLMConfig
 from .fused_loss import fusable, linear_cross_entropy
 from .generation import generate as generate_tokens
-from .onednn import Linear  # nn.Linear with oneDNN's float32 CPU kernels
 from .packed_attention import Segments, segment_attention
 
 # One (key, value) pair per layer, each [batch, kv_groups, seq, kv_channels]. With P-Tuning the first
@@ -97,8 +96,8 @@ class SelfAttention(nn.Module):
         self.head_dim = config.kv_channels
         self.dropout = config.attention_dropout
         qkv_size = (self.num_heads + 2 * self.num_groups) * self.head_dim
-        self.query_key_value = Linear(config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias, device=device)
-        self.dense = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear, device=device)
+        self.query_key_value = nn.Linear(config.hidden_size, qkv_size, bias=config.add_bias_linear or config.add_qkv_bias, device=device)
+        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.add_bias_linear, device=device)
 
     def forward(self, x, rope, mask, kv_cache=None, use_cache=False):
         b, s, _ = x.shape
@@ -133,8 +132,8 @@ class MLP(nn.Module):
 
     def __init__(self, config: ChatGLMConfig, device=None):
         super().__init__()
-        self.dense_h_to_4h = Linear(config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device)
-        self.dense_4h_to_h = Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device)
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, config.ffn_hidden_size * 2, bias=config.add_bias_linear, device=device)
+        self.dense_4h_to_h = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=config.add_bias_linear, device=device)
 
     def forward(self, x):
         gate, value = self.dense_h_to_4h(x).chunk(2, dim=-1)
