@@ -2,9 +2,9 @@
 
 A torch file is a pickle, and a pickle can call any function while it is read. Every torch file the project
 reads goes through `torch_load`: torch's restricted unpickler (`weights_only=True`) with an allow-list of the
-few classes DeepSpeed's and the Trainer's own checkpoints hold (`ALLOWED_GLOBALS`, checked against
-deepspeed 0.19 ZeRO-1/2/3 in float32, bf16 and fp16, and transformers 4.51/5.x). The checkpoint is read once,
-as before; nothing in it depends on the machine that wrote it.
+few classes DeepSpeed's and the Trainer's own checkpoints hold (`ALLOWED_GLOBALS`, read off deepspeed 0.19.8
+ZeRO-2/ZeRO-3 checkpoints in float32 and bf16 written by transformers 5.24; DynamicLossScaler is fp16's). The
+checkpoint is read once, as before; nothing in it depends on the machine that wrote it.
 
 DeepSpeed's `engine.load_checkpoint` calls `torch.load(weights_only=False)` itself (deepspeed/runtime/
 checkpoint_engine/torch_checkpoint_engine.py; the other checkpoint engines and ZeRO-3 helpers call torch.load
