@@ -1,6 +1,8 @@
 """Exactness of the performance paths against the plain ones they replace: the fused linear cross-entropy
-(chatglm3.fused_loss) against F.cross_entropy over full float32 logits, in the model on real tiny-model batches
-(packed rows included). Speed itself is measured by benchmarks/bench_train.py, not here."""
+(chatglm3.fused_loss) against F.cross_entropy over full float32 logits, alone and in the model on real tiny-model
+batches (packed rows included); per-conversation attention (chatglm3.packed_attention) against the dense
+block-diagonal mask; oneDNN's matmul (chatglm3.onednn) against aten's. Speed itself is measured by
+benchmarks/bench_train.py, not here."""
 import sys
 from pathlib import Path
 
