@@ -6,6 +6,7 @@ query-key pair of the row and throws most away. Here each conversation's queries
 the P-Tuning prefix when there is one (placed first, as in the KV cache), so the work is the sum of the
 conversations' squares instead of the row's; the loss is the one of the conversations trained unpacked.
 """
+import functools
 from typing import Optional
 
 import torch
@@ -34,24 +35,35 @@ class Segments:
         return cls(spans)
 
 
-def _prefix_causal_mask(length: int, prefix_len: int, device) -> torch.Tensor:
-    """[length, prefix + length]: every query sees the whole prefix, then causally its own conversation."""
+@functools.lru_cache(maxsize=64)
+def _prefix_causal_mask(length: int, prefix_len: int, device: torch.device) -> torch.Tensor:
+    """[length, prefix + length]: every query sees the whole prefix, then causally its own conversation.
+    Cached: packed rows repeat the same conversation lengths in every layer and step; SDPA only reads it."""
     causal = torch.ones(length, length, dtype=torch.bool, device=device).tril()
     return torch.cat([causal.new_ones(length, prefix_len), causal], dim=-1)
 
 
 def segment_attention(q, k, v, segments: Segments, prefix_len: int, dropout: float = 0.0) -> torch.Tensor:
     """q: [b, heads, seq, d]; k, v: [b, heads, prefix + seq, d] with the prefix first. Returns [b, heads, seq, d];
-    padding positions get zeros (nothing reads them: their labels are ignored and no query attends to them)."""
-    out = torch.zeros_like(q)
+    padding positions get zeros (nothing reads them: their labels are ignored and no query attends to them).
+    Each row is concatenated from its pieces (not written into a zero tensor slice by slice, whose backward
+    copies the whole gradient once per slice)."""
+    rows = []
     for r, spans in enumerate(segments.spans):
+        pieces, end = [], 0
         for a, b in spans:
-            keys, values = k[r:r + 1, :, prefix_len + a:prefix_len + b], v[r:r + 1, :, prefix_len + a:prefix_len + b]
+            if a > end:  # padding before this conversation
+                pieces.append(q.new_zeros(q.shape[1], a - end, q.shape[3]))
+            keys, values = k[r, :, prefix_len + a:prefix_len + b], v[r, :, prefix_len + a:prefix_len + b]
             if prefix_len:
-                keys = torch.cat([k[r:r + 1, :, :prefix_len], keys], dim=2)
-                values = torch.cat([v[r:r + 1, :, :prefix_len], values], dim=2)
+                keys = torch.cat([k[r, :, :prefix_len], keys], dim=1)
+                values = torch.cat([v[r, :, :prefix_len], values], dim=1)
                 mask = _prefix_causal_mask(b - a, prefix_len, q.device)
-                out[r, :, a:b] = F.scaled_dot_product_attention(q[r:r + 1, :, a:b], keys, values, attn_mask=mask, dropout_p=dropout)[0]
+                pieces.append(F.scaled_dot_product_attention(q[r, :, a:b], keys, values, attn_mask=mask, dropout_p=dropout))
             else:
-                out[r, :, a:b] = F.scaled_dot_product_attention(q[r:r + 1, :, a:b], keys, values, is_causal=True, dropout_p=dropout)[0]
-    return out
+                pieces.append(F.scaled_dot_product_attention(q[r, :, a:b], keys, values, is_causal=True, dropout_p=dropout))
+            end = b
+        if end < q.shape[2]:  # padding at the end of the row
+            pieces.append(q.new_zeros(q.shape[1], q.shape[2] - end, q.shape[3]))
+        rows.append(torch.cat(pieces, dim=1))
+    return torch.stack(rows)
