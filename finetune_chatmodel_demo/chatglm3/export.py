@@ -6,13 +6,12 @@ import os
 import shutil
 from pathlib import Path
 
-from . import hf_glm
+from . import hf_glm, lora
 from .checkpoint import parse_dtype, read_config
 from .compat import config_dtype
 from .configuration import ChatGLMConfig
 from .errors import ChatGLMError
 from .loading import load_model_and_tokenizer, read_ptuning_config
-from .safe_load import only_safe_torch_load
 
 FORMATS = ("chatglm", "hf-glm")
 PTUNING_CANNOT_MERGE = (
@@ -50,27 +49,9 @@ def check_inputs(model_dir: Path, adapter_dir, out: Path, force: bool) -> None:
 
 
 def merge_lora(model, adapter_dir: Path):
-    """`model` with the LoRA adapter's low-rank updates added into its weights (PEFT's merge_and_unload)."""
-    from peft import PeftConfig, PeftModel
-
-    try:
-        config = PeftConfig.from_pretrained(str(adapter_dir))
-    except (ValueError, KeyError, TypeError) as e:  # broken JSON, unknown peft_type, unknown fields
-        raise ChatGLMError(f"{adapter_dir / ADAPTER_CONFIG}: 无法读取 / cannot read it: {e}") from None
-    if config.peft_type != "LORA":
-        raise ChatGLMError(f"{adapter_dir}: 只能合并 LoRA 适配器，这是 {config.peft_type} / only LoRA adapters can be merged, this is {config.peft_type}")
-    # Merging needs none of the generation hooks of PEFT's task classes: load it as a plain PeftModel.
-    config.task_type = None
-    try:
-        with only_safe_torch_load():  # adapter_model.bin is a pickle: the allow-listed loader, one line if refused
-            merged = PeftModel.from_pretrained(model, str(adapter_dir), config=config)
-    except ChatGLMError:  # a disallowed pickle, named by the loader
-        raise
-    except (RuntimeError, ValueError, KeyError) as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        reason = next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)
-        raise ChatGLMError(f"{adapter_dir}: 适配器与基座模型不匹配 / the adapter does not fit this base model: {reason}") from None
-    return merged.merge_and_unload()
+    """`model` with the LoRA adapter's low-rank updates added into its weights; chatglm3.lora applies the adapter
+    with the checks of every --adapter (LoRA only, same base, same layers) and folds it in."""
+    return lora.merge(lora.load_adapter(model, adapter_dir))
 
 
 def write_model(model, tokenizer, folder: Path, fmt: str, max_shard_size) -> None:
