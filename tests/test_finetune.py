@@ -73,6 +73,21 @@ def prefix_of(checkpoint: Path) -> torch.Tensor:
 
 
 # ---- resume ---------------------------------------------------------------------------------------------------
+def kill_after_checkpoint(argv, cwd, checkpoint: Path) -> int:
+    """Run finetune.py with `argv` in its own process group and SIGKILL the group as soon as `checkpoint` is
+    complete (trainer_state.json is the last file a checkpoint gets); returns the exit status."""
+    proc = subprocess.Popen([sys.executable, str(FINETUNE), *argv], cwd=cwd, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        while not (checkpoint / "trainer_state.json").exists():
+            assert proc.poll() is None, f"the run ended before writing {checkpoint.name}"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    return proc.returncode
+
+
 @pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_to_the_same_weights(tiny_model, pokemon_jsonl, tmp_path):
     """P-Tuning with the prefix dropout active, so the data order and the RNG state must both be restored."""
@@ -81,17 +96,7 @@ def test_run_killed_with_sigkill_resumes_to_the_same_weights(tiny_model, pokemon
     ok(run_finetune(base_args(tiny_model, pokemon_jsonl, straight, *args)))
 
     killed = tmp_path / "killed"
-    command = [sys.executable, str(FINETUNE), *base_args(tiny_model, pokemon_jsonl, killed, *args)]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        # trainer_state.json is the last file of a checkpoint: once it exists, checkpoint-2 is complete.
-        while not (killed / "checkpoint-2" / "trainer_state.json").exists():
-            assert proc.poll() is None, "the run ended before writing checkpoint-2"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    assert kill_after_checkpoint(base_args(tiny_model, pokemon_jsonl, killed, *args), tmp_path, killed / "checkpoint-2") == -signal.SIGKILL
     assert not (killed / "pytorch_model.bin").exists(), "the run finished before it was killed"
 
     resumed = ok(run_finetune(base_args(tiny_model, pokemon_jsonl, killed, *args, "--resume_from_checkpoint", "true")))

@@ -3,12 +3,10 @@ in PEFT's format with the tensor names of an adapter PEFT makes on upstream's mo
 same logits, bad input is one line. End to end (slow): the launcher learns, resume after SIGKILL, DeepSpeed ZeRO-2
 on two CPU processes."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,7 @@ import inference
 from arguments import ModelArguments
 from chatglm3 import ChatGLMForConditionalGeneration, lora
 from chatglm3.loading import load_model_and_tokenizer
-from test_finetune import FINETUNE, base_args, ok, pokemon_jsonl, train_losses  # noqa: F401  (a fixture)
+from test_finetune import FINETUNE, base_args, kill_after_checkpoint, ok, pokemon_jsonl, train_losses  # noqa: F401  (a fixture)
 from test_launchers import launch
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -291,15 +289,7 @@ def test_lora_run_killed_with_sigkill_resumes_to_the_same_adapter(tiny_model, po
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     ok(subprocess.run([sys.executable, str(FINETUNE), *base_args(tiny_model, pokemon_jsonl, straight, *args)],
                       cwd=tmp_path, capture_output=True, text=True, timeout=600))
-    command = [sys.executable, str(FINETUNE), *base_args(tiny_model, pokemon_jsonl, killed, *args)]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        while not (killed / "checkpoint-2" / "trainer_state.json").exists():
-            assert proc.poll() is None, "the run ended before writing checkpoint-2"
-            time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(timeout=60)
+    assert kill_after_checkpoint(base_args(tiny_model, pokemon_jsonl, killed, *args), tmp_path, killed / "checkpoint-2") == -signal.SIGKILL
     assert not (killed / ADAPTER_FILE).exists(), "the run finished before it was killed"
 
     resumed = ok(subprocess.run([sys.executable, str(FINETUNE), *base_args(tiny_model, pokemon_jsonl, killed, *args,
