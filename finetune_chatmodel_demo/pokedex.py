@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatglm3.errors import ChatGLMError
+from chatglm3.toolloop import error_observation
 from pokemon_types import UnknownTypeError, clean_text, split_types, weaknesses
 
 __all__ = ["split_types", "weaknesses", "clean_text", "TableError", "PokemonRow", "PokemonTable", "read_text",
@@ -423,12 +424,9 @@ class PokedexTool:
         name = call.get("name") if isinstance(call, dict) else None
         parameters = call.get("parameters") if isinstance(call, dict) else None
         if name != self.name:
-            return _error_observation(f"没有名为 {name!r} 的工具，可用的工具：{self.name}")
+            return error_observation(f"没有名为 {name!r} 的工具，可用的工具：{self.name}")
         if not isinstance(parameters, dict) or set(parameters) != {"name"} or not isinstance(parameters["name"], str):
             shown = json.dumps(parameters, ensure_ascii=False, default=repr)
-            return _error_observation(f"参数应为 name（宝可梦的中文名字），收到：{shown}")
+            return error_observation(f"参数应为 name（宝可梦的中文名字），收到：{shown}")
         return json.dumps(lookup_pokemon(self.table, parameters["name"]), ensure_ascii=False)
 
-
-def _error_observation(message):
-    return json.dumps({"错误": message}, ensure_ascii=False)
