@@ -16,7 +16,7 @@ import json
 from collections import Counter
 
 from .data import DataFormatError, check_conversation, check_input_output, read_json_records
-from .safe_io import check_outputs, write_atomic
+from .safe_io import write_atomic
 
 
 def _tool_alpaca_conversation(instance) -> list:
@@ -85,7 +85,6 @@ def conversation_lengths(samples) -> Counter:
     return Counter(len(s["conversations"]) for s in samples)
 
 
-def write_jsonl(samples, path, source) -> None:
-    """All samples or nothing, never over the `--path` file it was made from."""
-    check_outputs({"--path": source}, {"--output": path})
+def write_jsonl(samples, path) -> None:
+    """All samples or nothing (the scripts check the path against their input before reading it)."""
     write_atomic(path, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))

@@ -29,7 +29,7 @@ def main(argv=None) -> int:
         samples = advertise_gen_samples(args.path)
         if not samples:
             raise ChatGLMError(f"错误：{args.path} 中没有记录 / Error: {args.path} holds no records")
-        write_jsonl(samples, args.output, args.path)
+        write_jsonl(samples, args.output)
     except ChatGLMError as e:
         print(e, file=sys.stderr)
         return 1

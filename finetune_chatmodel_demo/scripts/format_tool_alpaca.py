@@ -32,7 +32,7 @@ def main(argv=None) -> int:
         samples, skipped = tool_alpaca_samples(args.path)
         if not samples:
             raise ChatGLMError(f"错误：{args.path} 中没有可用的实例 / Error: no usable instance in {args.path}")
-        write_jsonl(samples, args.output, args.path)
+        write_jsonl(samples, args.output)
     except ChatGLMError as e:
         print(e, file=sys.stderr)
         return 1
