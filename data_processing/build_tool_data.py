@@ -18,6 +18,7 @@ from cli_common import DEFAULT_TABLE, add_table_args, run_cli, table_columns, wr
 from chatglm3.data import check_conversation, load_conversations
 from chatglm3.errors import ChatGLMError
 from chatglm3.loading import load_tokenizer
+from chatglm3.safe_io import check_outputs
 from pokedex import format_report, load_table
 from tool_data import build_eval_samples, build_training_samples, held_out_names, mentioning, unlearnt_name_tokens
 
@@ -74,6 +75,9 @@ def run(args):
     if args.synthetic < 0 or args.real_variants < 1 or args.max_pokemon < 1 or not 0 < args.held_out_ratio < 1:
         raise ChatGLMError("错误：需要 --synthetic ≥ 0、--real-variants ≥ 1、--max-pokemon ≥ 1、0 < --held-out-ratio < 1 / Error: need "
                            "--synthetic >= 0, --real-variants >= 1, --max-pokemon >= 1 and 0 < --held-out-ratio < 1")
+    out = Path(args.out_dir)
+    outputs = {f"--out-dir {name}": out / name for name in ("train.jsonl", "heldout.jsonl", "heldout_names.txt")}
+    check_outputs({"--table": args.table}, outputs)
     table = load_table(args.table, columns=table_columns(args), encoding=args.encoding)
     held_out = held_out_names(table, args.held_out_ratio, args.seed)
     train, counts = build_training_samples(table, held_out, args.synthetic, args.real_variants, args.max_pokemon,
@@ -86,7 +90,6 @@ def run(args):
     for name, samples in (("train", train), ("heldout", evaluation)):
         for i, sample in enumerate(samples, 1):  # built here, so a problem is a bug; check anyway before writing
             check_conversation(sample, f"{name} sample {i}")
-    out = Path(args.out_dir)
     for name, samples in (("train.jsonl", train), ("heldout.jsonl", evaluation)):
         write_atomic(out / name, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     write_atomic(out / "heldout_names.txt", "".join(n + "\n" for n in sorted(held_out)))

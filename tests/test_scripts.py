@@ -57,6 +57,9 @@ def test_plot_loss_from_trainer_state(tmp_path, capsys):
     assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "5.000" in r.stdout and "0.250" in r.stdout
+    state = run_dir / "checkpoint-20" / "trainer_state.json"
+    assert "is an input file" in error(capsys, plot_loss.main, run_dir, "--out", state)
+    assert json.loads(state.read_text())["log_history"] == history  # the log is untouched
     (run_dir / "checkpoint-20" / "trainer_state.json").write_text(json.dumps({"log_history": []}))
     assert "no loss was logged" in error(capsys, plot_loss.main, run_dir, "--out", out)
     assert "trainer_state.json" in error(capsys, plot_loss.main, tmp_path / "empty-dir", "--out", out)

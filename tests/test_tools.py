@@ -335,3 +335,8 @@ def test_build_tool_data_cli(tmp_path, tiny_model):
     # The bundled tokenizer (trained on data.csv, held-out names included) fails the check, in one line.
     assert build_tool_data.main(["--out-dir", str(tmp_path), "--check-tokenizer", str(tiny_model)]) == 1
     assert build_tool_data.main(["--out-dir", str(tmp_path), "--held-out-ratio", "1.5"]) == 1
+    # A table inside --out-dir under an output's name is refused before anything is written.
+    table = tmp_path / "train.jsonl"
+    table.write_bytes((REPO / "data_processing" / "data.csv").read_bytes())
+    assert build_tool_data.main(["--out-dir", str(tmp_path), "--table", str(table)]) == 1
+    assert table.read_bytes() == (REPO / "data_processing" / "data.csv").read_bytes()

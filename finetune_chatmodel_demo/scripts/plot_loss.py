@@ -12,6 +12,11 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from chatglm3 import ChatGLMError  # noqa: E402
+from chatglm3.safe_io import check_outputs  # noqa: E402
+
 # The original project's P-Tuning v2 run (LR 2e-5, 1000 steps): its published trainer_state.json went from
 # about 5.0 to 4.8. Only these two reported figures are drawn, as a straight reference line.
 # Labels stay ASCII: common default fonts have no CJK glyphs.
@@ -88,6 +93,10 @@ def main(argv=None) -> int:
     try:
         states = [find_state(s) for s in a.state]
         runs = [(label, read_curves(state)) for label, state in zip(labels, states)]
+        check_outputs([("STATE", state) for state in states], {"--out": a.out})  # a PNG never replaces a log
+    except ChatGLMError as e:
+        print(e, file=sys.stderr)
+        return 1
     except (FileNotFoundError, ValueError) as e:
         print(f"错误 / Error: {e}", file=sys.stderr)
         return 1
