@@ -25,7 +25,7 @@ from chatglm3.carry import carry_upstream_files
 from chatglm3.checkpoint import PREFIX_KEY
 from chatglm3.errors import ChatGLMError
 from chatglm3.loading import load_ptuning_checkpoint
-from chatglm3.safe_io import reported_write_errors
+from chatglm3.safe_io import reported_write_errors, share_weight_files
 from chatglm3.safe_load import CorruptFileError, verify_checkpoint
 
 logger = logging.get_logger(__name__)
@@ -112,6 +112,7 @@ class PrefixTrainer(Seq2SeqTrainer):
                 # PEFT's LoRA model writes only its adapter (PEFT's format); ours writes every weight.
                 logger.info(f"Saving {type(model).__name__} to {output_dir}")
                 model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
+                share_weight_files(output_dir)
         finally:
             model.config.use_cache = use_cache
         if self.processing_class is not None:

@@ -5,6 +5,7 @@ on two CPU processes."""
 import json
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ import inference
 from arguments import ModelArguments
 from chatglm3 import ChatGLMForConditionalGeneration, lora
 from chatglm3.loading import load_model_and_tokenizer
+from chatglm3.safe_io import new_file_mode
 from test_finetune import FINETUNE, base_args, kill_after_checkpoint, ok, pokemon_jsonl, train_losses  # noqa: F401  (a fixture)
 from test_launchers import launch
 
@@ -275,6 +277,7 @@ def test_lora_launcher_learns_and_saves_only_the_adapter(tiny_model, pokemon_jso
     output_layer = {f"base_model.model.transformer.output_layer.lora_{ab}.weight" for ab in "AB"}
     for folder in (out / "checkpoint-20", out / "checkpoint-40", out):
         check_adapter_folder(folder, adapter_keys(2) | output_layer)
+        assert stat.S_IMODE((folder / ADAPTER_FILE).stat().st_mode) == new_file_mode()  # not safetensors' 0o600
     trained, tokenizer = load_model_and_tokenizer(str(tiny_model), adapter=str(out), device="cpu")
     base, _ = load_model_and_tokenizer(str(tiny_model), device="cpu")
     ids = tokenizer.build_chat_input("皮卡丘是什么属性的宝可梦？")["input_ids"]

@@ -1,6 +1,7 @@
 """The native ChatGLM3 model against upstream's reference outputs (../shared/parity), and its own invariants
 on tiny models: checkpoint I/O, KV cache, padding, packing, gradient checkpointing, generation, chat."""
 import json
+import stat
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch
 import chatglm3
 from chatglm3 import ChatGLMConfig, ChatGLMError, ChatGLMForConditionalGeneration, ChatGLMTokenizer
 from chatglm3.loading import load_ptuning_checkpoint
+from chatglm3.safe_io import new_file_mode
 
 ATOL = 1e-4
 
@@ -111,6 +113,8 @@ def test_save_load_round_trip(tmp_path, safe, shape):
     index = json.loads((tmp_path / f"{stem}.{ext}.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all(s.startswith(f"{stem}-0000") and s.endswith(ext) for s in shards)
+    # readable like any new file (safetensors alone writes 0o600: a server under another account could not load it)
+    assert {stat.S_IMODE((tmp_path / s).stat().st_mode) for s in shards} == {new_file_mode()}
     assert UPSTREAM_KEYS <= set(index["weight_map"])
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "chatglm" and config["architectures"] == ["ChatGLMForConditionalGeneration"]

@@ -17,6 +17,7 @@ from torch import nn
 from . import compat, hub
 from .configuration import ChatGLMConfig, check_config_dict
 from .errors import ChatGLMError
+from .safe_io import share_weight_files
 from .safe_load import torch_load
 
 PREFIX_KEY = "transformer.prefix_encoder."
@@ -198,6 +199,7 @@ def save_pretrained(model, save_directory, state_dict=None, safe_serialization=T
             save_file(shard, str(out / name), metadata={"format": "pt"})
         else:
             torch.save(shard, out / name)
+    share_weight_files(out)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
         (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -93,6 +93,21 @@ def check_output_dir(label: str, path, inputs) -> None:
                                f"the directory of {input_label}; saving would replace its files: choose another {label}")
 
 
+def new_file_mode() -> int:
+    """The permissions `open()` gives a new file under the current umask (0o644 under the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def share_weight_files(folder) -> None:
+    """safetensors writes its files readable by their owner only (0o600); give the weight files in `folder` the
+    usual permissions, so that a server or another account can read what training saved."""
+    for path in Path(folder).glob("*.safetensors"):
+        if stat.S_IMODE(path.stat().st_mode) == 0o600:
+            os.chmod(path, new_file_mode())
+
+
 def write_atomic(path, data) -> None:
     """Write `data` (str, as UTF-8 with \\n line ends, or bytes) to `path` (through a link, to the file it names)
     via a temporary file in the same folder and a rename: a failure leaves no half file and the old one intact.
@@ -101,12 +116,7 @@ def write_atomic(path, data) -> None:
     if path.is_dir():
         raise ChatGLMError(f"错误：输出路径 {path} 是目录 / Error: output path {path} is a directory")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        mode = 0o666 & ~umask
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
