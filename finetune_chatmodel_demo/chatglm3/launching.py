@@ -91,10 +91,12 @@ def hardware_flags(argv: List[str], precision: str, gpus: int, processes: int) -
         return ["--use_cpu"] + (["--ddp_backend", "gloo"] if processes > 1 else [])
     if flag_value(argv, "--deepspeed") is None or {"--bf16", "--fp16"} & set(argv):
         return []
-    if precision == "auto":
+    if precision == "auto":  # the same rule as loading a model for inference
         import torch
 
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        from .loading import resolve_dtype
+
+        precision = "bf16" if resolve_dtype(None, "cuda") == torch.bfloat16 else "fp16"
     return [] if precision == "fp32" else [f"--{precision}"]
 
 
