@@ -5,9 +5,9 @@
 # (evaluate.py --tools / --hide-tools), draws the tool_args_exact learning curve from the checkpoints, and asks
 # three held-out Pokémon through inference.py --tools.
 #
-#   bash scripts/tool_demo.sh                    # full: 2 seeds × 2000 steps, trained side by side
+#   bash scripts/tool_demo.sh                    # full: 2 seeds × 3000 steps, trained side by side (~21 min each)
 #   TOOL_DEMO_FAST=1 bash scripts/tool_demo.sh   # shortened (the quick start's stage): 1 seed, 300 steps
-#   TOOL_DEMO_OUT=/tmp/td SEEDS="0 1 2" STEPS=2000 bash scripts/tool_demo.sh
+#   TOOL_DEMO_OUT=/tmp/td SEEDS="0 1 2" STEPS=3000 bash scripts/tool_demo.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # shellcheck disable=SC1091
@@ -18,7 +18,9 @@ OUT="${TOOL_DEMO_OUT:-$ROOT/tool_demo_out}"
 if [ "${TOOL_DEMO_FAST:-0}" = 1 ]; then
     : "${SEEDS:=0}" "${STEPS:=300}" "${SYNTHETIC:=3000}" "${SAVE_EVERY:=100}"
 else
-    : "${SEEDS:=0 1}" "${STEPS:=2000}" "${SYNTHETIC:=12000}" "${SAVE_EVERY:=250}"
+    # Copying unseen names arrives suddenly, at a step that differs by seed (about 1,400 and 2,300 here): 3000
+    # steps leave both seeds time after it to copy the types into the answer as well.
+    : "${SEEDS:=0 1}" "${STEPS:=3000}" "${SYNTHETIC:=12000}" "${SAVE_EVERY:=250}"
 fi
 read -r -a SEED_LIST <<< "$SEEDS"
 # Seeds train side by side, one CPU thread each unless there are cores to spare (a GPU is used when there is one).
