@@ -34,7 +34,7 @@ def add_format_arg(parser: argparse.ArgumentParser) -> None:
 
 def prompt_format(args: argparse.Namespace) -> str:
     """--format, else the training format the checkpoint records (load_from_args says which)."""
-    return train_format.choose(args.format, args.model, args.pt_checkpoint)
+    return train_format.choose(args.format, args.model, args.pt_checkpoint, args.adapter)
 
 
 def load_from_args(args: argparse.Namespace):

@@ -306,8 +306,8 @@ def train(model_args, data_args, training_args):
     if data_args.sanity_check and training_args.process_index == 0:
         sanity_check(train_dataset[0], tokenizer)
     model = load_model(model_args, tokenizer, training_args, gradient_checkpointing)
-    # In every checkpoint's config.json: inference.py and evaluate.py then ask the model the way it was trained.
-    setattr(model.config, train_format.CONFIG_KEY, data_args.train_format)
+    # In every checkpoint: inference.py and evaluate.py then ask the model the way it was trained.
+    train_format.record(model, tokenizer, data_args.train_format)
     full = model_args.pre_seq_len is None and model_args.lora_rank is None
 
     trainer = PrefixTrainer(

@@ -20,10 +20,10 @@ import evaluate
 import finetune
 import inference
 from arguments import ModelArguments
-from chatglm3 import ChatGLMForConditionalGeneration, lora
+from chatglm3 import ChatGLMForConditionalGeneration, export, lora, train_format
 from chatglm3.loading import load_model_and_tokenizer
 from chatglm3.safe_io import new_file_mode
-from test_finetune import FINETUNE, base_args, kill_after_checkpoint, ok, pokemon_jsonl, train_losses  # noqa: F401  (a fixture)
+from test_finetune import FINETUNE, base_args, kill_after_checkpoint, ok, pokemon_jsonl, run_finetune, train_losses  # noqa: F401  (a fixture)
 from test_launchers import launch
 
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -248,6 +248,25 @@ def test_inference_and_batched_evaluation_use_the_adapter(tiny, adapter, dev_fil
     batched = predictions("--adapter", adapter, "--batch-size", 3)
     assert batched == predictions("--adapter", adapter, "--batch-size", 1)
     assert batched != predictions("--batch-size", 3)
+
+
+def test_an_input_output_adapter_is_asked_with_the_raw_prompt_and_merges_with_its_format(tiny_model, tmp_path, capsys):
+    """PEFT writes no config.json, so the adapter records its training format in tokenizer_config.json: inference
+    and a merged export ask it the way it was trained, not in the chat format."""
+    data = tmp_path / "io.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"类型#裙*颜色#{c}", "response": f"一条{c}色的裙子。"}, ensure_ascii=False) + "\n"
+                            for c in "红黄蓝绿白黑"), encoding="utf-8")
+    out = tmp_path / "lora-io"
+    ok(run_finetune(base_args(tiny_model, data, out, "--train_format", "input-output", "--lora_rank", "4",
+                              "--max_source_length", "32", "--max_target_length", "16", "--max_steps", "2",
+                              "--save_steps", "2")))
+    assert not (out / "config.json").exists()
+    assert train_format.recorded(None, adapter=str(out)) == "input-output"
+    assert inference.main(["--model", str(tiny_model), "--adapter", str(out), "--prompt", "类型#裙*颜色#红",
+                           "--max-new-tokens", "2", "--greedy"]) == 0
+    assert "input-output" in capsys.readouterr().err
+    merged = export.export(tiny_model, tmp_path / "merged", adapter_dir=out)
+    assert json.loads((merged / "config.json").read_text())["train_format"] == "input-output"
 
 
 # ---- end to end (slow) -------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from . import hf_glm, lora
+from . import hf_glm, lora, train_format
 from .checkpoint import parse_dtype, read_config
 from .compat import config_dtype
 from .configuration import ChatGLMConfig
@@ -78,6 +78,9 @@ def export(model_dir, out, fmt: str = "chatglm", adapter_dir=None, dtype=None, f
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_path=tokenizer_dir, device="cpu", dtype=dtype)
     if adapter_dir is not None:
         model = merge_lora(model, adapter_dir)
+        fmt_trained = train_format.recorded(None, adapter=adapter_dir)
+        if fmt_trained is not None:  # the merged model is asked the way its adapter was trained
+            train_format.record(model, tokenizer, fmt_trained)
     staging = out.parent / f".{out.name}.export-{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
     try:
