@@ -18,8 +18,9 @@ OUT="${TOOL_DEMO_OUT:-$ROOT/tool_demo_out}"
 if [ "${TOOL_DEMO_FAST:-0}" = 1 ]; then
     : "${SEEDS:=0}" "${STEPS:=300}" "${SYNTHETIC:=3000}" "${SAVE_EVERY:=100}"
 else
-    # Copying unseen names arrives suddenly, at a step that differs by seed (about 1,400 and 2,300 here): 3000
-    # steps leave both seeds time after it to copy the types into the answer as well.
+    # Copying unseen names arrives suddenly, at a step that differs by seed (about 1,400 and 2,300 for seeds 0
+    # and 1): 3000 steps leave both time after it to copy the types into the answer as well. Not every seed
+    # gets there: seed 2 had not started by step 3000 (README, tool-use section).
     : "${SEEDS:=0 1}" "${STEPS:=3000}" "${SYNTHETIC:=12000}" "${SAVE_EVERY:=250}"
 fi
 read -r -a SEED_LIST <<< "$SEEDS"
