@@ -2,6 +2,7 @@
 transformers' built-in GLM (loaded without remote code and compared with our model and tokenizer)."""
 import json
 import random
+import stat
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from conftest import DEMO
 from chatglm3 import conversation, hf_glm
 from chatglm3.configuration import ChatGLMConfig
 from chatglm3.loading import load_model_and_tokenizer
+from chatglm3.safe_io import new_file_mode
 from chatglm3.model import ChatGLMForConditionalGeneration
 
 sys.path.insert(0, str(DEMO / "scripts"))
@@ -129,6 +131,7 @@ def test_hf_glm_loads_without_remote_code_and_gives_our_logits_and_greedy_ids(hf
     assert not any(info.values()), info  # every tensor mapped, none left over
     assert model.config.rope_parameters["rope_theta"] == 500000.0
     assert len(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) == 25
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.glob("*.safetensors")} == {new_file_mode()}  # not 0o600
     ids = torch.tensor([golden["multiturn"][2]["input_ids"]])  # 189 tokens: rope far from position 0
     with torch.no_grad():
         diff = (model(input_ids=ids).logits - ours(input_ids=ids).logits).abs().max().item()

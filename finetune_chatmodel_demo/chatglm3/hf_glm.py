@@ -18,6 +18,7 @@ import torch
 
 from . import conversation
 from .errors import ChatGLMError
+from .safe_io import share_weight_files
 
 # ChatGLM3 key -> GLM key, "{}" standing for the layer number (litgpt's style). None: not stored (GLM computes
 # the rotary frequencies from rope_theta); query_key_value is split by QKV_SPLIT.
@@ -200,6 +201,7 @@ def save(model, tokenizer, out, max_shard_size="2GB") -> None:
     stop_ids = conversation.stop_token_ids(tokenizer)
     tensors = convert_state_dict(model.state_dict(), config)
     save_torch_state_dict(tensors, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
+    share_weight_files(out)
     dtype = model.get_input_embeddings().weight.dtype
     _write_json(out / "config.json", glm_config(config, stop_ids, dtype))
     GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
