@@ -112,7 +112,7 @@ class PrefixTrainer(Seq2SeqTrainer):
                 # PEFT's LoRA model writes only its adapter (PEFT's format); ours writes every weight.
                 logger.info(f"Saving {type(model).__name__} to {output_dir}")
                 model.save_pretrained(output_dir, state_dict=state_dict, safe_serialization=True)
-                share_weight_files(output_dir)
+                share_weight_files(output_dir)  # for PEFT's adapter file (our save_pretrained does its own)
         finally:
             model.config.use_cache = use_cache
         if self.processing_class is not None:
