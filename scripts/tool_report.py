@@ -22,9 +22,19 @@ def read_json_lines(path: Path) -> list:
         raise SystemExit(f"错误：无法读取 {path}：{e} / Error: cannot read {path}: {e}") from None
 
 
+def summaries(path: Path) -> list:
+    """The JSON objects of an evaluate.py summary or curve file; one clear line when there are none (an evaluation
+    that failed leaves an empty file)."""
+    rows = read_json_lines(path)
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise SystemExit(f"错误：{path} 里没有 evaluate.py 的 JSON 汇总行，评测失败了吗？请看同名的 .log 文件 / "
+                         f"Error: {path} holds no evaluate.py JSON summary line: did the evaluation fail? See its .log file")
+    return rows
+
+
 def mean(paths: list) -> dict:
     """Mean of each metric over the runs' summaries (the last JSON line of each file)."""
-    runs = [read_json_lines(p)[-1] for p in paths]
+    runs = [summaries(p)[-1] for p in paths]
     summary = {}
     for key in KEYS:
         values = [r[key] for r in runs if r.get(key) is not None]
@@ -41,7 +51,7 @@ def curve(paths: list, out: Path, key: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for path in paths:
-        points = sorted((r["step"], r[key]) for r in read_json_lines(path) if r.get(key) is not None)
+        points = sorted((r["step"], r[key]) for r in summaries(path) if r.get(key) is not None and "step" in r)
         ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=path.stem)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{key} (held-out real Pokemon)")  # ASCII: default fonts have no CJK glyphs
@@ -65,6 +75,9 @@ def main(argv=None) -> int:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--key", default="tool_args_exact", choices=KEYS)
     args = parser.parse_args(argv)
+    if args.command == "curve" and any(args.out.resolve() == p.resolve() for p in args.files):
+        raise SystemExit(f"错误：--out {args.out} 是输入文件之一，会被覆盖；请换一个 .png 路径 / "
+                         f"Error: --out {args.out} is one of the input files and would be overwritten; give another .png path")
     if args.command == "mean":
         print(json.dumps(mean(args.files), ensure_ascii=False))
     else:

@@ -76,3 +76,24 @@ def test_quiz_types_reports_a_figure(tiny_model, tmp_path, capsys):
     right = sum(line.startswith("✓") for line in r.stdout.splitlines())
     assert summary == {"type_accuracy": 50.0 * right, "pokemon": 2}
     assert "missing.jsonl" in error(capsys, quiz_types.main, "--model", tiny_model, "--data", tmp_path / "missing.jsonl")
+
+
+def test_tool_report_mean_and_its_bad_input(tmp_path):
+    """scripts/tool_report.py (the tool demo's summary): the mean of the last summary line of each seed; an empty
+    summary (a failed evaluation) or an --out that is an input is one line naming the file, exit 1."""
+    report = [sys.executable, str(DEMO.parent / "scripts" / "tool_report.py")]
+    a, b, empty = tmp_path / "eval-s0.json", tmp_path / "eval-s1.json", tmp_path / "eval-s2.json"
+    a.write_text(json.dumps({"tool_args_exact": 1.0, "tool_answer_grounded": 0.5, "stopped_share": 1.0}) + "\n")
+    b.write_text(json.dumps({"tool_args_exact": 0.5, "tool_answer_grounded": 0.25}) + "\n")
+    empty.write_text("")
+    r = subprocess.run([*report, "mean", a, b], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["tool_args_exact"] == 0.75 and summary["tool_answer_grounded"] == 0.375
+    assert summary["stopped_share"] == 1.0 and summary["tool_call_rate"] is None and summary["seeds"] == 2
+    for args, named in ((["mean", a, empty], empty), (["curve", a, "--out", a], a)):
+        before = named.read_bytes()
+        r = subprocess.run([*report, *map(str, args)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and str(named) in r.stderr
+        assert named.read_bytes() == before
