@@ -99,7 +99,7 @@ else
 fi
 
 stage 9 "工具调用演示（缩短版）：为没见过的宝可梦查图鉴 / tool-use demo (shortened): looking up Pokémon never seen"
-# The full demo (2 seeds, 3000 steps) is `bash scripts/tool_demo.sh`; here 1 seed and fewer steps, so the figures
+# The full demo (2 seeds, 4500 steps) is `bash scripts/tool_demo.sh`; here 1 seed and fewer steps, so the figures
 # below are those of a model that has barely started to learn (see the README for the full demo's).
 if [ "$FAST" = 1 ]; then TOOL_ENV=(STEPS=20 SAVE_EVERY=10); else TOOL_ENV=(); fi
 env "${TOOL_ENV[@]}" TOOL_DEMO_FAST=1 TOOL_DEMO_OUT="$OUT/tools" bash "$ROOT/scripts/tool_demo.sh" > "$OUT/tools.log" 2>&1 \
