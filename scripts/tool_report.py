@@ -51,7 +51,12 @@ def curve(paths: list, out: Path, key: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for path in paths:
-        points = sorted((r["step"], r[key]) for r in summaries(path) if r.get(key) is not None and "step" in r)
+        rows = summaries(path)
+        if not all("step" in r for r in rows):
+            raise SystemExit(f"错误：{path} 不是学习曲线文件（有的行没有 \"step\"），请给 tool_demo.sh 写的 curve-s*.jsonl / "
+                             f"Error: {path} is not a curve file (a line has no \"step\"); give the curve-s*.jsonl "
+                             "that tool_demo.sh writes")
+        points = sorted((r["step"], r[key]) for r in rows if r.get(key) is not None)
         ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=path.stem)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{key} (held-out real Pokemon)")  # ASCII: default fonts have no CJK glyphs
@@ -65,6 +70,19 @@ def curve(paths: list, out: Path, key: str) -> None:
     print(f"曲线已保存 / curve saved: {out}")
 
 
+def check_curve_output(files: list, out: Path) -> None:
+    """The project's one output check (chatglm3.safe_io): --out is no input (links included) and can be a file.
+    Imported here, not at the top: it brings torch, which `mean` does not need."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune_chatmodel_demo"))
+    from chatglm3.errors import ChatGLMError
+    from chatglm3.safe_io import check_outputs
+
+    try:
+        check_outputs([("FILES", f) for f in files], {"--out": out})
+    except ChatGLMError as e:
+        raise SystemExit(str(e)) from None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,9 +93,8 @@ def main(argv=None) -> int:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--key", default="tool_args_exact", choices=KEYS)
     args = parser.parse_args(argv)
-    if args.command == "curve" and any(args.out.resolve() == p.resolve() for p in args.files):
-        raise SystemExit(f"错误：--out {args.out} 是输入文件之一，会被覆盖；请换一个 .png 路径 / "
-                         f"Error: --out {args.out} is one of the input files and would be overwritten; give another .png path")
+    if args.command == "curve":
+        check_curve_output(args.files, args.out)
     if args.command == "mean":
         print(json.dumps(mean(args.files), ensure_ascii=False))
     else:

@@ -1,6 +1,7 @@
 """The helper scripts as a user runs them (one real run each), and their bad input in-process: tiny-model
 builder, loss plot, type quiz."""
 import json
+import os
 import subprocess
 import sys
 
@@ -80,7 +81,8 @@ def test_quiz_types_reports_a_figure(tiny_model, tmp_path, capsys):
 
 def test_tool_report_mean_and_its_bad_input(tmp_path):
     """scripts/tool_report.py (the tool demo's summary): the mean of the last summary line of each seed; an empty
-    summary (a failed evaluation) or an --out that is an input is one line naming the file, exit 1."""
+    summary (a failed evaluation), an --out that is an input (or a hard link to one) or a folder, or a curve of a
+    file without steps is one line naming the file, exit 1, inputs intact."""
     report = [sys.executable, str(DEMO.parent / "scripts" / "tool_report.py")]
     a, b, empty = tmp_path / "eval-s0.json", tmp_path / "eval-s1.json", tmp_path / "eval-s2.json"
     a.write_text(json.dumps({"tool_args_exact": 1.0, "tool_answer_grounded": 0.5, "stopped_share": 1.0}) + "\n")
@@ -91,9 +93,15 @@ def test_tool_report_mean_and_its_bad_input(tmp_path):
     summary = json.loads(r.stdout)
     assert summary["tool_args_exact"] == 0.75 and summary["tool_answer_grounded"] == 0.375
     assert summary["stopped_share"] == 1.0 and summary["tool_call_rate"] is None and summary["seeds"] == 2
-    for args, named in ((["mean", a, empty], empty), (["curve", a, "--out", a], a)):
-        before = named.read_bytes()
+    linked, folder = tmp_path / "linked.png", tmp_path / "plots"
+    os.link(a, linked)
+    folder.mkdir()
+    cases = ((["mean", a, empty], empty), (["curve", a, "--out", a], a), (["curve", a, "--out", linked], linked),
+             (["curve", a, "--out", folder], folder), (["curve", a, "--out", tmp_path / "c.png"], a))  # a: no "step"
+    for args, named in cases:
+        before = a.read_bytes()
         r = subprocess.run([*report, *map(str, args)], capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1 and str(named) in r.stderr
-        assert named.read_bytes() == before
+        assert a.read_bytes() == before and empty.read_bytes() == b"" and folder.is_dir()
+        assert not (tmp_path / "c.png").exists()
