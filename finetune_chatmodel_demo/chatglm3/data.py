@@ -7,7 +7,7 @@ import json
 import re
 
 from . import json_files
-from .conversation import CONVERSATION_KEY, SAMPLE_ROLES, TOOLS_KEY
+from .conversation import CONVERSATION_KEY, SAMPLE_ROLES, TOOLS_KEY, role_order_error
 from .errors import ChatGLMError
 from .json_files import type_name as _type_name
 
@@ -139,6 +139,10 @@ def check_conversation(sample, where: str) -> None:
             raise DataFormatError(f"{here}: {_not_a_string(message, 'content')}")
         if "loss" in message and not isinstance(message["loss"], bool):
             raise DataFormatError(f"{here}: \"loss\" 应为 true 或 false，实际是 {message['loss']!r} / \"loss\" must be true or false, got {message['loss']!r}")
+    # The order the server accepts is the order training and evaluation accept (conversation.role_order_error).
+    wrong = role_order_error([message["role"] for message in conversations])
+    if wrong is not None:
+        raise DataFormatError(f"{where}: {CONVERSATION_KEY}[{wrong[0]}]: {wrong[1]}")
 
 
 def check_input_output(sample, where: str) -> None:
