@@ -60,9 +60,15 @@ class SPTokenizer:
         self._special_re = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
     def encode(self, text: str) -> list[int]:
-        return self.sp_model.encode(text)
+        try:
+            return self.sp_model.encode(text)
+        except RuntimeError:  # SentencePiece's "Unable to cast" for a lone surrogate: say what it is
+            json_files.check_unicode(text, "分词的文本 / the text to tokenize")
+            raise
 
     def tokenize(self, text: str, encode_special_tokens: bool = False) -> list[str]:
+        if not text.isascii():  # SentencePiece's error for a lone surrogate says nothing useful
+            json_files.check_unicode(text, "分词的文本 / the text to tokenize")
         if not encode_special_tokens:
             return self.sp_model.encode_as_pieces(text)
         pieces, start = [], 0
