@@ -35,11 +35,12 @@ from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
 from arguments import (ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments,  # noqa: E402
                        check_training_arguments)
-from chatglm3 import ChatGLMError, compat, loading, lora, memory, safe_io, safe_load  # noqa: E402
+from chatglm3 import ChatGLMError, compat, launching, loading, lora, memory, safe_io, safe_load  # noqa: E402
 from arguments import no_effect_notes  # noqa: E402
 from chatglm3 import hub, train_format  # noqa: E402
+from chatglm3.launching import TRAINER_STATE_NAME, find_last_checkpoint  # noqa: E402
 import preprocess_utils  # noqa: E402
-from trainer import TRAINER_STATE_NAME, PrefixTrainer, find_last_checkpoint  # noqa: E402
+from trainer import PrefixTrainer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +54,11 @@ def parse_args(argv=None):
     # Printed once per collective by DeepSpeed's CPU path; says nothing actionable to a user.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments))
+    # No abbreviations: "--output_di X" must not pass for --output_dir (the launcher reads flags by full name).
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments), allow_abbrev=False)
     parser.error = flag_error
+    # Read by transformers while parsing, where a bad file would be a ValueError naming nothing.
+    launching.check_deepspeed_config(launching.flag_value(argv, "--deepspeed"), "--deepspeed")
     try:  # transformers checks some flag values itself (e.g. --logging_steps 0) and raises ValueError
         if len(argv) == 1 and argv[0].endswith(".json"):
             return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
@@ -291,6 +295,18 @@ def train(model_args, data_args, training_args):
         "--model_name_or_path": model_args.model_name_or_path, "--tokenizer_name": model_args.tokenizer_name,
         "--ptuning_checkpoint": model_args.ptuning_checkpoint})
     check_quantization(model_args)
+    # One live run per output folder, however it was started (a launcher only checks; its training holds it).
+    # The first process of a run holds it; the others share its folder.
+    lock = launching.claim(training_args.output_dir, "--output_dir") if os.environ.get("RANK", "0") == "0" else None
+    try:
+        run(model_args, data_args, training_args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run(model_args, data_args, training_args):
+    """The training itself, once the flags are checked and the output folder is this run's."""
     gradient_checkpointing = configure_training(training_args, data_args)
     resume = resolve_resume(training_args)
     setup_logging(training_args)
