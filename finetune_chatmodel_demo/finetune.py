@@ -20,6 +20,7 @@ float32 weights and takes --bf16/--fp16 (mixed precision, or DeepSpeed's) as usu
 `--resume_from_checkpoint true` continues from the newest complete checkpoint-N in --output_dir (or starts
 fresh when there is none); a path continues from that checkpoint. Optimizer, scheduler and RNG are restored.
 """
+import contextlib
 import logging
 import os
 import sys
@@ -297,12 +298,9 @@ def train(model_args, data_args, training_args):
     check_quantization(model_args)
     # One live run per output folder, however it was started (a launcher only checks; its training holds it).
     # The first process of a run holds it; the others share its folder.
-    lock = launching.claim(training_args.output_dir, "--output_dir") if os.environ.get("RANK", "0") == "0" else None
-    try:
+    first = os.environ.get("RANK", "0") == "0"
+    with launching.holding(training_args.output_dir, "--output_dir") if first else contextlib.nullcontext():
         run(model_args, data_args, training_args)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def run(model_args, data_args, training_args):

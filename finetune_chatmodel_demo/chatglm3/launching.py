@@ -16,6 +16,7 @@
 - which checkpoint a resume continues from (`find_last_checkpoint`, used by finetune.py and by the launcher);
 - the log: the training's output goes to the terminal and to OUTPUT_DIR/train.log, and its exit status is returned.
 """
+import contextlib
 import os
 import re
 import signal
@@ -35,7 +36,7 @@ from .safe_load import CorruptFileError, verify_checkpoint
 TRUE_VALUES = ("true", "yes", "auto", "1")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATESTR_RE = r"\d{8}-\d{6}"  # date +%Y%m%d-%H%M%S, as upstream's launchers name their output folders
-LOCK_NAME = ".lock"  # in the output folder; stays behind, harmless: the lock is the OS's, not the file's existence
+LOCK_NAME = ".lock"  # in the output folder; left beside a run's files, harmless: the lock is the OS's, not the file
 # The Trainer writes trainer_state.json last: a checkpoint without it was cut short (e.g. the run was killed).
 TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -309,6 +310,23 @@ def claim(output_dir, label: str = "OUTPUT_DIR") -> FileLock:
         raise LaunchError(f"错误：无法在输出目录 {output_dir}（{label}）中写入：{e.strerror or e} / Error: cannot write into the "
                           f"output folder {output_dir} ({label}): {e.strerror or e}") from None
     return lock
+
+
+@contextlib.contextmanager
+def holding(output_dir, label: str):
+    """`claim` for the block (finetune.py's run). A folder the block created and left holding only the lock file
+    (a run refused by a later check) is removed again: a mistake leaves nothing behind."""
+    output_dir = Path(output_dir).absolute()
+    existed = output_dir.exists()
+    lock = claim(output_dir, label)
+    try:
+        yield
+    finally:
+        lock.release()
+        if not existed and [p.name for p in output_dir.iterdir()] == [LOCK_NAME]:
+            with contextlib.suppress(OSError):  # another run may have taken the folder meanwhile: leave it
+                (output_dir / LOCK_NAME).unlink()
+                output_dir.rmdir()
 
 
 def is_free(folder: Path) -> bool:
