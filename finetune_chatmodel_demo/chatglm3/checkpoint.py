@@ -48,7 +48,7 @@ def read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.exists():
         raise ChatGLMError(f"{config_file}: 缺少 config.json / missing config.json — is {path} a ChatGLM3 checkpoint directory?")
-    data = json_files.read_json(config_file)
+    data = json_files.read_json(config_file, allow_nan=True)  # a NaN field is named by check_config_dict
     check_config_dict(data, config_file)
     if data.get("model_type") != "chatglm":
         raise ChatGLMError(f"{config_file}: model_type 应为 \"chatglm\"，实际为 {data.get('model_type')!r} / field model_type must be \"chatglm\"")
