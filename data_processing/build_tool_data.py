@@ -15,6 +15,7 @@ from pathlib import Path
 
 # cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
 from cli_common import DEFAULT_TABLE, add_table_args, dumps, run_cli, table_columns, write_all_atomic
+from chatglm3.json_files import DATA_LIMIT, read_text
 from chatglm3.data import check_conversation, load_conversations
 from chatglm3.errors import ChatGLMError
 from chatglm3.loading import load_tokenizer
@@ -53,10 +54,10 @@ def check_tokenizer(args):
     """The --check-tokenizer report; a held-out name the model could not write is an error."""
     out = Path(args.out_dir)
     names_file = out / "heldout_names.txt"
-    if not names_file.is_file():
+    if not names_file.exists():  # a device or folder there is read_text's one line
         raise ChatGLMError(f"错误：找不到 {names_file}，请先不带 --check-tokenizer 运行一次 / Error: {names_file} not "
                            f"found; run once without --check-tokenizer first")
-    names = [n for n in names_file.read_text(encoding="utf-8").split() if n]
+    names = [n for n in read_text(names_file, DATA_LIMIT).split() if n]  # a regular file, bounded, UTF-8
     missing = unlearnt_name_tokens(load_tokenizer(args.check_tokenizer), names, load_conversations(out / "train.jsonl"))
     if missing:
         shown = "；".join(f"{n}: {' '.join(p)}" for n, p in sorted(missing.items()))

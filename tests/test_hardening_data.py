@@ -123,6 +123,9 @@ CASES = {
     "size: context 10^9": (INF, {"model/config.json": {"seq_length": 10**9}}, INFER, 2, ["seq_length"]),
     "file: data in a directory": (EV, {"dir/x": ""}, ["--data", "{w}/dir", *EVAL], 2, ["dir", "directory"]),
     "file: config.json a directory": (INF, {"model/config.json/x": ""}, INFER, 2, ["config.json", "directory"]),
+    "file: held-out names a directory": (btd_cli.main, {"btd/heldout_names.txt/x": "", "btd/train.jsonl": GOOD},
+                                         ["--out-dir", "{w}/btd", "--check-tokenizer", "{w}/model"], 1,
+                                         ["heldout_names.txt", "directory"]),
     "file: quiz data in a directory": (QUIZ, {"dir/x": ""}, ["--model", "{w}/model", "--data", "{w}/dir"], 1,
                                        ["dir", "directory"]),
     # -- found in this round: more of the same kinds --
@@ -230,6 +233,24 @@ def test_tokenized_text_with_a_lone_surrogate_is_one_clear_error(real_tokenizer)
         real_tokenizer.encode("皮卡丘\ud800")
     with pytest.raises(ChatGLMError, match="not valid Unicode"):
         real_tokenizer.tokenizer.encode("皮卡丘\ud800")
+
+
+def test_hand_written_tool_observations_of_any_shape_are_context_not_a_crash(tmp_path):
+    """evaluate.py --tools reads expected calls from the dev set: an observation that is deep JSON text, or whose
+    types and name are numbers, is no type question (it used to be a RecursionError or a TypeError)."""
+    import tool_eval
+
+    samples = [{"conversations": [{"role": "user", "content": "查"},
+                                  {"role": "tool", "name": "pokedex_lookup", "parameters": {"name": 3},
+                                   "observation": observation},
+                                  {"role": "assistant", "content": "电"}]}
+               for observation in (DEEP, {"属性": 5, "姓名": 7}, {"属性": ["电"], "姓名": 7})]
+    data = tmp_path / "dev.jsonl"
+    data.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    items = tool_eval.load_items(data)
+    assert items[0].expected[0]["observation"] == DEEP  # text, as written
+    assert [tool_eval._is_type_question(i) for i in items] == [False, False, False]
+    assert tool_eval.types_named("电属性", [3, None, "皮卡丘"]) == {"电"}
 
 
 # ---- all or nothing ----------------------------------------------------------------------------------------------
