@@ -253,6 +253,27 @@ def test_hand_written_tool_observations_of_any_shape_are_context_not_a_crash(tmp
     assert tool_eval.types_named("电属性", [3, None, "皮卡丘"]) == {"电"}
 
 
+def test_training_reads_turns_in_the_servers_order_only(tiny_model, tmp_path):
+    """finetune.py's dataset (preprocess_utils.build_dataset, from a file or from samples in memory) uses the same
+    rule as evaluation and the server."""
+    import preprocess_utils
+    from chatglm3.data import DataFormatError
+    from chatglm3.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(tiny_model)
+    data = tmp_path / "train.jsonl"
+    data.write_text(GOOD + "\n" + json.dumps(_conversation("user", "assistant", "system", "assistant")) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(DataFormatError, match=r"train.jsonl:2: conversations\[2\]: .*system"):
+        preprocess_utils.build_dataset(data, tokenizer, "multi-turn", max_seq_length=64)
+    with pytest.raises(DataFormatError, match=r"sample 1: conversations\[0\]: .*assistant"):
+        preprocess_utils.MultiTurnDataset([_conversation("assistant", "user", "assistant")], tokenizer, 64)
+    good = tmp_path / "ok.jsonl"  # every order the rule allows: system, user, a tool call, answers
+    good.write_text(json.dumps(_conversation("system", "user", "tool", "assistant", "user", "assistant")) + "\n",
+                    encoding="utf-8")
+    assert len(preprocess_utils.build_dataset(good, tokenizer, "multi-turn", max_seq_length=256, verbose=False)) == 1
+
+
 # ---- all or nothing ----------------------------------------------------------------------------------------------
 def test_several_outputs_are_written_all_or_nothing(tmp_path):
     """The second output cannot be made (its folder would be under a file): the first keeps its old content and
