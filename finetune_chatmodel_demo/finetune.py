@@ -231,7 +231,14 @@ def check_memory(model_args, training_args, dtype: torch.dtype):
     """Refuse, before the weights are read, a run that clearly cannot fit (a lower bound, chatglm3.memory): every
     process first holds the weights in RAM; the device then holds them and, for full fine-tuning, the gradients
     and Adam states as ZeRO splits them. ZeRO-3 and offload leave the placement to DeepSpeed: a warning only."""
-    params = memory.model_parameters(model_args.model_name_or_path)
+    config = memory.model_config(model_args.model_name_or_path)
+    # The rank of a LoRA update is at most the narrower side of the layer it adapts, never above hidden_size: a
+    # larger one only allocates (a rank of 10^8 asks for gigabytes per layer).
+    if model_args.lora_rank is not None and model_args.lora_rank > config.hidden_size:
+        raise ArgumentsError(f"错误：--lora_rank（LORA_RANK）{model_args.lora_rank} 大于模型的 hidden_size {config.hidden_size}，"
+                             f"LoRA 的秩不会超过层的宽度 / Error: --lora_rank (LORA_RANK) {model_args.lora_rank} exceeds the "
+                             f"model's hidden_size {config.hidden_size}; a LoRA update's rank cannot exceed a layer's width")
+    params = memory.parameter_count(config)
     size, local = dtype.itemsize, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     stage, offload = memory.zero_settings(training_args.hf_deepspeed_config.config) if training_args.deepspeed else (0, False)
     if model_args.pre_seq_len is not None or model_args.lora_rank is not None:  # the base is frozen
