@@ -174,8 +174,8 @@ def test_num_gpus_defaults_to_the_visible_gpus():
 def make_run(parent: Path, name: str, checkpoint=True, finished=False) -> Path:
     run = parent / name
     (run / "checkpoint-2").mkdir(parents=True)
-    if checkpoint:
-        (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    if checkpoint:  # as the Trainer writes it (a checkpoint is checked whole before it is continued from)
+        (run / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_history": []}')
     if finished:
         (run / "trainer_state.json").write_text("{}")
     return run

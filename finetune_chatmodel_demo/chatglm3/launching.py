@@ -31,14 +31,12 @@ from filelock import FileLock, Timeout
 
 from . import json_files, limits
 from .errors import ChatGLMError
-from .safe_load import CorruptFileError, verify_checkpoint
+from .safe_load import TRAINER_STATE_NAME, CorruptFileError, verify_checkpoint
 
 TRUE_VALUES = ("true", "yes", "auto", "1")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATESTR_RE = r"\d{8}-\d{6}"  # date +%Y%m%d-%H%M%S, as upstream's launchers name their output folders
 LOCK_NAME = ".lock"  # in the output folder; left beside a run's files, harmless: the lock is the OS's, not the file
-# The Trainer writes trainer_state.json last: a checkpoint without it was cut short (e.g. the run was killed).
-TRAINER_STATE_NAME = "trainer_state.json"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 # The launchers' variables, by the finetune.py flag each becomes: a bad value is named as the user typed it.
 LAUNCHER_VARIABLES = {
@@ -204,7 +202,7 @@ def single_process_env(env: dict) -> dict:
 # --- output folders -----------------------------------------------------------------------------------------------
 def is_finished(run: Path) -> bool:
     """finetune.py writes trainer_state.json into the output folder itself only when training has ended."""
-    return (run / "trainer_state.json").is_file()
+    return (run / TRAINER_STATE_NAME).is_file()
 
 
 def find_last_checkpoint(output_dir) -> Optional[Path]:

@@ -43,6 +43,8 @@ ALLOWED_GLOBALS = (
     "numpy.dtype",
     "numpy.dtypes.UInt32DType",  # the dtype of the Mersenne Twister state (numpy >= 1.25 pickles it by class)
 )
+# The Trainer writes trainer_state.json last: a checkpoint without it was cut short (e.g. the run was killed).
+TRAINER_STATE_NAME = "trainer_state.json"
 # The files a resume reads, by name (training_args.bin is written for the user and never read back).
 RESUME_FILES = ("global_step*/*.pt", "rng_state*.pth", "optimizer.pt", "scheduler.pt", "scaler.pt",
                 "*.safetensors", "pytorch_model*.bin", "adapter_model*.bin", "*.json")
@@ -156,8 +158,10 @@ def check_file(path: Path, read_on_resume: bool = True) -> None:
     pickle globals, a safetensors header against the file size, a JSON file parsed (chatglm3.json_files); any
     other file at least not empty."""
     try:
-        if path.suffix == ".json":
-            json_files.read_json(path, allow_nan=True)  # the Trainer writes NaN losses into trainer_state.json
+        if path.name == TRAINER_STATE_NAME:
+            json_files.read_trainer_state(path)  # its shape too: the Trainer reads log_history and global_step
+        elif path.suffix == ".json":
+            json_files.read_json(path)
         elif path.suffix == ".safetensors":
             from safetensors import safe_open
 
