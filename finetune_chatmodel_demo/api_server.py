@@ -75,23 +75,19 @@ def allowed_hosts(args: argparse.Namespace):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, not yet listening (connections are refused until the server starts)."""
-    try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-        sock = socket.socket(family, kind, proto)
-    except OSError as e:
-        raise ChatGLMError(f"错误：--host {host!r} 不是可用的地址（{e}）/ Error: --host {host!r} is not an address "
-                           f"this machine can listen on ({e})") from None
+    """A socket bound to host:port as uvicorn binds one (IPv6 when the host has a colon), not yet listening:
+    connections are refused until the server starts."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         if os.name != "nt":  # as uvicorn does; on Windows the option would let two servers share the port
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-    except OSError as e:
+        sock.bind((host, port))
+    except OSError as e:  # a name that does not resolve, an address not on this machine, a port in use or reserved
         sock.close()
-        raise ChatGLMError(f"错误：无法监听 {host}:{port}（{e.strerror or e}；端口被占用时换一个 --port）/ Error: cannot "
-                           f"listen on {host}:{port} ({e.strerror or e}; if the port is in use, choose another "
-                           "--port)") from None
+        reason = e.strerror or str(e)
+        raise ChatGLMError(f"错误：无法监听 {host}:{port}（{reason}）；检查 --host，端口被占用时换一个 --port / Error: "
+                           f"cannot listen on {host}:{port} ({reason}); check --host, or choose another --port if "
+                           "this one is in use") from None
     return sock
 
 
