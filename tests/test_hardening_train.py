@@ -9,7 +9,6 @@ real subprocesses (slow).
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
