@@ -79,6 +79,7 @@ def run_uncached(model, ids, mask, new_tokens: int, device: str):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="生成速度：首 token 延迟与解码 token/s，有无 KV 缓存，batch 1 与 8 / Generation speed: time to first token "
                     "and decode tokens/s, with and without the KV cache.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

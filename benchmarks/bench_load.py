@@ -41,7 +41,7 @@ print(base, loaded, peak_mb(), sum(p.numel() * p.element_size() for p in model.p
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--bin", action="store_true", help="write .bin shards instead of safetensors")

@@ -31,7 +31,7 @@ READY_TIMEOUT_S = 300
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="模型目录，默认构建快速上手的小模型 / model directory "
                                                        "(default: build the quick start's tiny model)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="并发客户端数 / concurrent clients")

@@ -213,6 +213,7 @@ def table(results: dict) -> str:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="比较各种批处理策略的训练吞吐（同一机器、同一模型、同一数据）/ Compare training throughput of batching "
                     "strategies (pad-to-max as upstream, dynamic padding, length grouping, packing) on one machine.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

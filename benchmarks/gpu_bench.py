@@ -231,7 +231,7 @@ def run(dry_run: bool) -> dict:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="gpu_bench.sh", description="chatglm3-6b 形状的 GPU 基准（训练与生成，5 分钟内）/ GPU "
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog="gpu_bench.sh", description="chatglm3-6b 形状的 GPU 基准（训练与生成，5 分钟内）/ GPU "
                                      "benchmark at chatglm3-6b's shape: training strategies and generation, in under 5 minutes")
     parser.add_argument("--dry-run", action="store_true", help="CPU 上的小模型，每项 1 步 / tiny shape on the CPU, one step each")
     args = parser.parse_args(argv)

@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 # cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
-from cli_common import DEFAULT_TABLE, add_table_args, run_cli, table_columns, write_atomic
+from cli_common import DEFAULT_TABLE, add_table_args, dumps, run_cli, table_columns, write_all_atomic
+from chatglm3.json_files import DATA_LIMIT, read_text
 from chatglm3.data import check_conversation, load_conversations
 from chatglm3.errors import ChatGLMError
 from chatglm3.loading import load_tokenizer
@@ -24,7 +25,7 @@ from tool_data import build_eval_samples, build_training_samples, held_out_names
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="写出工具调用训练集与留出评测集 / Write the tool-use training set and the "
+    p = argparse.ArgumentParser(allow_abbrev=False, description="写出工具调用训练集与留出评测集 / Write the tool-use training set and the "
                                             "held-out evaluation set (see the module doc).")
     p.add_argument("--table", default=str(DEFAULT_TABLE), help="宝可梦表格 / the Pokémon table (default: data.csv)")
     p.add_argument("--out-dir", required=True, help="输出目录 / output folder (train.jsonl, heldout.jsonl, "
@@ -53,10 +54,10 @@ def check_tokenizer(args):
     """The --check-tokenizer report; a held-out name the model could not write is an error."""
     out = Path(args.out_dir)
     names_file = out / "heldout_names.txt"
-    if not names_file.is_file():
+    if not names_file.exists():  # a device or folder there is read_text's one line
         raise ChatGLMError(f"错误：找不到 {names_file}，请先不带 --check-tokenizer 运行一次 / Error: {names_file} not "
                            f"found; run once without --check-tokenizer first")
-    names = [n for n in names_file.read_text(encoding="utf-8").split() if n]
+    names = [n for n in read_text(names_file, DATA_LIMIT).split() if n]  # a regular file, bounded, UTF-8
     missing = unlearnt_name_tokens(load_tokenizer(args.check_tokenizer), names, load_conversations(out / "train.jsonl"))
     if missing:
         shown = "；".join(f"{n}: {' '.join(p)}" for n, p in sorted(missing.items()))
@@ -90,9 +91,10 @@ def run(args):
     for name, samples in (("train", train), ("heldout", evaluation)):
         for i, sample in enumerate(samples, 1):  # built here, so a problem is a bug; check anyway before writing
             check_conversation(sample, f"{name} sample {i}")
-    for name, samples in (("train.jsonl", train), ("heldout.jsonl", evaluation)):
-        write_atomic(out / name, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    write_atomic(out / "heldout_names.txt", "".join(n + "\n" for n in sorted(held_out)))
+    # All or nothing: the three files belong together (a failure on the last leaves the first two as they were).
+    write_all_atomic({**{out / name: "".join(dumps(s, str(out / name)) + "\n" for s in samples)
+                         for name, samples in (("train.jsonl", train), ("heldout.jsonl", evaluation))},
+                      out / "heldout_names.txt": "".join(n + "\n" for n in sorted(held_out))})
     lines = [f"表格 {args.table}：使用 {len(table.rows)} 行，跳过 {len(table.skipped)} 行 / table {args.table}: "
              f"{len(table.rows)} rows used, {len(table.skipped)} skipped", *format_report(table),
              f"留出 {len(held_out)} 只真实宝可梦（不在任何训练样本中）/ held out {len(held_out)} real Pokémon (in no "

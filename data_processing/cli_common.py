@@ -15,7 +15,8 @@ if str(DEMO) not in sys.path:
     sys.path.insert(0, str(DEMO))
 
 from chatglm3.errors import ChatGLMError  # noqa: E402
-from chatglm3.safe_io import check_outputs, write_atomic  # noqa: E402,F401  (the scripts' one way to write)
+from chatglm3.json_files import dumps  # noqa: E402,F401  (the scripts' one JSON writer: no bare NaN)
+from chatglm3.safe_io import check_outputs, write_all_atomic, write_atomic  # noqa: E402,F401  (the one way to write)
 from pokedex import COLUMN_FLAGS, COLUMNS  # noqa: E402
 
 DEFAULT_TABLE = HERE / "data.csv"

@@ -9,13 +9,12 @@ normalises the types, derives the weaknesses from the type chart and writes a JS
 The table is read by finetune_chatmodel_demo/pokedex.py, the dialogues are written by dialogues.py.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 # cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
-from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_TABLE, add_table_args, check_outputs, run_cli, table_columns,
-                        write_atomic)
+from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_TABLE, add_table_args, check_outputs, dumps, run_cli,
+                        table_columns, write_all_atomic)
 from chatglm3.errors import ChatGLMError
 from dialogues import build_samples, split_dev
 from pokedex import REASONS, format_report, load_table
@@ -23,6 +22,7 @@ from pokedex import REASONS, format_report, load_table
 
 def build_parser():
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="把宝可梦表格转换成 ChatGLM3 多轮对话数据（JSON 列表） / Convert a Pokémon table (CSV) into "
                     "ChatGLM3 multi-turn conversations (a JSON list of {\"conversations\": [...]}).")
     p.add_argument("--input", default=str(DEFAULT_TABLE),
@@ -96,13 +96,14 @@ def run(args):
     train = [s for n, s in samples if n not in dev_names]
     dev = [s for n, s in samples if n in dev_names]
 
-    write_atomic(args.output, json.dumps(train, ensure_ascii=False, indent=2) + "\n")
+    # All or nothing: a failure on --report leaves an earlier --output as it was.
+    outputs = {args.output: dumps(train, args.output, indent=2) + "\n"}
     if args.dev_output:
-        write_atomic(args.dev_output, json.dumps(dev, ensure_ascii=False, indent=2) + "\n")
+        outputs[args.dev_output] = dumps(dev, args.dev_output, indent=2) + "\n"
     if args.report:
-        write_atomic(args.report, json.dumps({"input": str(input_path), "rows_read": table.records,
-                                              "rows_used": len(table.rows), "issues": table.issues},
-                                             ensure_ascii=False, indent=2) + "\n")
+        outputs[args.report] = dumps({"input": str(input_path), "rows_read": table.records, "rows_used": len(table.rows),
+                                      "issues": table.issues}, args.report, indent=2) + "\n"
+    write_all_atomic(outputs)
 
     skipped = table.skipped
     blank = [i for i in table.issues if i["reason"] == "blank_line"]

@@ -7,13 +7,12 @@ with "tools") per sample. Files are read and every sample checked by chatglm3.da
 problem stops the script with the file, line and problem, and nothing is written.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 # cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
-from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_JSONL, DEFAULT_TABLE, add_table_args, check_outputs, run_cli,
-                        table_columns, write_atomic)
+from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_JSONL, DEFAULT_TABLE, add_table_args, check_outputs, dumps,
+                        run_cli, table_columns, write_atomic)
 from chatglm3.data import check_conversation, load_conversations
 from chatglm3.errors import ChatGLMError
 from dialogues import build_tool_samples, conversation_stats
@@ -22,6 +21,7 @@ from pokedex import format_report, load_table
 
 def build_parser():
     p = argparse.ArgumentParser(
+        allow_abbrev=False,
         description="检查对话数据并写成 JSONL（ChatGLM3 多轮格式）；--tools 生成调用 pokedex_lookup 工具的对话 / "
                     "Validate conversations and write JSONL in the ChatGLM3 multi-turn format; --tools builds "
                     "tool-calling conversations with a pokedex_lookup function instead.")
@@ -71,7 +71,7 @@ def run(args):
         built, table_lines = tool_samples(args)
         samples += built
         lines += table_lines
-    write_atomic(args.output, "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    write_atomic(args.output, "".join(dumps(s, args.output) + "\n" for s in samples))
     stats = conversation_stats(samples)
     lines.append("错误数 / err_count: 0")
     lines.append(f"样本数 / train_examples: {stats['count']}（含工具 / with tools: {stats['with_tools']}）")

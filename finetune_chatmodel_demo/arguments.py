@@ -6,9 +6,10 @@ working; `--validation_file`, `--packing` and `--sanity_check` are new; those wi
 `--max_steps`, `--save_steps`, `--resume_from_checkpoint`, `--gradient_checkpointing`, `--deepspeed`, ...)
 comes from transformers' `Seq2SeqTrainingArguments`; see `python finetune.py --help`.
 """
-import math
 from dataclasses import dataclass, field, fields
 from typing import Optional
+
+from chatglm3 import limits
 
 
 class ArgumentsError(ValueError):
@@ -171,6 +172,7 @@ def no_effect_notes(*argument_sets) -> list:
 
 def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments) -> None:
     """Reject values that cannot work, before anything slow is loaded."""
+    limits.check_flags(model_args, data_args)  # every number in range (chatglm3.limits.FLAG_LIMITS)
     check_lora_arguments(model_args)
     if model_args.quantization_bit is not None and model_args.quantization_bit not in (4, 8):
         raise ArgumentsError(
@@ -187,12 +189,6 @@ def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments
             "错误：--ptuning_checkpoint 需要同时设置 --pre_seq_len / "
             "Error: --ptuning_checkpoint needs --pre_seq_len as well"
         )
-    lengths = ("max_seq_length", "max_source_length", "max_target_length", "max_train_samples", "max_eval_samples")
-    for name, value in {"pre_seq_len": model_args.pre_seq_len, "lora_rank": model_args.lora_rank, **{n: getattr(data_args, n) for n in lengths}}.items():
-        if value is not None and value <= 0:
-            raise ArgumentsError(
-                f"错误：--{name} 必须是正整数，收到 {value} / Error: --{name} must be a positive integer, got {value}"
-            )
     if data_args.packing and data_args.pad_to_max_length:
         raise ArgumentsError(
             "错误：--packing 与 --pad_to_max_length 不能同时使用 / "
@@ -200,37 +196,9 @@ def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments
         )
 
 
-def _finite(test):
-    return lambda v: isinstance(v, (int, float)) and math.isfinite(v) and test(v)
-
-
-_AT_LEAST_1 = (lambda v: v >= 1, "≥ 1 的整数", "an integer >= 1")
-_AT_LEAST_0 = (lambda v: v >= 0, "≥ 0 的整数", "an integer >= 0")
-_NON_NEGATIVE = (_finite(lambda v: v >= 0), "有限的非负数", "a finite number >= 0")
-_POSITIVE = (_finite(lambda v: v > 0), "有限的正数", "a finite number > 0")
-_BELOW_1 = (_finite(lambda v: 0 <= v < 1), "[0, 1) 内的数", "a number in [0, 1)")
-_UP_TO_1 = (_finite(lambda v: 0 <= v <= 1), "[0, 1] 内的数", "a number in [0, 1]")
-_SEED = (lambda v: 0 <= v < 2**32, "0 到 2^32-1 的整数", "an integer from 0 to 2^32-1")
-# transformers' own training flags whose bad values would surface as a traceback deep inside the Trainer or
-# PyTorch, or pass silently (a negative --save_steps never saves). The launchers' DEV_BATCH_SIZE, LR, ... arrive
-# as these flags. Flags a transformers release lacks are skipped.
-TRAINING_LIMITS = {
-    "per_device_train_batch_size": _AT_LEAST_1, "per_device_eval_batch_size": _AT_LEAST_1,
-    "gradient_accumulation_steps": _AT_LEAST_1, "dataloader_num_workers": _AT_LEAST_0,
-    "save_total_limit": _AT_LEAST_0, "learning_rate": _NON_NEGATIVE, "weight_decay": _NON_NEGATIVE,
-    "max_grad_norm": _NON_NEGATIVE, "warmup_steps": _NON_NEGATIVE, "warmup_ratio": _UP_TO_1,
-    "num_train_epochs": _POSITIVE, "adam_epsilon": _POSITIVE, "adam_beta1": _BELOW_1, "adam_beta2": _BELOW_1,
-    "label_smoothing_factor": _BELOW_1, "logging_steps": _POSITIVE, "save_steps": _POSITIVE,
-    "eval_steps": _POSITIVE, "seed": _SEED, "data_seed": _SEED,
-}
-
-
 def check_training_arguments(training_args) -> None:
-    """Reject a transformers training flag with a value that cannot work (TRAINING_LIMITS), naming the flag."""
-    for name, (ok, zh, en) in TRAINING_LIMITS.items():
-        value = getattr(training_args, name, None)
-        if value is not None and not ok(value):
-            raise ArgumentsError(f"错误：--{name} 必须是{zh}，收到 {value} / Error: --{name} must be {en}, got {value}")
+    """Reject a transformers training flag with a value that cannot work (chatglm3.limits), naming the flag."""
+    limits.check_flags(training_args)
 
 
 def check_lora_arguments(model_args: ModelArguments) -> None:
@@ -250,6 +218,3 @@ def check_lora_arguments(model_args: ModelArguments) -> None:
             "错误：QLoRA（--lora_rank 加 --quantization_bit）尚未在 GPU 上验证，暂不提供 / "
             "Error: QLoRA (--lora_rank with --quantization_bit) has not been verified on a GPU yet and is not offered"
         )
-    if model_args.lora_dropout is not None and not 0 <= model_args.lora_dropout < 1:
-        raise ArgumentsError(f"错误：--lora_dropout 应在 [0, 1) 之间，收到 {model_args.lora_dropout} / "
-                             f"Error: --lora_dropout must be in [0, 1), got {model_args.lora_dropout}")

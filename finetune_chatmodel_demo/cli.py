@@ -8,6 +8,8 @@ from chatglm3.loading import load_model_and_tokenizer
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
+    # No abbreviations: "--pt" would otherwise pass for --pt-checkpoint or --pt-pre-seq-len, whichever is unique.
+    parser.allow_abbrev = False
     group = parser.add_argument_group("模型 / model")
     group.add_argument("--model", required=True,
                        help="基座模型或全参微调后的模型目录 / base model or full fine-tuned checkpoint directory")

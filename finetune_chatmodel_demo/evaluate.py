@@ -13,7 +13,6 @@ tool_false_call_rate, tool_name_accuracy, tool_args_exact, tool_answer_grounded,
 stopped_share (fractions 0-1, defined in tool_eval.py); --hide-tools asks the same questions without the tool.
 """
 import argparse
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from chatglm3 import ChatGLMError
 from chatglm3.batch import generate_replies
 from chatglm3.conversation import prompt_ids, sample_to_messages
 from chatglm3.data import load_conversations, load_input_output
+from chatglm3.json_files import dumps
 from chatglm3.loading import input_files
 from chatglm3.safe_io import check_outputs, write_atomic
 from chatglm3.train_format import raw_prompt_ids
@@ -81,6 +81,7 @@ def input_output_samples(path: str, max_samples: Optional[int] = None) -> List[E
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviation (--out) would slip past the checks of the flag it stands for
         description="在验证集上计算 ROUGE 与 BLEU / Score a model on a dev set with ROUGE-1/2/L and BLEU-4",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
@@ -132,7 +133,7 @@ def generation_kwargs(args: argparse.Namespace) -> Dict:
 def write_predictions(path: str, records: List[Dict]) -> None:
     output = Path(path)
     replaced = "（替换了旧文件）/ (replaced the previous file)" if output.exists() else ""
-    write_atomic(output, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+    write_atomic(output, "".join(dumps(record, str(output)) + "\n" for record in records))
     print(f"预测结果已写入 / Predictions written to {output} {replaced}".rstrip(), file=sys.stderr)
 
 
@@ -190,7 +191,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     keys = (*METRIC_KEYS, "samples", *(TOOL_METRIC_KEYS if args.tools else ()))
-    print(json.dumps({key: summary[key] for key in keys}, ensure_ascii=False))
+    try:
+        print(dumps({key: summary[key] for key in keys}, "汇总 / the summary"))
+    except ChatGLMError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -20,6 +20,7 @@ float32 weights and takes --bf16/--fp16 (mixed precision, or DeepSpeed's) as usu
 `--resume_from_checkpoint true` continues from the newest complete checkpoint-N in --output_dir (or starts
 fresh when there is none); a path continues from that checkpoint. Optimizer, scheduler and RNG are restored.
 """
+import contextlib
 import logging
 import os
 import sys
@@ -35,11 +36,12 @@ from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
 from arguments import (ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments,  # noqa: E402
                        check_training_arguments)
-from chatglm3 import ChatGLMError, compat, loading, lora, memory, safe_io, safe_load  # noqa: E402
+from chatglm3 import ChatGLMError, compat, launching, loading, lora, memory, safe_io, safe_load  # noqa: E402
 from arguments import no_effect_notes  # noqa: E402
 from chatglm3 import hub, train_format  # noqa: E402
+from chatglm3.launching import TRAINER_STATE_NAME, find_last_checkpoint  # noqa: E402
 import preprocess_utils  # noqa: E402
-from trainer import TRAINER_STATE_NAME, PrefixTrainer, find_last_checkpoint  # noqa: E402
+from trainer import PrefixTrainer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +55,11 @@ def parse_args(argv=None):
     # Printed once per collective by DeepSpeed's CPU path; says nothing actionable to a user.
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor", category=FutureWarning)
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments))
+    # No abbreviations: "--output_di X" must not pass for --output_dir (the launcher reads flags by full name).
+    parser = HfArgumentParser((ModelArguments, DataTrainingArguments, Seq2SeqTrainingArguments), allow_abbrev=False)
     parser.error = flag_error
+    # Read by transformers while parsing, where a bad file would be a ValueError naming nothing.
+    launching.check_deepspeed_config(launching.flag_value(argv, "--deepspeed"), "--deepspeed")
     try:  # transformers checks some flag values itself (e.g. --logging_steps 0) and raises ValueError
         if len(argv) == 1 and argv[0].endswith(".json"):
             return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
@@ -226,7 +231,14 @@ def check_memory(model_args, training_args, dtype: torch.dtype):
     """Refuse, before the weights are read, a run that clearly cannot fit (a lower bound, chatglm3.memory): every
     process first holds the weights in RAM; the device then holds them and, for full fine-tuning, the gradients
     and Adam states as ZeRO splits them. ZeRO-3 and offload leave the placement to DeepSpeed: a warning only."""
-    params = memory.model_parameters(model_args.model_name_or_path)
+    config = memory.model_config(model_args.model_name_or_path)
+    # The rank of a LoRA update is at most the narrower side of the layer it adapts, never above hidden_size: a
+    # larger one only allocates (a rank of 10^8 asks for gigabytes per layer).
+    if model_args.lora_rank is not None and model_args.lora_rank > config.hidden_size:
+        raise ArgumentsError(f"错误：--lora_rank（LORA_RANK）{model_args.lora_rank} 大于模型的 hidden_size {config.hidden_size}，"
+                             f"LoRA 的秩不会超过层的宽度 / Error: --lora_rank (LORA_RANK) {model_args.lora_rank} exceeds the "
+                             f"model's hidden_size {config.hidden_size}; a LoRA update's rank cannot exceed a layer's width")
+    params = memory.parameter_count(config)
     size, local = dtype.itemsize, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     stage, offload = memory.zero_settings(training_args.hf_deepspeed_config.config) if training_args.deepspeed else (0, False)
     if model_args.pre_seq_len is not None or model_args.lora_rank is not None:  # the base is frozen
@@ -291,6 +303,15 @@ def train(model_args, data_args, training_args):
         "--model_name_or_path": model_args.model_name_or_path, "--tokenizer_name": model_args.tokenizer_name,
         "--ptuning_checkpoint": model_args.ptuning_checkpoint})
     check_quantization(model_args)
+    # One live run per output folder, however it was started (a launcher only checks; its training holds it).
+    # The first process of a run holds it; the others share its folder.
+    first = os.environ.get("RANK", "0") == "0"
+    with launching.holding(training_args.output_dir, "--output_dir") if first else contextlib.nullcontext():
+        run(model_args, data_args, training_args)
+
+
+def run(model_args, data_args, training_args):
+    """The training itself, once the flags are checked and the output folder is this run's."""
     gradient_checkpointing = configure_training(training_args, data_args)
     resume = resolve_resume(training_args)
     setup_logging(training_args)

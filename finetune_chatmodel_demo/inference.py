@@ -48,6 +48,7 @@ with stdout_to_stderr() if __name__ == "__main__" else contextlib.nullcontext():
     from chatglm3.conversation import prompt_ids, tool_system_message
     from chatglm3.toolloop import MAX_CALLS, MAX_ERROR_OBSERVATIONS, ToolTurn
     from chatglm3.generation import generate_stream
+    from chatglm3.json_files import check_unicode
     from chatglm3.safe_io import check_inputs
     from chatglm3.train_format import raw_prompt_ids
     from cli import add_format_arg, add_model_args, load_from_args, prompt_format
@@ -213,6 +214,7 @@ def answer_turn(fmt: str, model, tokenizer, query: str, history: List[dict], gen
 # ---------------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # an abbreviation (--prom) would slip past the checks of the flag it stands for
         description="与 ChatGLM3 对话（交互、管道或单次）/ Chat with ChatGLM3 (interactive, piped or one-shot)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("\n", 2)[2],
@@ -237,21 +239,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_line(interactive: bool, number: int) -> Optional[str]:
     """Input line `number`, or None at the end. Piped lines are decoded one at a time, so a line that is not valid
-    text raises ChatGLMError naming it and nothing else is lost."""
+    text raises ChatGLMError naming it and nothing else is lost; so does a typed line that Python decoded with
+    surrogateescape (a terminal whose encoding is not the one typed)."""
     encoding = sys.stdin.encoding or "utf-8"
+    not_text = ChatGLMError(f"错误：输入第 {number} 行不是有效的 {encoding} 文本，已跳过 / Error: input line {number} is "
+                            f"not valid {encoding} text; skipped")
     try:
         if interactive:
-            return input(f"\n{USER_PROMPT}")
-        raw = sys.stdin.buffer.readline()
-        return raw.decode(encoding) if raw else None
+            line = input(f"\n{USER_PROMPT}")
+        else:
+            raw = sys.stdin.buffer.readline()
+            line = raw.decode(encoding) if raw else None
+        check_unicode(line, "")
     except (EOFError, KeyboardInterrupt):
         return None
-    except UnicodeDecodeError:
-        raise ChatGLMError(f"错误：输入第 {number} 行不是有效的 {encoding} 文本，已跳过 / Error: input line {number} is "
-                           f"not valid {encoding} text; skipped") from None
+    except (UnicodeDecodeError, ChatGLMError):
+        raise not_text from None
+    return line
 
 
 def check_args(args: argparse.Namespace) -> None:
+    for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
+        check_unicode(text, flag)  # invalid UTF-8 on the command line arrives as lone surrogates
     if args.max_new_tokens < 1:
         raise ChatGLMError(f"错误：--max-new-tokens 必须 ≥ 1（收到 {args.max_new_tokens}）/ "
                            f"Error: --max-new-tokens must be at least 1 (got {args.max_new_tokens})")

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatglm3 import json_files
 from chatglm3.errors import ChatGLMError
 from chatglm3.toolloop import error_observation
 from pokemon_types import UnknownTypeError, clean_text, split_types, weaknesses
@@ -120,11 +121,10 @@ def read_text(path, encoding="auto"):
     names the line. Any Python codec name forces that encoding.
     """
     path = Path(path)
-    if not path.exists():
-        raise TableError(f"错误：找不到文件 {path} / Error: file {path} not found")
-    if path.is_dir():
-        raise TableError(f"错误：{path} 是目录，不是文件 / Error: {path} is a directory, not a file")
-    raw = path.read_bytes()
+    try:  # a regular file or a pipe, bounded: a link to /dev/zero is one line, not a read for ever
+        raw = json_files.read_bytes(path, json_files.DATA_LIMIT)
+    except json_files.JSONFileError as e:
+        raise TableError(str(e)) from None
     if not raw.strip(b" \t\r\n\xef\xbb\xbf"):
         raise TableError(f"错误：文件 {path} 是空的 / Error: file {path} is empty")
 

@@ -20,6 +20,7 @@ import json
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from chatglm3 import json_files
 from chatglm3.conversation import TOOLS_KEY, sample_to_messages
 from chatglm3.data import load_conversations
 from chatglm3.toolloop import Tool, ToolTurn, run_turns
@@ -43,9 +44,9 @@ class ToolEvalItem:
 def _observation(entry: dict):
     value = entry.get("observation")
     if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError:
+        try:  # bounded nesting (chatglm3.json_files): a string observation may be any text
+            return json_files.loads(value, "observation")
+        except json_files.JSONFileError:
             return value
     return value
 
@@ -77,7 +78,7 @@ def load_items(path, hide_tools: bool = False) -> List[ToolEvalItem]:
 
 def types_named(text: str, names=()) -> set:
     """The type names `text` mentions, once the Pokémon `names` are taken out (海刺龙 holds 龙)."""
-    for name in sorted(filter(None, names), key=len, reverse=True):
+    for name in sorted((n for n in names if isinstance(n, str) and n), key=len, reverse=True):  # a number is no name
         text = text.replace(name, "")
     return {t for t in TYPES if t in text}
 
@@ -87,8 +88,13 @@ def _is_type_question(item: ToolEvalItem) -> bool:
     if not item.expected or item.reference is None or not isinstance(item.expected[0]["observation"], dict):
         return False
     observation = item.expected[0]["observation"]
-    types = observation.get(TYPES_KEY)
-    return bool(types) and types_named(item.reference, [observation.get(NAME_KEY)]) == set(types)
+    types, name = observation.get(TYPES_KEY), observation.get(NAME_KEY)
+    # Only a pokedex-shaped observation (a list of type names, a name) makes a type question; anything else in a
+    # hand-written file is context, not a TypeError.
+    if not (isinstance(types, list) and types and all(isinstance(t, str) for t in types)
+            and isinstance(name, (str, type(None)))):
+        return False
+    return types_named(item.reference, [name]) == set(types)
 
 
 def _grounded(turn: ToolTurn, names) -> bool:

@@ -9,9 +9,12 @@
 - Resuming a prefix-only checkpoint loads the prefix strictly, with chatglm3.loading's P-Tuning loader (the
   Trainer's default would load it non-strictly and warn about every frozen tensor).
 - Logs tokens per second: all real (non-padding) tokens and labelled tokens, summed over all processes.
+- A loss or gradient that is not finite stops the run after that optimizer step, before anything is logged or
+  saved (the Trainer would log the NaN as the average of earlier losses and carry on); weights that are not finite
+  are never saved. Under fp16 loss scaling an overflowing gradient is expected (the step is skipped by design),
+  so only the loss counts there.
 """
 import os
-import re
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -26,44 +29,19 @@ from chatglm3.checkpoint import PREFIX_KEY
 from chatglm3.errors import ChatGLMError
 from chatglm3.loading import load_ptuning_checkpoint
 from chatglm3.safe_io import reported_write_errors, share_weight_files
-from chatglm3.safe_load import CorruptFileError, verify_checkpoint
 
 logger = logging.get_logger(__name__)
 
 WEIGHTS_NAME = "pytorch_model.bin"
 TRAINING_ARGS_NAME = "training_args.bin"
-# The Trainer writes trainer_state.json last: a checkpoint without it was cut short (e.g. the run was killed).
-TRAINER_STATE_NAME = "trainer_state.json"
-_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+_CHECK = ("请检查学习率（--learning_rate / LR）、--lora_alpha（LORA_ALPHA）、fp16（可改用 bf16 或 fp32）和数据，"
+          "再从上一个检查点以更小的学习率继续",
+          "Check the learning rate (--learning_rate, LR), --lora_alpha (LORA_ALPHA), fp16 (use bf16 or fp32) and the "
+          "data, then resume from the last checkpoint with a lower learning rate")
 
 
-def find_last_checkpoint(output_dir) -> Optional[Path]:
-    """The complete `checkpoint-N` with the largest N in `output_dir` whose files are whole, or None: a damaged one
-    is reported and skipped for the one before; one holding code (UnsafeFileError) stops the run.
-
-    Built with pathlib, so it works on any OS (upstream joined paths with a backslash)."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    complete = []
-    for path in output_dir.iterdir():
-        match = _CHECKPOINT_RE.match(path.name)
-        if match and path.is_dir():
-            if (path / TRAINER_STATE_NAME).is_file():
-                complete.append((int(match.group(1)), path))
-            else:
-                print(
-                    f"跳过不完整的检查点 {path}（缺少 {TRAINER_STATE_NAME}）/ "
-                    f"Skipping incomplete checkpoint {path} (no {TRAINER_STATE_NAME})"
-                )
-    for _, path in sorted(complete, reverse=True):
-        try:
-            verify_checkpoint(path)
-        except CorruptFileError as e:
-            print(f"跳过损坏的检查点 / Skipping the damaged checkpoint {path}: {e}")
-            continue
-        return path
-    return None
+class NotFiniteError(ChatGLMError):
+    """Training produced a NaN or infinite loss, gradient or weight."""
 
 
 def prefix_state_dict(model, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
@@ -83,6 +61,56 @@ class PrefixTrainer(Seq2SeqTrainer):
         super().__init__(*args, **kwargs)
         self._tokens = torch.zeros(2, dtype=torch.float64)  # [all real tokens, labelled tokens] since last log
         self._last_log_time: Optional[float] = None
+        self._bad_loss: Optional[torch.Tensor] = None  # whether a loss since the last optimizer step was not finite
+
+    # ---- stopping on NaN ------------------------------------------------------------------------------------
+    def _all_processes(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
+        """`tensor` reduced (op: SUM, MAX) over every process."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return tensor
+        device = self.args.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        tensor = tensor.to(device)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
+        return tensor
+
+    def _loss_scaling(self) -> bool:
+        ds_config = getattr(self.args, "hf_deepspeed_config", None)
+        return bool(self.args.fp16 or (ds_config is not None and ds_config.is_true("fp16.enabled")))
+
+    def _stop_if_not_finite(self, grad_norm) -> None:
+        """After an optimizer step, before it is logged or saved: raise NotFiniteError when a loss of the step
+        (any process) or its gradient norm is NaN or infinite. One synchronisation per optimizer step."""
+        if self._bad_loss is None:  # no training step since the last check
+            return
+        bad = torch.zeros(2, device=self._bad_loss.device)
+        bad[0] = self._bad_loss.float()
+        if grad_norm is not None and not self._loss_scaling():
+            bad[1] = (~torch.isfinite(torch.as_tensor(grad_norm, dtype=torch.float32))).float().to(bad.device)
+        self._bad_loss = None
+        bad_loss, bad_grad = self._all_processes(bad, "MAX").tolist()  # all stop together
+        if bad_loss or bad_grad:
+            zh, en = ("损失", "loss") if bad_loss else ("梯度", "gradient")
+            raise NotFiniteError(
+                f"错误：第 {self.state.global_step} 步的{zh}不是有限数（NaN 或 inf），训练已停止，不保存这一步的检查点；{_CHECK[0]} / "
+                f"Error: the {en} at step {self.state.global_step} is not finite (NaN or inf); training stopped and "
+                f"nothing of this step was saved. {_CHECK[1]}"
+            )
+
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
+        self._stop_if_not_finite(grad_norm)
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
+
+    def _check_finite_weights(self, model, state_dict) -> None:
+        """The weights about to be saved are finite (the trainable ones; a given state_dict entirely)."""
+        named = state_dict.items() if state_dict is not None else (
+            (n, p) for n, p in model.named_parameters() if p.requires_grad)
+        for name, tensor in named:
+            if tensor.is_floating_point() and tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                raise NotFiniteError(
+                    f"错误：第 {self.state.global_step} 步之后的权重 {name} 含有 NaN 或 inf，训练已停止，没有保存；{_CHECK[0]} / "
+                    f"Error: after step {self.state.global_step} the weights {name} hold NaN or inf; training "
+                    f"stopped and they were not saved. {_CHECK[1]}"
+                )
 
     # ---- saving -------------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial, *args, **kwargs):
@@ -95,8 +123,9 @@ class PrefixTrainer(Seq2SeqTrainer):
         if not self.args.should_save:
             return
         output_dir = output_dir if output_dir is not None else self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
         model = self.accelerator.unwrap_model(self.model)
+        self._check_finite_weights(model, state_dict)
+        os.makedirs(output_dir, exist_ok=True)
         # The Trainer switches use_cache off for training; a saved config.json is for inference, where
         # upstream's code reads it, so write it as the official config has it.
         use_cache = getattr(model.config, "use_cache", None)
@@ -141,17 +170,15 @@ class PrefixTrainer(Seq2SeqTrainer):
         if labels is not None:
             # Token i is trained to predict label i+1 (shifted in the model), so count labels[:, 1:].
             self._tokens[1] += float((labels[:, 1:] != -100).sum())
-        return super().training_step(model, inputs, *args, **kwargs)
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        bad = ~torch.isfinite(loss.detach())  # stays on the device: checked once per optimizer step
+        self._bad_loss = bad if self._bad_loss is None else self._bad_loss | bad
+        return loss
 
     def log(self, logs, *args, **kwargs):
         # Training logs (the ones with "loss") are made on every process together, so a collective is safe here.
         if "loss" in logs and self._last_log_time is not None:
-            tokens = self._tokens.clone()
-            if dist.is_available() and dist.is_initialized():
-                device = self.args.device if dist.get_backend() == "nccl" else torch.device("cpu")
-                tokens = tokens.to(device)
-                dist.all_reduce(tokens)
-                tokens = tokens.cpu()
+            tokens = self._all_processes(self._tokens.clone(), "SUM").cpu()
             now = time.perf_counter()
             elapsed = max(now - self._last_log_time, 1e-9)
             logs["tokens_per_second"] = round(float(tokens[0]) / elapsed, 1)

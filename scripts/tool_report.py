@@ -7,19 +7,37 @@
 A curve file holds one JSON object per evaluated checkpoint: {"step": N, ...evaluate.py's summary}.
 """
 import argparse
-import json
+import io
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune_chatmodel_demo"))
+from chatglm3.errors import ChatGLMError  # noqa: E402
+from chatglm3.json_files import DATA_LIMIT, dumps, expect, loads, read_text  # noqa: E402  (the one JSON reader)
+from chatglm3.safe_io import write_atomic  # noqa: E402
 
 KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact", "tool_answer_grounded",
         "answer_types_correct", "stopped_share")
 
 
 def read_json_lines(path: Path) -> list:
+    """Every non-blank line's JSON value; a bad file, line or nesting is one line naming file:line."""
     try:
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"错误：无法读取 {path}：{e} / Error: cannot read {path}: {e}") from None
+        text = read_text(path, DATA_LIMIT)
+        return [loads(line, str(path), first_line=n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    except ChatGLMError as e:
+        raise SystemExit(str(e)) from None
+
+
+def metric(row: dict, key: str, path: Path):
+    """row[key]: a number or null (a fraction with nothing to count); anything else is one line naming it."""
+    value = row.get(key)
+    if value is not None:
+        try:
+            expect(value, (int, float), str(path), key)
+        except ChatGLMError as e:
+            raise SystemExit(str(e)) from None
+    return value
 
 
 def summaries(path: Path) -> list:
@@ -34,10 +52,10 @@ def summaries(path: Path) -> list:
 
 def mean(paths: list) -> dict:
     """Mean of each metric over the runs' summaries (the last JSON line of each file)."""
-    runs = [summaries(p)[-1] for p in paths]
+    runs = [(summaries(p)[-1], p) for p in paths]
     summary = {}
     for key in KEYS:
-        values = [r[key] for r in runs if r.get(key) is not None]
+        values = [v for v in (metric(r, key, p) for r, p in runs) if v is not None]
         summary[key] = round(sum(values) / len(values), 4) if values else None
     summary["seeds"] = len(runs)
     return summary
@@ -56,7 +74,7 @@ def curve(paths: list, out: Path, key: str) -> None:
             raise SystemExit(f"错误：{path} 不是学习曲线文件（有的行没有 \"step\"），请给 tool_demo.sh 写的 curve-s*.jsonl / "
                              f"Error: {path} is not a curve file (a line has no \"step\"); give the curve-s*.jsonl "
                              "that tool_demo.sh writes")
-        points = sorted((r["step"], r[key]) for r in rows if r.get(key) is not None)
+        points = sorted((metric(r, "step", path), metric(r, key, path)) for r in rows if r.get(key) is not None)
         ax.plot([s for s, _ in points], [v for _, v in points], marker="o", label=path.stem)
     ax.set_xlabel("training step")
     ax.set_ylabel(f"{key} (held-out real Pokemon)")  # ASCII: default fonts have no CJK glyphs
@@ -65,16 +83,14 @@ def curve(paths: list, out: Path, key: str) -> None:
     ax.legend()
     ax.set_title("Tool use of a tiny ChatGLM3 on Pokemon it never saw")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    image = io.BytesIO()  # rendered first, then written whole: a failure never leaves half a picture
+    fig.savefig(image, format=out.suffix.lstrip(".").lower() or "png")
+    write_atomic(out, image.getvalue())
     print(f"曲线已保存 / curve saved: {out}")
 
 
 def check_curve_output(files: list, out: Path) -> None:
-    """The project's one output check (chatglm3.safe_io): --out is no input (links included) and can be a file.
-    Imported here, not at the top: it brings torch, which `mean` does not need."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune_chatmodel_demo"))
-    from chatglm3.errors import ChatGLMError
+    """The project's one output check (chatglm3.safe_io): --out is no input (links included) and can be a file."""
     from chatglm3.safe_io import check_outputs
 
     try:
@@ -84,11 +100,11 @@ def check_curve_output(files: list, out: Path) -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    m = sub.add_parser("mean", help="各种子的平均 / mean over seeds")
+    m = sub.add_parser("mean", allow_abbrev=False, help="各种子的平均 / mean over seeds")
     m.add_argument("files", nargs="+", type=Path)
-    c = sub.add_parser("curve", help="学习曲线 / learning curve")
+    c = sub.add_parser("curve", allow_abbrev=False, help="学习曲线 / learning curve")
     c.add_argument("files", nargs="+", type=Path)
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--key", default="tool_args_exact", choices=KEYS)
@@ -96,7 +112,7 @@ def main(argv=None) -> int:
     if args.command == "curve":
         check_curve_output(args.files, args.out)
     if args.command == "mean":
-        print(json.dumps(mean(args.files), ensure_ascii=False))
+        print(dumps(mean(args.files)))
     else:
         curve(args.files, args.out, args.key)
     return 0

@@ -158,21 +158,24 @@ def test_num_gpus_is_checked(tmp_path, value):
 
 
 def test_num_gpus_defaults_to_the_visible_gpus():
-    from chatglm3.launching import LaunchError, process_count
+    from chatglm3 import ChatGLMError
+    from chatglm3.launching import LaunchError, cpu_cores, process_count
 
-    assert process_count("", 0) == 1 and process_count("", 4) == 4 and process_count("2", 0) == 2
+    assert process_count("", 0) == 1 and process_count("", 4) == 4 and process_count(str(cpu_cores()), 0) == cpu_cores()
     with pytest.raises(LaunchError, match="NUM_GPUS=8"):
         process_count("8", 4)
-    for bad in ("-1", "1.5", "2 GPUs"):
-        with pytest.raises(LaunchError, match="NUM_GPUS"):
+    with pytest.raises(LaunchError, match="CPU cores"):  # a CPU machine: at most one process per core
+        process_count(str(cpu_cores() + 1), 0)
+    for bad in ("-1", "1.5", "2 GPUs", "nan", "1e3"):
+        with pytest.raises(ChatGLMError, match="NUM_GPUS"):
             process_count(bad, 0)
 
 
 def make_run(parent: Path, name: str, checkpoint=True, finished=False) -> Path:
     run = parent / name
     (run / "checkpoint-2").mkdir(parents=True)
-    if checkpoint:
-        (run / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    if checkpoint:  # as the Trainer writes it (a checkpoint is checked whole before it is continued from)
+        (run / "checkpoint-2" / "trainer_state.json").write_text('{"global_step": 2, "log_history": []}')
     if finished:
         (run / "trainer_state.json").write_text("{}")
     return run
@@ -198,13 +201,13 @@ def test_resume_continues_the_newest_unfinished_run_of_the_same_name(tmp_path, c
     try:
         assert choose_output_dir(args + ["true"], DATESTR) == fresh
     finally:
-        os.close(live)
+        live.release()
 
 
 def hold_lock(folder: Path) -> subprocess.Popen:
-    """A process that locks `folder` as a launcher does and sleeps."""
+    """A process that locks `folder` as finetune.py does and sleeps."""
     code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from chatglm3.launching import claim; "
-            "from pathlib import Path; claim(Path(sys.argv[2])); print('locked', flush=True); time.sleep(600)")
+            "from pathlib import Path; lock = claim(Path(sys.argv[2])); print('locked', flush=True); time.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", code, str(SCRIPTS.parent), str(folder)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "locked"
     return child
@@ -221,15 +224,18 @@ def test_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_pat
     finally:
         holder.kill()
         holder.wait()
-    os.close(claim(out))
+    claim(out).release()
 
 
 def test_the_training_keeps_the_lock_when_the_launcher_is_killed(tmp_path):
-    """launch.py hands its lock to the training it starts: killing only the launcher does not free the folder."""
+    """The training started by launch.py holds the lock itself (as finetune.py does): killing only the launcher
+    does not free the folder, and the launcher's own check does not refuse its child."""
     from chatglm3.launching import LaunchError, claim
 
     trainer = tmp_path / "train.py"
-    trainer.write_text("import time\nprint('training', flush=True)\ntime.sleep(600)\n")
+    trainer.write_text(f"import sys, time\nsys.path.insert(0, {str(SCRIPTS.parent)!r})\nfrom chatglm3.launching import claim\n"
+                       "lock = claim(sys.argv[sys.argv.index('--output_dir') + 1])\n"
+                       "print('training', flush=True)\ntime.sleep(600)\n")
     out = tmp_path / "out"
     launcher = subprocess.Popen([sys.executable, str(LAUNCH), "--num-gpus", "1", "--", str(trainer), "--output_dir", str(out)],
                                 stdout=subprocess.PIPE, text=True, start_new_session=True)
@@ -245,7 +251,7 @@ def test_the_training_keeps_the_lock_when_the_launcher_is_killed(tmp_path):
         os.killpg(launcher.pid, signal.SIGKILL)  # the training, left behind in the launcher's session
     for _ in range(100):
         try:
-            os.close(claim(out))
+            claim(out).release()
             break
         except LaunchError:
             time.sleep(0.1)

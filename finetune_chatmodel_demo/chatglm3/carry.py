@@ -3,20 +3,21 @@ the way they open THUDM/chatglm3-6b (composite_demo with MODEL_PATH=checkpoint, 
 trust_remote_code=True)`, serving engines that read the official layout): the model code files (`*.py`, copied
 as plain files: this project never imports or runs them), `auto_map` in config.json and tokenizer_config.json,
 and generation_config.json. The weights, config and tokenizer files themselves are written by the trainer."""
-import json
 import shutil
 from pathlib import Path
+
+from . import json_files
 
 CARRIED_FILES = ("*.py", "generation_config.json")
 AUTO_MAP_FILES = ("config.json", "tokenizer_config.json")
 
 
 def _read_json(path: Path) -> dict:
+    """The object in `path`, {} when it is missing or not one (nothing is carried then)."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        return json_files.read_json(path) if path.is_file() else {}
+    except json_files.JSONFileError:
         return {}
-    return data if isinstance(data, dict) else {}
 
 
 def carry_upstream_files(base_dir, checkpoint_dir) -> list:
@@ -34,6 +35,6 @@ def carry_upstream_files(base_dir, checkpoint_dir) -> list:
         if auto_map and target.is_file():
             data = _read_json(target)
             data["auto_map"] = auto_map
-            target.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            target.write_text(json_files.dumps(data, str(target), indent=2) + "\n", encoding="utf-8")
             carried.append(f"{name}:auto_map")
     return carried

@@ -3,7 +3,7 @@
 Weights are read one tensor at a time into a model built on the meta device, so the 6B model loads in about
 its own size of RAM.
 """
-import json
+import os
 import re
 from pathlib import Path
 from typing import Optional
@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from . import compat, hub
+from . import compat, hub, json_files
 from .configuration import ChatGLMConfig, check_config_dict
 from .errors import ChatGLMError
 from .safe_io import share_weight_files
@@ -46,12 +46,9 @@ def parse_dtype(value) -> Optional[torch.dtype]:
 
 def read_config(path: Path) -> dict:
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists():
         raise ChatGLMError(f"{config_file}: 缺少 config.json / missing config.json — is {path} a ChatGLM3 checkpoint directory?")
-    try:
-        data = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ChatGLMError(f"{config_file}: 不是合法的 JSON / not valid JSON: {e}") from None
+    data = json_files.read_json(config_file, allow_nan=True)  # a NaN field is named by check_config_dict
     check_config_dict(data, config_file)
     if data.get("model_type") != "chatglm":
         raise ChatGLMError(f"{config_file}: model_type 应为 \"chatglm\"，实际为 {data.get('model_type')!r} / field model_type must be \"chatglm\"")
@@ -62,18 +59,22 @@ def weight_files(path: Path) -> list[Path]:
     """The checkpoint's weight files, in the order a loader reads them."""
     for name in WEIGHT_FILES:
         f = path / name
-        if not f.is_file():
+        if not f.exists():
             continue
         if name.endswith(".index.json"):
-            try:
-                weight_map = json.loads(f.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ChatGLMError(f"{f}: 索引文件损坏 / broken index file ({e})") from None
+            weight_map = json_files.read_weight_map(f)
+            for shard in dict.fromkeys(weight_map.values()):
+                # A shard is a file of this folder: "/dev/zero" or "../x" would read outside it.
+                if os.path.basename(shard) != shard or shard in ("", ".", ".."):
+                    raise ChatGLMError(f"{f}: 分片名 {shard!r} 不是本目录中的文件名 / lists the shard {shard!r}, which is not "
+                                       "a file name in this folder")
             shards = [path / s for s in dict.fromkeys(weight_map.values())]
             for s in shards:
                 if not s.is_file():
                     raise ChatGLMError(f"{f}: 列出的分片不存在 / lists a missing shard: {s.name}")
             return shards
+        if not f.is_file():
+            raise ChatGLMError(f"{f}: 不是普通文件 / is not a regular file")
         return [f]
     raise ChatGLMError(f"{path}: 找不到权重文件 / no weights found (expected one of {', '.join(WEIGHT_FILES)})")
 
@@ -122,6 +123,9 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
         if not hasattr(config, key):
             raise ChatGLMError(f"未知参数 / unknown argument for from_pretrained: {key}")
         setattr(config, key, value)
+    # Overrides (e.g. pre_seq_len from a flag) are held to config.json's rules, before anything is built.
+    overrides = sorted(set(kwargs) - IGNORED_KWARGS)
+    check_config_dict(config.to_dict(), f"{path / 'config.json'}" + (f" + {', '.join(overrides)}" if overrides else ""))
     # Callers pass torch_dtype (transformers 4 habit) or dtype (transformers 5). "auto", as in transformers, is the
     # dtype config.json records, float32 when it records none.
     target_dtype = dtype or torch_dtype
@@ -202,4 +206,4 @@ def save_pretrained(model, save_directory, state_dict=None, safe_serialization=T
     share_weight_files(out)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
-        (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        (out / f"{stem}.{ext}.index.json").write_text(json_files.dumps(index, indent=2) + "\n", encoding="utf-8")

@@ -80,23 +80,31 @@ class ChatGLMConfig(PretrainedConfig):
         return self.multi_query_group_num if self.multi_query_attention else self.num_attention_heads
 
 
-def _integer(low):
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+def _integer(low, high=None):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
 
 
 def _number(test):
     return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and test(v)
 
 
-_POSITIVE_INT = (_integer(1), "正整数", "a positive integer")
-_POSITIVE = (_number(lambda v: v > 0), "有限的正数", "a finite number > 0")
+def _size(high):
+    return (_integer(1, high), f"1 到 {high} 的整数", f"an integer from 1 to {high}")
+
+
+# Upper bounds far above any ChatGLM (the 6B model: 28 layers, hidden 4096, 32 heads, seq_length 8192 to 128k):
+# a size beyond them is a typo, and would be a MemoryError while the model is built on the meta device, before the
+# memory check could say anything.
+SIZE_LIMITS = {"num_layers": 1024, "padded_vocab_size": 2**22, "hidden_size": 2**17, "ffn_hidden_size": 2**19,
+               "kv_channels": 2**12, "num_attention_heads": 2**12, "seq_length": 2**22, "multi_query_group_num": 2**12,
+               "pre_seq_len": 2**16}
 _PROBABILITY = (_number(lambda v: 0 <= v < 1), "[0, 1) 内的数", "a number in [0, 1)")
+_POSITIVE = (_number(lambda v: v > 0), "有限的正数", "a finite number > 0")
 _BOOLEAN = (lambda v: isinstance(v, bool), "true 或 false", "true or false")
 # The config.json fields the model's shapes and arithmetic use, and what each must be: a wrong type or sign would
 # otherwise surface as a traceback deep inside torch, or as NaN output.
 FIELD_RULES = {
-    **dict.fromkeys(("num_layers", "padded_vocab_size", "hidden_size", "ffn_hidden_size", "kv_channels",
-                     "num_attention_heads", "seq_length", "multi_query_group_num", "pre_seq_len"), _POSITIVE_INT),
+    **{name: _size(high) for name, high in SIZE_LIMITS.items()},
     **dict.fromkeys(("hidden_dropout", "attention_dropout", "classifier_dropout"), _PROBABILITY),
     **dict.fromkeys(("layernorm_epsilon", "rope_ratio"), _POSITIVE),
     **dict.fromkeys(("rmsnorm", "apply_residual_connection_post_layernorm", "post_layer_norm", "add_bias_linear",
@@ -109,8 +117,9 @@ OPTIONAL_FIELDS = ("pre_seq_len", "classifier_dropout")  # null means "none"
 
 
 def check_config_dict(data, where) -> None:
-    """Raise ChatGLMError (one line naming `where` and the field) for a config.json that is not an object or has a
-    field of the wrong type or range."""
+    """Raise ChatGLMError (one line naming `where` and the field) for a config.json (or from_pretrained's
+    overrides) that is not an object, has a field of the wrong type or outside its range, or sizes that do not fit
+    together. Runs before anything is built."""
     if not isinstance(data, dict):
         raise ChatGLMError(f"{where}: 应为 JSON 对象 / must be a JSON object, not {type(data).__name__}")
     for name, (ok, zh, en) in FIELD_RULES.items():
@@ -121,3 +130,7 @@ def check_config_dict(data, where) -> None:
     if data.get("multi_query_attention") and heads and groups and heads % groups:
         raise ChatGLMError(f"{where}: multi_query_group_num={groups} 不能整除 num_attention_heads={heads} / field "
                            f"multi_query_group_num ({groups}) must divide num_attention_heads ({heads})")
+    prefix, context = data.get("pre_seq_len"), data.get("seq_length")
+    if prefix and context and prefix >= context:
+        raise ChatGLMError(f"{where}: pre_seq_len={prefix} 不小于 seq_length={context}，前缀会占满上下文 / field pre_seq_len "
+                           f"({prefix}) must be below seq_length ({context}): the prefix would fill the context")

@@ -73,6 +73,40 @@ def parse_tool_call(text: str) -> dict:
     return params
 
 
+# Which turn may follow which, in a sample's roles ("tool" is a call answered by its observation): the one rule
+# for training data, evaluation and the server (which maps an OpenAI tool call to "tool"). None: the start.
+_MAY_FOLLOW = {
+    "system": {None, "system"},
+    "user": {None, "system", "user", "assistant", "tool", "observation"},
+    "assistant": {"user", "tool", "observation"},
+    "tool": {"user", "assistant", "tool", "observation"},
+    "observation": {"assistant", "tool"},
+}
+_ORDER_RULES = {
+    "system": ("system 消息只能在对话开头", "a system turn may only come at the start"),
+    "user": ("", ""),
+    "assistant": ("assistant 消息须在 user、tool 或 observation 之后", "an assistant turn must follow a user, tool or "
+                  "observation turn"),
+    "tool": ("tool 调用须在 user、assistant、tool 或 observation 之后", "a tool call must follow a user, assistant, tool "
+             "or observation turn"),
+    "observation": ("observation 须紧跟工具调用（assistant 或 tool）", "an observation must follow a tool call (an "
+                    "assistant or tool turn)"),
+}
+
+
+def role_order_error(roles) -> tuple[int, str] | None:
+    """(index, one-line reason) of the first turn whose role may not follow the one before it, else None.
+    `roles`: the roles of a conversation's turns in order (SAMPLE_ROLES)."""
+    previous = None
+    for i, role in enumerate(roles):
+        if previous not in _MAY_FOLLOW.get(role, ()):
+            zh, en = _ORDER_RULES.get(role, ("未知角色", "unknown role"))
+            after = "开头" if previous is None else previous
+            return i, f"{zh}（此处在 {after} 之后）/ {en} (here it follows {previous or 'nothing'})"
+        previous = role
+    return None
+
+
 def sample_to_messages(sample: dict) -> list[dict]:
     """A (checked) training sample -> chat-history messages with "loss" (True for the replies the model learns:
     assistant messages and tool calls unless "loss": false). Upstream also trained on observation messages,

@@ -6,8 +6,10 @@ Two sample formats, as upstream: multi-turn (see chatglm3.conversation) and inpu
 import json
 import re
 
-from .conversation import CONVERSATION_KEY, SAMPLE_ROLES, TOOLS_KEY
+from . import json_files
+from .conversation import CONVERSATION_KEY, SAMPLE_ROLES, TOOLS_KEY, role_order_error
 from .errors import ChatGLMError
+from .json_files import type_name as _type_name
 
 INPUT_OUTPUT_KEYS = ("prompt", "response")
 
@@ -24,10 +26,6 @@ class Records(list):
         self.locations = list(locations)
 
 
-def _type_name(value) -> str:
-    return {dict: "object", list: "list", str: "string", bool: "bool", int: "number", float: "number", type(None): "null"}.get(type(value), type(value).__name__)
-
-
 def _not_a_string(record: dict, key: str) -> str:
     if key not in record:
         return f"缺少 \"{key}\"（字符串）/ missing \"{key}\" (a string)"
@@ -40,17 +38,20 @@ _WS = re.compile(r"[ \t\n\r]*")
 
 
 def _read_json_array(text: str, path: str) -> list[tuple[int, object]]:
-    """Elements of a top-level JSON list, each with the line it starts on."""
-    decoder = json.JSONDecoder()
+    """Elements of a top-level JSON list, each with the line it starts on (json_files.too_deep already ran)."""
+    decoder = json.JSONDecoder(parse_constant=json_files.refuse_constant)
     records, pos = [], _WS.match(text, text.index("[") + 1).end()
     if text.startswith("]", pos):
         return records
     while True:
+        line = text.count("\n", 0, pos) + 1
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as e:
             raise DataFormatError(f"{path}:{e.lineno}: JSON 解析失败 / invalid JSON: {e.msg} (column {e.colno})") from None
-        records.append((text.count("\n", 0, pos) + 1, value))
+        except ValueError as e:  # NaN, a 5,000-digit integer
+            raise DataFormatError(f"{path}:{line}: JSON 解析失败 / invalid JSON: {str(e).splitlines()[0]}") from None
+        records.append((line, value))
         pos = _WS.match(text, end).end()
         if text.startswith(",", pos):
             pos = _WS.match(text, pos + 1).end()
@@ -64,43 +65,45 @@ def _read_json_array(text: str, path: str) -> list[tuple[int, object]]:
             raise DataFormatError(f"{path}:{line}: 此处应为 ',' 或 ']' / expected ',' or ']' between samples")
 
 
-def read_json_records(path) -> list[tuple[int, object]]:
-    """(line, value) for each sample of a JSON file holding a list, or of a JSONL file (blank lines skipped)."""
-    path = str(path)
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise DataFormatError(f"错误：找不到数据文件 {path} / Error: data file {path} not found") from None
-    except IsADirectoryError:
-        raise DataFormatError(f"错误：{path} 是目录，需要 .json 或 .jsonl 文件 / Error: {path} is a directory, expected a .json or .jsonl file") from None
-    except UnicodeDecodeError as e:
-        raise DataFormatError(f"错误：{path} 不是 UTF-8 文本（第 {e.start} 字节）/ Error: {path} is not UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
-    except OSError as e:
-        raise DataFormatError(f"错误：无法读取 {path}：{e.strerror} / Error: cannot read {path}: {e.strerror}") from None
-
+def _read_records(path: str) -> list[tuple[int, object]]:
+    text = json_files.read_text(path, json_files.DATA_LIMIT)  # a regular file or pipe, UTF-8, bounded
     if text.lstrip().startswith("["):
-        return _read_json_array(text, path)
+        deep = json_files.too_deep(text)
+        if deep is not None:
+            json_files.loads(text[:deep + 1], path)  # the one-line "nested deeper than" error, with its line
+        records = _read_json_array(text, path)
+        for line, value in records:
+            json_files.check_unicode(value, f"{path}:{line}")
+        return records
     records = []
     for line_no, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            records.append((line_no, json.loads(line)))
-        except json.JSONDecodeError as e:
+            records.append((line_no, json_files.loads(line, path, first_line=line_no)))
+        except json_files.JSONFileError:
             # A pretty-printed single object is a common mistake; say so instead of "line 1 is broken".
             if not records:
                 try:
-                    json.loads(text)
-                except json.JSONDecodeError:
+                    json_files.loads(text, path)
+                except json_files.JSONFileError:
                     pass
                 else:
                     raise DataFormatError(
                         f"{path}:1: 文件是单个 JSON 对象；需要 JSON 列表，或每行一个样本的 JSONL / the file is a single JSON "
                         "object; expected a JSON list of samples or JSONL (one sample per line)"
                     ) from None
-            raise DataFormatError(f"{path}:{line_no}: JSON 解析失败 / invalid JSON: {e.msg} (column {e.colno})") from None
+            raise
     return records
+
+
+def read_json_records(path) -> list[tuple[int, object]]:
+    """(line, value) for each sample of a JSON file holding a list, or of a JSONL file (blank lines skipped).
+    Every problem is one DataFormatError line naming file:line (chatglm3.json_files' checks)."""
+    try:
+        return _read_records(str(path))
+    except json_files.JSONFileError as e:
+        raise DataFormatError(str(e)) from None
 
 
 def check_conversation(sample, where: str) -> None:
@@ -136,6 +139,10 @@ def check_conversation(sample, where: str) -> None:
             raise DataFormatError(f"{here}: {_not_a_string(message, 'content')}")
         if "loss" in message and not isinstance(message["loss"], bool):
             raise DataFormatError(f"{here}: \"loss\" 应为 true 或 false，实际是 {message['loss']!r} / \"loss\" must be true or false, got {message['loss']!r}")
+    # The order the server accepts is the order training and evaluation accept (conversation.role_order_error).
+    wrong = role_order_error([message["role"] for message in conversations])
+    if wrong is not None:
+        raise DataFormatError(f"{where}: {CONVERSATION_KEY}[{wrong[0]}]: {wrong[1]}")
 
 
 def check_input_output(sample, where: str) -> None:

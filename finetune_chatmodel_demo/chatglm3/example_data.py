@@ -12,9 +12,9 @@ without "content") is an error naming file:line. A ToolAlpaca instance whose ste
 (upstream counted these as `err_count`; e.g. an "Action Input" that is not a JSON object) is skipped, and each
 one is reported with its location.
 """
-import json
 from collections import Counter
 
+from . import json_files
 from .data import DataFormatError, check_conversation, check_input_output, read_json_records
 from .safe_io import write_atomic
 
@@ -30,9 +30,9 @@ def _tool_alpaca_conversation(instance) -> list:
         except (TypeError, ValueError):
             raise ValueError(f"intermediate_steps[{j}] 应为 [[工具名, 参数, 思考], 观察] / must be "
                              "[[tool, action input, reasoning], observation]") from None
-        try:
-            parameters = json.loads(action_input)
-        except (TypeError, json.JSONDecodeError):
+        try:  # bounded nesting, no NaN: the arguments become a tool call the model learns
+            parameters = json_files.loads(action_input, "action input") if isinstance(action_input, str) else None
+        except json_files.JSONFileError:
             parameters = None
         if not isinstance(parameters, dict):
             raise ValueError(f"intermediate_steps[{j}] 的参数不是 JSON 对象 / the action input is not a JSON object: "
@@ -87,4 +87,4 @@ def conversation_lengths(samples) -> Counter:
 
 def write_jsonl(samples, path) -> None:
     """All samples or nothing (the scripts check the path against their input before reading it)."""
-    write_atomic(path, "".join(json.dumps(sample, ensure_ascii=False) + "\n" for sample in samples))
+    write_atomic(path, "".join(json_files.dumps(sample, str(path)) + "\n" for sample in samples))

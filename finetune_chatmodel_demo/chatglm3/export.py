@@ -30,7 +30,7 @@ def _check_folder(path: Path, zh: str, en: str) -> None:
         raise ChatGLMError(f"{path}: 这是 P-Tuning v2 检查点 / this is a P-Tuning v2 checkpoint. {PTUNING_CANNOT_MERGE}")
 
 
-def check_inputs(model_dir: Path, adapter_dir, out: Path, force: bool) -> None:
+def check_inputs(model_dir: Path, adapter_dir, out: Path, force: bool, tokenizer_dir=None) -> None:
     """Everything that can be told before loading: folders exist, none is P-Tuning, the output is free."""
     _check_folder(model_dir, "模型", "model")
     if (model_dir / ADAPTER_CONFIG).is_file():
@@ -39,7 +39,8 @@ def check_inputs(model_dir: Path, adapter_dir, out: Path, force: bool) -> None:
         _check_folder(adapter_dir, "适配器", "adapter")
         if not (adapter_dir / ADAPTER_CONFIG).is_file():
             raise ChatGLMError(f"{adapter_dir}: 缺少 {ADAPTER_CONFIG}，不是 LoRA 适配器 / no {ADAPTER_CONFIG}: not a LoRA adapter (PEFT format)")
-    for source in filter(None, (model_dir, adapter_dir)):
+    # --force replaces --output: it may hold no input, the tokenizer folder included.
+    for source in filter(None, (model_dir, adapter_dir, Path(tokenizer_dir) if tokenizer_dir is not None else None)):
         if out.resolve() == source.resolve() or out.resolve() in source.resolve().parents:
             raise ChatGLMError(f"{out}: 输出目录包含输入 {source}，不能覆盖 / the output folder holds the input {source}: choose another --output")
     if out.exists() and not out.is_dir():
@@ -70,7 +71,7 @@ def export(model_dir, out, fmt: str = "chatglm", adapter_dir=None, dtype=None, f
         raise ChatGLMError(f"未知格式 / unknown format {fmt!r} (one of {', '.join(FORMATS)})")
     model_dir, out = Path(model_dir), Path(out)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
-    check_inputs(model_dir, adapter_dir, out, force)
+    check_inputs(model_dir, adapter_dir, out, force, tokenizer_dir)
     config = read_config(model_dir)
     if fmt == "hf-glm":
         hf_glm.check_convertible(ChatGLMConfig.from_dict(config))

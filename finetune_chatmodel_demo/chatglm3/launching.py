@@ -6,25 +6,46 @@
 - the hardware flags (`--use_cpu`, gloo between CPU processes, `--bf16`/`--fp16` for full fine-tuning);
 - which output folder: with upstream's timestamped names and `--resume_from_checkpoint true`, the newest unfinished
   run of the same name is continued;
-- one live run per output folder: an flock on the folder, held by the launcher and inherited by the training, so a
-  second run is refused while the first lives and nothing stays locked once it is gone (even after kill -9);
+- one live run per output folder: `claim` locks OUTPUT_DIR/.lock (the `filelock` package: flock on Unix,
+  msvcrt on Windows, released by the OS when the process dies, even after kill -9). finetune.py takes it for the
+  run's life, whoever starts it; the launcher only tries it (`check_free`) to refuse in a second, before any
+  process starts, and leaves it to its training;
+- the numbers of a launch: NUM_GPUS (at most the visible GPUs, or the CPU cores), NNODES, NODE_RANK, MASTER_PORT
+  and every numeric finetune.py flag the launcher passes (LR, LORA_ALPHA, ...; chatglm3.limits), named by its
+  variable; a DeepSpeed config's numbers;
+- which checkpoint a resume continues from (`find_last_checkpoint`, used by finetune.py and by the launcher);
 - the log: the training's output goes to the terminal and to OUTPUT_DIR/train.log, and its exit status is returned.
 """
-import fcntl
+import contextlib
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List, Optional
 
+from filelock import FileLock, Timeout
+
+from . import json_files, limits
 from .errors import ChatGLMError
+from .safe_load import TRAINER_STATE_NAME, CorruptFileError, verify_checkpoint
 
 TRUE_VALUES = ("true", "yes", "auto", "1")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 DATESTR_RE = r"\d{8}-\d{6}"  # date +%Y%m%d-%H%M%S, as upstream's launchers name their output folders
+LOCK_NAME = ".lock"  # in the output folder; left beside a run's files, harmless: the lock is the OS's, not the file
+_CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
+# The launchers' variables, by the finetune.py flag each becomes: a bad value is named as the user typed it.
+LAUNCHER_VARIABLES = {
+    "--learning_rate": "LR", "--lora_rank": "LORA_RANK", "--lora_alpha": "LORA_ALPHA", "--lora_dropout": "LORA_DROPOUT",
+    "--pre_seq_len": "PRE_SEQ_LEN", "--max_seq_length": "MAX_SEQ_LEN", "--max_source_length": "MAX_SOURCE_LEN",
+    "--max_target_length": "MAX_TARGET_LEN", "--per_device_train_batch_size": "DEV_BATCH_SIZE",
+    "--per_device_eval_batch_size": "DEV_BATCH_SIZE", "--gradient_accumulation_steps": "GRAD_ACCUMULATION_STEPS",
+    "--max_steps": "MAX_STEP", "--save_steps": "SAVE_INTERVAL", "--logging_steps": "LOG_INTERVAL",
+}
 
 
 class LaunchError(ChatGLMError):
@@ -61,20 +82,71 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def positive_int(name: str, value: str) -> int:
-    if not re.fullmatch(r"\s*\d+\s*", value) or int(value) < 1:
-        raise LaunchError(f"错误：{name} 应为正整数，收到 {value!r} / Error: {name} must be a positive integer, got {value!r}")
-    return int(value)
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def process_count(value: str, gpus: int) -> int:
-    """NUM_GPUS: empty = every visible GPU (1 on a CPU machine, where it counts CPU processes)."""
+    """NUM_GPUS: empty = every visible GPU (1 on a CPU machine, where it counts CPU processes). At most the visible
+    GPUs, or the cores on a CPU machine (each CPU process needs a core; more only fight over them)."""
     if not value.strip():
         return max(gpus, 1)
-    if gpus and positive_int("NUM_GPUS", value) > gpus:
+    count = limits.AT_LEAST_1.check("NUM_GPUS", value)
+    if gpus and count > gpus:
         raise LaunchError(f"错误：NUM_GPUS={value}，但本机只有 {gpus} 块可见 GPU / Error: NUM_GPUS={value} but only {gpus} GPUs "
                           "are visible (CUDA_VISIBLE_DEVICES)")
-    return positive_int("NUM_GPUS", value)
+    if not gpus and count > cpu_cores():
+        raise LaunchError(f"错误：NUM_GPUS={value}，但本机没有 GPU，只有 {cpu_cores()} 个 CPU 核心，每个 CPU 进程至少需要一个 / "
+                          f"Error: NUM_GPUS={value} but there is no GPU and only {cpu_cores()} CPU cores; each CPU "
+                          "process needs one")
+    return count
+
+
+def node_settings(env) -> tuple:
+    """(NNODES, NODE_RANK, MASTER_PORT) from the environment, checked: torchrun would fail on them with a traceback
+    or wait for nodes that never come."""
+    nnodes = limits.AT_LEAST_1.check("NNODES", env.get("NNODES") or "1")
+    node_rank = limits.Limit(int, low=0, high=nnodes - 1).check("NODE_RANK", env.get("NODE_RANK") or "0")
+    port = limits.PORT.check("MASTER_PORT", env.get("MASTER_PORT") or "29500")
+    return nnodes, node_rank, port
+
+
+def check_numbers(argv: List[str]) -> None:
+    """Every numeric finetune.py flag in argv (the value that takes effect: the last) in its range
+    (chatglm3.limits.FLAG_LIMITS), named by the launcher variable it comes from."""
+    for name, limit in limits.FLAG_LIMITS.items():
+        flag = f"--{name}"
+        value = flag_value(argv, flag)
+        if value is not None:
+            variable = LAUNCHER_VARIABLES.get(flag)
+            limit.check(f"{variable} ({flag})" if variable else flag, value)
+
+
+# DeepSpeed settings that are numbers with a range ("auto" leaves them to the Trainer's flags, checked above).
+DEEPSPEED_LIMITS = {
+    ("train_batch_size",): limits.AT_LEAST_1, ("train_micro_batch_size_per_gpu",): limits.AT_LEAST_1,
+    ("gradient_accumulation_steps",): limits.AT_LEAST_1, ("gradient_clipping",): limits.NON_NEGATIVE,
+    ("optimizer", "params", "lr"): limits.NON_NEGATIVE, ("optimizer", "params", "weight_decay"): limits.NON_NEGATIVE,
+    ("optimizer", "params", "eps"): limits.POSITIVE, ("zero_optimization", "stage"): limits.Limit(int, low=0, high=3),
+    ("scheduler", "params", "warmup_max_lr"): limits.NON_NEGATIVE,
+    ("scheduler", "params", "warmup_min_lr"): limits.NON_NEGATIVE,
+    ("scheduler", "params", "warmup_num_steps"): limits.AT_LEAST_0,
+}
+
+
+def check_deepspeed_config(path: Optional[str], label: str) -> None:
+    """A --deepspeed file (DS_CONFIG): a JSON object (chatglm3.json_files: no NaN or Infinity) whose numeric
+    settings are in range. One line naming the file and the setting otherwise; nothing starts."""
+    if path is None:
+        return
+    config = json_files.read_json(path)
+    for keys, limit in DEEPSPEED_LIMITS.items():
+        value = config
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        if value is not None and value != "auto":
+            limit.check(f"{label} {path}: {'.'.join(keys)}", value)
 
 
 def hardware_flags(argv: List[str], precision: str, gpus: int, processes: int) -> List[str]:
@@ -128,25 +200,35 @@ def single_process_env(env: dict) -> dict:
 
 
 # --- output folders -----------------------------------------------------------------------------------------------
-def lock(folder: Path) -> Optional[int]:
-    """An fd holding an exclusive flock on `folder`, or None when a live run holds it. The lock lives as long as
-    any process holding the fd (the launcher, the training it starts) and vanishes with them."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def is_finished(run: Path) -> bool:
     """finetune.py writes trainer_state.json into the output folder itself only when training has ended."""
-    return (run / "trainer_state.json").is_file()
+    return (run / TRAINER_STATE_NAME).is_file()
 
 
-def has_checkpoint(run: Path) -> bool:
-    return any((c / "trainer_state.json").is_file() for c in run.glob("checkpoint-*"))
+def find_last_checkpoint(output_dir) -> Optional[Path]:
+    """The `checkpoint-N` with the largest N in `output_dir` that is complete (trainer_state.json, written last)
+    and whole (every file it holds reads back: chatglm3.safe_load.verify_checkpoint), or None. A damaged one is
+    reported and skipped for the one before; one holding code (UnsafeFileError) stops the run."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    complete = []
+    for path in output_dir.iterdir():
+        match = _CHECKPOINT_RE.match(path.name)
+        if match and path.is_dir():
+            if (path / TRAINER_STATE_NAME).is_file():
+                complete.append((int(match.group(1)), path))
+            else:
+                print(f"跳过不完整的检查点 {path}（缺少 {TRAINER_STATE_NAME}）/ "
+                      f"Skipping incomplete checkpoint {path} (no {TRAINER_STATE_NAME})", flush=True)
+    for _, path in sorted(complete, reverse=True):
+        try:
+            verify_checkpoint(path)
+        except CorruptFileError as e:
+            print(f"跳过损坏的检查点 / Skipping the damaged checkpoint {path}: {e}", flush=True)
+            continue
+        return path
+    return None
 
 
 def unfinished_run(output_dir: Path, datestr: str) -> Optional[Path]:
@@ -158,13 +240,11 @@ def unfinished_run(output_dir: Path, datestr: str) -> Optional[Path]:
     pattern = re.compile(re.escape(head) + DATESTR_RE + re.escape(tail) + "$")
     candidates = sorted((p for p in output_dir.parent.iterdir() if p.is_dir() and pattern.match(p.name)), reverse=True)
     for run in candidates:
-        if is_finished(run) or not has_checkpoint(run):
+        if is_finished(run) or find_last_checkpoint(run) is None:
             continue
-        fd = lock(run)
-        if fd is None:
+        if not is_free(run):
             print(f"{run} 正在被另一个运行使用，跳过 / is in use by a live run, skipped", flush=True)
             continue
-        os.close(fd)
         return run
     return None
 
@@ -182,10 +262,12 @@ def choose_output_dir(argv: List[str], datestr: str) -> Path:
 
 
 def check_inputs(argv: List[str]) -> None:
-    """Fail in a second, before any process starts, on a missing data file or model (a Hub id is fetched here,
-    once, instead of by every process)."""
+    """Fail in a second, before any process starts, on a number out of range, a bad DS_CONFIG, a missing data
+    file or model (a Hub id is fetched here, once, instead of by every process)."""
     from . import hub
 
+    check_numbers(argv)
+    check_deepspeed_config(flag_value(argv, "--deepspeed"), "DS_CONFIG (--deepspeed)")
     train_file = flag_value(argv, "--train_file")
     if train_file is not None and not Path(train_file).is_file():
         raise LaunchError(f"错误：找不到训练数据 {Path(train_file).absolute()}（DATASET_PATH）/ Error: training data "
@@ -196,21 +278,71 @@ def check_inputs(argv: List[str]) -> None:
                     label="BASE_MODEL_PATH")
 
 
-def claim(output_dir: Path) -> int:
-    """Create the output folder and lock it for this run; refuse one a live run holds."""
+def make_folder(output_dir, label: str = "OUTPUT_DIR") -> Path:
+    """The output folder, created if need be; one line naming `label` when it cannot be (a file is in the way,
+    no permission, a read-only disk)."""
+    output_dir = Path(output_dir).absolute()
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise LaunchError(f"错误：无法创建输出目录 {output_dir}（OUTPUT_DIR）/ Error: cannot create the output folder "
-                          f"{output_dir} (OUTPUT_DIR): {e.strerror}") from None
-    fd = lock(output_dir)
-    if fd is None:
-        raise LaunchError(f"错误：{output_dir} 正被另一个训练使用；等它结束，或换一个 OUTPUT_DIR / Error: {output_dir} is in use "
-                          "by another training run: wait for it to end, or set another OUTPUT_DIR")
-    return fd
+        raise LaunchError(f"错误：无法创建输出目录 {output_dir}（{label}）：{e.strerror or e} / Error: cannot create the "
+                          f"output folder {output_dir} ({label}): {e.strerror or e}") from None
+    return output_dir
 
 
-def run_logged(command: List[str], env: dict, log_file: Path, keep_fds=()) -> int:
+def claim(output_dir, label: str = "OUTPUT_DIR") -> FileLock:
+    """Create the output folder and lock it for this process (release() or the process's end frees it); refuse a
+    folder a live run holds, or one that cannot be written (read-only, a file), in one line naming `label`."""
+    output_dir = make_folder(output_dir, label)
+    lock = FileLock(output_dir / LOCK_NAME)
+    try:
+        lock.acquire(timeout=0)
+        with tempfile.TemporaryFile(dir=output_dir):  # the lock file may be left from a run when it was writable
+            pass
+    except Timeout:
+        raise LaunchError(f"错误：{output_dir}（{label}）正被另一个训练使用；等它结束，或换一个输出目录 / Error: {output_dir} "
+                          f"({label}) is in use by another training run: wait for it to end, or choose another "
+                          "folder") from None
+    except OSError as e:
+        lock.release()
+        raise LaunchError(f"错误：无法在输出目录 {output_dir}（{label}）中写入：{e.strerror or e} / Error: cannot write into the "
+                          f"output folder {output_dir} ({label}): {e.strerror or e}") from None
+    return lock
+
+
+@contextlib.contextmanager
+def holding(output_dir, label: str):
+    """`claim` for the block (finetune.py's run). A folder the block created and left holding only the lock file
+    (a run refused by a later check) is removed again: a mistake leaves nothing behind."""
+    output_dir = Path(output_dir).absolute()
+    existed = output_dir.exists()
+    lock = claim(output_dir, label)
+    try:
+        yield
+    finally:
+        lock.release()
+        if not existed and [p.name for p in output_dir.iterdir()] == [LOCK_NAME]:
+            with contextlib.suppress(OSError):  # another run may have taken the folder meanwhile: leave it
+                (output_dir / LOCK_NAME).unlink()
+                output_dir.rmdir()
+
+
+def is_free(folder: Path) -> bool:
+    """Whether no live run holds `folder` (tried and let go at once)."""
+    try:
+        claim(folder).release()
+    except LaunchError:
+        return False
+    return True
+
+
+def check_free(output_dir: Path) -> None:
+    """The launcher's check before anything starts: OUTPUT_DIR can be created, written and locked. The lock is
+    let go again: the training takes it for its life (a lock the launcher kept would refuse its own child)."""
+    claim(output_dir).release()
+
+
+def run_logged(command: List[str], env: dict, log_file: Path) -> int:
     """Run `command`, its output to the terminal and appended to `log_file`; its exit status."""
     with open(log_file, "ab") as log:
         def both(data: bytes):
@@ -221,7 +353,7 @@ def run_logged(command: List[str], env: dict, log_file: Path, keep_fds=()) -> in
 
         both(("+ " + " ".join(command) + "\n").encode())
         child = subprocess.Popen(command, env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, pass_fds=tuple(keep_fds))
+                                 stderr=subprocess.STDOUT)
         # Ctrl-C reaches the training directly (same process group); the launcher keeps copying its last words.
         # A SIGTERM sent to the launcher alone is passed on.
         signal.signal(signal.SIGINT, lambda *_: None)

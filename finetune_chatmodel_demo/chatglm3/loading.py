@@ -126,13 +126,14 @@ def load_model(model_path, tokenizer, pt_checkpoint=None, pre_seq_len=None, pref
 
 
 def input_files(model_path, tokenizer_path=None, pt_checkpoint=None, adapter=None) -> list:
-    """(flag, file) for the files loading reads from local folders (config, weights, tokenizer, prefix, adapter),
-    for chatglm3.safe_io.check_outputs: a script's output may not overwrite one of them. Hub ids are skipped."""
-    patterns = ("config.json", "*.safetensors", "*.bin", "*.index.json", "tokenizer*", "adapter_config.json")
+    """(flag, file) for every file of the local folders loading reads from (model, tokenizer, prefix, adapter),
+    for chatglm3.safe_io.check_outputs: a script's output may not overwrite one of them. Every file, not a list of
+    names: a checkpoint folder also holds trainer_state.json, the optimizer, generation_config.json, ... that a
+    resume or upstream's tools read. Hub ids are skipped."""
     folders = {"--model": model_path, "--tokenizer": tokenizer_path or model_path, "--pt-checkpoint": pt_checkpoint,
                "--adapter": adapter}
     return [(flag, file) for flag, folder in folders.items() if folder is not None and Path(folder).is_dir()
-            for pattern in patterns for file in sorted(Path(folder).glob(pattern)) if file.is_file()]
+            for file in sorted(Path(folder).iterdir()) if file.is_file()]
 
 
 def load_model_and_tokenizer(model_path, tokenizer_path=None, pt_checkpoint=None, pre_seq_len=None, prefix_projection=None, device=None, dtype=None,

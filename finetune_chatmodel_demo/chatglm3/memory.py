@@ -27,12 +27,17 @@ def parameter_count(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def model_parameters(model_dir) -> int:
-    """Parameters of the model whose (checked) config.json is in `model_dir`; nothing is allocated."""
+def model_config(model_dir):
+    """The (checked) config.json in `model_dir`, as a ChatGLMConfig."""
     from .checkpoint import read_config
     from .configuration import ChatGLMConfig
 
-    return parameter_count(ChatGLMConfig.from_dict(read_config(Path(model_dir))))
+    return ChatGLMConfig.from_dict(read_config(Path(model_dir)))
+
+
+def model_parameters(model_dir) -> int:
+    """Parameters of the model whose (checked) config.json is in `model_dir`; nothing is allocated."""
+    return parameter_count(model_config(model_dir))
 
 
 def zero_settings(deepspeed_config: dict) -> tuple:

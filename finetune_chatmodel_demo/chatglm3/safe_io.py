@@ -4,7 +4,8 @@
 path, or same file through a link: inode and device), and must be a regular file or a new path whose nearest
 existing parent is a directory. `check_inputs` refuses a device as an input (/dev/zero would be read forever); a
 pipe is fine (`--path <(zcat data.json.gz)`). `write_atomic` writes through a temporary file in the same
-directory and renames it over the target, so a failure (a full disk) leaves the old file as it was.
+directory and renames it over the target, so a failure (a full disk) leaves the old file as it was;
+`write_all_atomic` does so for a script's several outputs at once, renaming only when every one was written.
 `reported_write_errors` turns a write that fails into one line naming what was being written, why, and the space
 left.
 """
@@ -108,10 +109,8 @@ def share_weight_files(folder) -> None:
             os.chmod(path, new_file_mode())
 
 
-def write_atomic(path, data) -> None:
-    """Write `data` (str, as UTF-8 with \\n line ends, or bytes) to `path` (through a link, to the file it names)
-    via a temporary file in the same folder and a rename: a failure leaves no half file and the old one intact.
-    The new file gets the old file's permissions, or the usual ones for a new file."""
+def _write_temporary(path, data) -> tuple:
+    """(temporary file, target): `data` written and synced beside the target, with the target's permissions."""
     path = Path(os.path.realpath(path))
     if path.is_dir():
         raise ChatGLMError(f"错误：输出路径 {path} 是目录 / Error: output path {path} is a directory")
@@ -124,11 +123,33 @@ def write_atomic(path, data) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        os.unlink(tmp)
         raise
+    return tmp, path
+
+
+def write_all_atomic(files) -> None:
+    """Write several outputs all or nothing: `files` is {path: data} (data as for write_atomic). Every file is
+    first written to a temporary file beside its target; only when all were written are they renamed over their
+    targets, so a failure on the second output (a full disk, a bad value) leaves the first one as it was."""
+    written = []
+    try:
+        for path, data in files.items():
+            written.append(_write_temporary(path, data))
+        for tmp, path in written:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in written:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+def write_atomic(path, data) -> None:
+    """Write `data` (str, as UTF-8 with \\n line ends, or bytes) to `path` (through a link, to the file it names)
+    via a temporary file in the same folder and a rename: a failure leaves no half file and the old one intact.
+    The new file gets the old file's permissions, or the usual ones for a new file."""
+    write_all_atomic({path: data})
 
 
 def _free_gib(path: Path) -> float:

@@ -9,21 +9,23 @@ checkpoint is read once, as before; nothing in it depends on the machine that wr
 DeepSpeed's `engine.load_checkpoint` calls `torch.load(weights_only=False)` itself (deepspeed/runtime/
 checkpoint_engine/torch_checkpoint_engine.py; the other checkpoint engines and ZeRO-3 helpers call torch.load
 too), so training runs inside `only_safe_torch_load()`, which routes every `torch.load` through `torch_load`.
-`verify_checkpoint` checks a checkpoint folder before a resume starts: every file training will read is whole
-(a truncated file is found by its missing zip directory or safetensors size, without reading the tensors) and
-holds no object outside the allow-list.
+`verify_checkpoint` checks a checkpoint folder before a resume starts: every file it holds is whole (an empty
+file, a torch file whose zip directory is missing or points past the end, a safetensors file shorter than its
+header says, JSON that does not parse: found without reading the tensors), and every file training will read holds
+no object outside the allow-list.
 """
 import contextlib
 import importlib
-import json
 import os
 import pickle
 import re
 import sys
+import zipfile
 from pathlib import Path
 
 import torch
 
+from . import json_files
 from .errors import ChatGLMError
 
 # Classes (module.name, as pickle spells them) the checkpoints of DeepSpeed and the Trainer hold, beyond the
@@ -41,6 +43,8 @@ ALLOWED_GLOBALS = (
     "numpy.dtype",
     "numpy.dtypes.UInt32DType",  # the dtype of the Mersenne Twister state (numpy >= 1.25 pickles it by class)
 )
+# The Trainer writes trainer_state.json last: a checkpoint without it was cut short (e.g. the run was killed).
+TRAINER_STATE_NAME = "trainer_state.json"
 # The files a resume reads, by name (training_args.bin is written for the user and never read back).
 RESUME_FILES = ("global_step*/*.pt", "rng_state*.pth", "optimizer.pt", "scheduler.pt", "scaler.pt",
                 "*.safetensors", "pytorch_model*.bin", "adapter_model*.bin", "*.json")
@@ -48,6 +52,9 @@ _UNSAFE = "Weights only load failed"
 _GLOBAL_RE = re.compile(r"GLOBAL ([\w.]+)")
 _OTHER_RE = re.compile(r"WeightsUnpickler error:\s*(.+)")  # a disallowed instruction rather than a global
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6; older files are plain pickles
+_PICKLE_PROTO = b"\x80"  # the first opcode of every pickle of protocol 2 and later (old-style torch files)
+_TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+_MAY_BE_EMPTY = (".py", ".md", ".txt")  # code and notes carried from the base model's folder
 _torch_load = torch.load  # the real one, kept before only_safe_torch_load replaces it
 
 
@@ -128,31 +135,53 @@ def _starts_with(path: Path, magic: bytes) -> bool:
         return f.read(len(magic)) == magic
 
 
-def check_file(path: Path) -> None:
-    """Whole and safe, read without the tensors: a torch zip file's directory and pickle (its globals against
-    the allow-list), a safetensors header against the file size, a JSON file parsed."""
+def _check_torch_file(path: Path, check_globals: bool) -> None:
+    """A torch file is whole: torch's zip format with a central directory whose members lie within the file (a
+    truncated file loses the directory, kept at the end), or an old-style pickle; its globals against the
+    allow-list when `check_globals`."""
+    size = path.stat().st_size
+    if _starts_with(path, _ZIP_MAGIC):
+        with zipfile.ZipFile(path) as archive:
+            for member in archive.infolist():
+                if member.header_offset + member.compress_size > size:
+                    raise _corrupt(path, f"{member.filename} extends past the end of the file")
+        if check_globals:
+            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - set(ALLOWED_GLOBALS))
+            if unsafe:
+                raise _unsafe(path, ", ".join(unsafe))
+    elif not _starts_with(path, _PICKLE_PROTO):  # an old-style file is checked by torch_load when it is read
+        raise _corrupt(path, "empty file" if size == 0 else "neither torch's zip format nor a pickle")
+
+
+def check_file(path: Path, read_on_resume: bool = True) -> None:
+    """Whole (and, when a resume reads it, safe), read without the tensors: a torch file's zip directory and
+    pickle globals, a safetensors header against the file size, a JSON file parsed (chatglm3.json_files); any
+    other file at least not empty."""
     try:
-        if path.suffix == ".json":
-            json.loads(path.read_text(encoding="utf-8"))
+        if path.name == TRAINER_STATE_NAME:
+            json_files.read_trainer_state(path)  # its shape too: the Trainer reads log_history and global_step
+        elif path.suffix == ".json":
+            json_files.read_json(path)
         elif path.suffix == ".safetensors":
             from safetensors import safe_open
 
             with safe_open(str(path), framework="pt", device="cpu"):
                 pass
-        elif _starts_with(path, _ZIP_MAGIC):
-            unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(str(path))) - set(ALLOWED_GLOBALS))
-            if unsafe:
-                raise _unsafe(path, ", ".join(unsafe))
-        # Anything else is an old-style (pre-zip) torch pickle: torch_load checks it when it is read.
+        elif path.suffix in _TORCH_SUFFIXES:
+            _check_torch_file(path, check_globals=read_on_resume)
+        elif path.stat().st_size == 0 and path.suffix not in _MAY_BE_EMPTY:
+            raise _corrupt(path, "empty file")
+    except json_files.JSONFileError as e:
+        raise CorruptFileError(str(e)) from None
     except ChatGLMError:
         raise
-    except Exception as e:  # safetensors, json and torch each have their own errors for a bad file
+    except Exception as e:  # safetensors, zipfile and torch each have their own errors for a bad file
         raise _corrupt(path, e) from None
 
 
 def verify_checkpoint(folder) -> None:
-    """Every file a resume from `folder` reads (RESUME_FILES, and DeepSpeed's `latest` tag) is whole and safe.
-    Raises UnsafeFileError or CorruptFileError."""
+    """Every file in `folder` is whole; those a resume reads (RESUME_FILES, and DeepSpeed's `latest` tag) are
+    safe too. Raises UnsafeFileError or CorruptFileError."""
     folder = Path(folder)
     latest = folder / "latest"
     if latest.is_file():
@@ -160,6 +189,6 @@ def verify_checkpoint(folder) -> None:
         if not (folder / tag).is_dir():
             raise CorruptFileError(f"错误：{latest} 指向不存在的 {tag} / Error: {latest} names {tag!r}, which is "
                                    "not a folder of this checkpoint")
-    files = sorted({f for pattern in RESUME_FILES for f in folder.glob(pattern) if f.is_file()})
-    for file in files:
-        check_file(file)
+    read = {f for pattern in RESUME_FILES for f in folder.glob(pattern) if f.is_file()}
+    for file in sorted(f for f in folder.rglob("*") if f.is_file()):
+        check_file(file, read_on_resume=file in read)

@@ -10,6 +10,7 @@ from typing import Iterator, Optional
 import sentencepiece as spm
 import torch
 
+from . import json_files
 from .configuration import ChatGLMConfig
 from .conversation import CONVERSATION_KEY, TOOL_SYSTEM_PROMPT, format_tool_call, message_text, sample_to_messages
 from .data import read_json_records
@@ -58,7 +59,7 @@ def corpus_lines(path: Path) -> list[str]:
 
 
 def _decode(path: Path) -> str:
-    raw = path.read_bytes()
+    raw = json_files.read_bytes(path, json_files.DATA_LIMIT)  # a regular file or pipe, bounded
     for encoding in ("utf-8-sig", "gb18030"):
         try:
             return raw.decode(encoding)

@@ -17,7 +17,6 @@ Deliberate differences:
   attention mask, so `model.generate(**inputs)` works.
 - `decode(..., skip_special_tokens=True)` also drops the nine ChatGLM tokens (upstream only dropped eos/pad).
 """
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ import shutil
 import sentencepiece
 from transformers import BatchEncoding, PreTrainedTokenizer
 
-from . import conversation, hub
+from . import conversation, hub, json_files
 from .conversation import SPECIAL_TOKENS
 from .errors import ChatGLMError
 
@@ -61,9 +60,15 @@ class SPTokenizer:
         self._special_re = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
     def encode(self, text: str) -> list[int]:
-        return self.sp_model.encode(text)
+        try:
+            return self.sp_model.encode(text)
+        except RuntimeError:  # SentencePiece's "Unable to cast" for a lone surrogate: say what it is
+            json_files.check_unicode(text, "分词的文本 / the text to tokenize")
+            raise
 
     def tokenize(self, text: str, encode_special_tokens: bool = False) -> list[str]:
+        if not text.isascii():  # SentencePiece's error for a lone surrogate says nothing useful
+            json_files.check_unicode(text, "分词的文本 / the text to tokenize")
         if not encode_special_tokens:
             return self.sp_model.encode_as_pieces(text)
         pieces, start = [], 0
@@ -110,15 +115,29 @@ class SPTokenizer:
 
 def _check_json_object(file: str) -> None:
     """transformers reads tokenizer_config.json with no check: a broken one would be a traceback deep inside it."""
-    if not os.path.isfile(file):
-        return
-    try:
-        with open(file, encoding="utf-8") as f:
-            data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ChatGLMError(f"错误：{file} 不是合法的 JSON / Error: {file} is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise ChatGLMError(f"错误：{file} 应为 JSON 对象 / Error: {file} must be a JSON object")
+    if os.path.lexists(file):
+        json_files.read_json(file)
+
+
+def names_chatglm_tokenizer(name_or_path, kwargs: dict) -> bool:
+    """Whether the tokenizer_config.json of a folder (or Hub id) names ChatGLMTokenizer, i.e. whether
+    AutoTokenizer should give ours. A local file is read with our checks (a broken one is one line); for a Hub
+    id transformers' own lookup is asked, as AutoTokenizer would, and any failure leaves the choice to it."""
+    path = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else None
+    if path is None:
+        return False
+    if os.path.isdir(path):
+        file = os.path.join(path, "tokenizer_config.json")
+        config = json_files.read_json(file) if os.path.lexists(file) else {}
+    else:
+        try:
+            from transformers.models.auto.tokenization_auto import get_tokenizer_config
+
+            wanted = ("cache_dir", "revision", "token", "local_files_only", "subfolder", "force_download", "proxies")
+            config = get_tokenizer_config(path, **{k: v for k, v in kwargs.items() if k in wanted})
+        except Exception:  # not on the Hub, offline, ...: transformers says so itself
+            return False
+    return str(config.get("tokenizer_class") or "").removesuffix("Fast") == "ChatGLMTokenizer"
 
 
 class ChatGLMTokenizer(PreTrainedTokenizer):

@@ -8,9 +8,10 @@ finetune.py records the format (`train_format`) in every checkpoint's config.jso
 LoRA adapter folder has only the latter: PEFT writes no config.json); inference.py and evaluate.py read it back (a
 flag overrides). Models without the record (the base model, older checkpoints) are chat models.
 """
-import json
 from pathlib import Path
 from typing import Optional
+
+from . import json_files
 
 FORMATS = ("multi-turn", "input-output")
 CONFIG_KEY = "train_format"
@@ -30,9 +31,9 @@ def recorded(model_path, pt_checkpoint: Optional[str] = None, adapter: Optional[
         config = Path(folder) / name if folder is not None else None
         if config is None or not config.is_file():
             continue
-        try:
-            value = json.loads(config.read_text(encoding="utf-8")).get(CONFIG_KEY)
-        except (OSError, ValueError, AttributeError):
+        try:  # a broken file is reported by the loader that needs it (chatglm3.json_files' one line)
+            value = json_files.read_json(config).get(CONFIG_KEY)
+        except json_files.JSONFileError:
             continue
         if value in FORMATS:
             return value

@@ -12,7 +12,7 @@ from chatglm3.tiny import build_tiny_model  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, nargs="+", help="训练分词器的语料（可多个）/ corpus file(s) for the tokenizer (.txt .csv .jsonl .json)")
     p.add_argument("--out", required=True, help="输出目录 / output directory")
     p.add_argument("--layers", type=int, default=2, help="层数 / number of layers (default 2)")

@@ -12,7 +12,7 @@ from chatglm3.export import FORMATS, export  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="基座模型或全参微调检查点目录 / base model or full fine-tuning checkpoint folder")
     p.add_argument("--adapter", default=None, help="要合并的 LoRA 适配器目录（PEFT 格式）/ LoRA adapter folder to merge (PEFT format)")
     p.add_argument("--tokenizer", default=None, help="分词器目录，默认与 --model 相同 / tokenizer folder (default: --model)")

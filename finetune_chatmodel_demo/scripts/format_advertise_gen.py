@@ -19,7 +19,7 @@ from chatglm3.example_data import advertise_gen_samples, write_jsonl  # noqa: E4
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path", required=True, help="AdvertiseGen 的 train.json / AdvertiseGen's train.json")
     parser.add_argument("--output", default=str(DEMO / "formatted_data" / "advertise_gen.jsonl"),
                         help="输出 JSONL / output JSONL (default: formatted_data/advertise_gen.jsonl in this folder)")

@@ -22,7 +22,7 @@ SHOWN_SKIPS = 10
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--path", required=True, help="ToolAlpaca 的 train_data.json / ToolAlpaca's train_data.json")
     parser.add_argument("--output", default=str(DEMO / "formatted_data" / "tool_alpaca.jsonl"),
                         help="输出 JSONL / output JSONL (default: formatted_data/tool_alpaca.jsonl in this folder)")

@@ -9,7 +9,11 @@ folder, starts finetune.py in as many processes as asked, keeps the log.
   MASTER_PORT (read from the environment, as torchrun names them).
 - Hardware flags are appended and shown: --use_cpu (and gloo between CPU processes) without a GPU; for DeepSpeed
   full fine-tuning --bf16 or --fp16 from PRECISION (auto = bf16 where the GPU supports it, else fp16; fp32).
-- `--output_dir` is locked for the run's life (a second run with the same folder is refused); when its name holds
+- Every number is checked before anything starts (NUM_GPUS at most the visible GPUs or CPU cores, NNODES,
+  NODE_RANK, MASTER_PORT, and the numeric finetune.py flags, named by their variable: LR, LORA_ALPHA, MAX_STEP, ...),
+  and DS_CONFIG's settings.
+- `--output_dir` is locked for the run's life by finetune.py (a second run with the same folder, launched or
+  not, is refused; the launcher refuses it before starting anything); when its name holds
   --datestr (the launchers' timestamped default) and `--resume_from_checkpoint` is true, the newest unfinished run
   of the same name is continued instead of starting a new folder.
 - The output goes to the terminal and to OUTPUT_DIR/train.log; the exit status is the training's (2: a setting
@@ -27,7 +31,9 @@ from chatglm3 import launching  # noqa: E402
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # No abbreviations: "--num-gpu 2" must not pass for --num-gpus (the launcher reads flags by their full name).
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--num-gpus", default=os.environ.get("NUM_GPUS", ""), help="NUM_GPUS (default: visible GPUs)")
     parser.add_argument("--datestr", default="", help="the timestamp in the default OUTPUT_DIR")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- finetune.py and its flags")
@@ -46,16 +52,18 @@ def main(argv=None) -> int:
     try:
         gpus = launching.visible_gpus()
         processes = launching.process_count(args.num_gpus, gpus)
-        nnodes = launching.positive_int("NNODES", env.get("NNODES") or "1")
-        node_rank = env.get("NODE_RANK") or "0"
+        nnodes, node_rank, master_port = launching.node_settings(env)
         launching.check_inputs(train_args)
         output_dir = launching.choose_output_dir(train_args, args.datestr)
         train_args = launching.with_flag_value(train_args, "--output_dir", str(output_dir))
-        # Every node of a multi-machine run may share the folder; the first one owns the lock.
-        lock_fd = launching.claim(output_dir) if node_rank == "0" else None
+        # Every node of a multi-machine run may share the folder; the first one's training holds the lock.
+        if node_rank == 0:
+            launching.check_free(output_dir)
+        else:
+            launching.make_folder(output_dir)
         train_args += launching.hardware_flags(train_args, env.get("PRECISION") or "auto", gpus, processes * nnodes)
         command = launching.launch_prefix(processes, nnodes, node_rank, env.get("MASTER_ADDR", "127.0.0.1"),
-                                          env.get("MASTER_PORT", "29500")) + [script] + train_args
+                                          str(master_port)) + [script] + train_args
         run_env = dict(env)
         if processes * nnodes == 1 and launching.flag_value(train_args, "--deepspeed") is not None:
             run_env = launching.single_process_env(run_env)
@@ -64,7 +72,7 @@ def main(argv=None) -> int:
         return 2
     log_file = output_dir / "train.log"
     print(f"输出目录 / output dir: {output_dir} ; 日志 / log: {log_file}", flush=True)
-    status = launching.run_logged(command, run_env, log_file, keep_fds=[lock_fd] if lock_fd is not None else [])
+    status = launching.run_logged(command, run_env, log_file)
     if status:
         print(f"训练失败，退出码 {status}，日志见 {log_file} / Training failed with exit status {status}, see {log_file}",
               file=sys.stderr)

@@ -7,7 +7,7 @@
 RUN_DIR may be an output directory: its newest checkpoint-N/trainer_state.json (or its own) is used.
 """
 import argparse
-import json
+import io
 import re
 import sys
 from pathlib import Path
@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatglm3 import ChatGLMError  # noqa: E402
-from chatglm3.safe_io import check_outputs  # noqa: E402
+from chatglm3.json_files import read_trainer_state  # noqa: E402
+from chatglm3.safe_io import check_outputs, write_atomic  # noqa: E402
 
 # The original project's P-Tuning v2 run (LR 2e-5, 1000 steps): its published trainer_state.json went from
 # about 5.0 to 4.8. Only these two reported figures are drawn, as a straight reference line.
@@ -36,14 +37,15 @@ def find_state(path: Path) -> Path:
 
 def read_curves(state_file: Path) -> dict:
     """{'train': ([steps], [loss]), 'eval': ([steps], [loss])} from the Trainer's log_history."""
-    try:
-        history = json.loads(state_file.read_text(encoding="utf-8"))["log_history"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{state_file}: 不是 Trainer 的 trainer_state.json / not a Trainer trainer_state.json ({e})") from None
+    history = read_trainer_state(state_file)["log_history"]  # shape checked: a list of objects
     curves = {"train": ([], []), "eval": ([], [])}
-    for entry in history:
+    for i, entry in enumerate(history):
         for key, name in (("loss", "train"), ("eval_loss", "eval")):
             if key in entry and "step" in entry:
+                for field in ("step", key):  # numbers; a NaN loss (a diverged run) is drawn as a gap
+                    if not isinstance(entry[field], (int, float)) or isinstance(entry[field], bool):
+                        raise ChatGLMError(f"错误：{state_file}: log_history[{i}].{field} 应为数字，实际是 {entry[field]!r} / "
+                                           f"Error: {state_file}: log_history[{i}].{field} must be a number, got {entry[field]!r}")
                 curves[name][0].append(entry["step"])
                 curves[name][1].append(entry[key])
     if not curves["train"][0]:
@@ -74,13 +76,14 @@ def plot(runs: list, out: Path, title: str, original: bool = False):
     ax.grid(alpha=0.3)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, frameon=False)  # below: never over the curves
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
+    image = io.BytesIO()  # rendered first, then written whole: a failure never leaves half a picture
+    fig.savefig(image, format=out.suffix.lstrip(".").lower() or "png")
     plt.close(fig)
+    write_atomic(out, image.getvalue())
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("state", type=Path, nargs="+", help="trainer_state.json 或输出目录（可多个）/ trainer_state.json or a run's output directory (several to compare)")
     p.add_argument("--labels", nargs="+", default=None, help="每个运行的图例名 / a legend label per run (default: the paths)")
     p.add_argument("--out", type=Path, default=Path("loss.png"), help="输出 PNG / output PNG (default loss.png)")

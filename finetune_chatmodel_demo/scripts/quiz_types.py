@@ -15,6 +15,7 @@ sys.path.insert(0, str(DEMO))
 from chatglm3 import ChatGLMError  # noqa: E402
 from chatglm3.batch import generate_replies  # noqa: E402
 from chatglm3.conversation import prompt_ids  # noqa: E402
+from chatglm3.json_files import DATA_LIMIT, read_text  # noqa: E402
 from cli import add_model_args, load_from_args  # noqa: E402
 from pokedex import load_table  # noqa: E402
 
@@ -23,7 +24,7 @@ QUESTION = "{}是什么属性的？"
 
 def names_in(data_file: Path, names: list[str]) -> list[str]:
     """The table's Pokémon that the conversation file talks about, in table order."""
-    text = data_file.read_text(encoding="utf-8")
+    text = read_text(data_file, DATA_LIMIT)  # a regular file (or pipe), bounded, UTF-8: one line otherwise
     return [n for n in names if n in text]
 
 
@@ -42,7 +43,7 @@ def quiz(model, tokenizer, rows: list) -> tuple[float, list[dict]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--data", required=True, type=Path, help="训练对话 JSON/JSONL，决定考哪些宝可梦 / conversations naming the Pokémon to quiz")
     p.add_argument("--table", default=str(DEMO.parent / "data_processing" / "data.csv"), help="宝可梦表格（标准答案）/ Pokémon table with the true types")
@@ -51,8 +52,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         table = load_table(a.table)
-        if not a.data.is_file():
-            raise ChatGLMError(f"找不到文件 / file not found: {a.data}")
         by_name = table.by_name()
         rows = [by_name[n] for n in names_in(a.data, list(by_name))]
         if not rows:
