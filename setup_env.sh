@@ -34,5 +34,8 @@ if [ "${WITH_DEV:-0}" = 1 ]; then
 fi
 if ! python -c "$CHECK" >/dev/null 2>&1; then
     echo "安装依赖 / installing requirements"
+    if [ "${WITH_DEV:-0}" = 1 ] && ! python -c "import llama_cpp" 2>/dev/null; then
+        echo "  其中 llama-cpp-python 从源码编译 llama.cpp，2 核约 30 分钟 / llama-cpp-python compiles llama.cpp from source: about 30 min on 2 cores"
+    fi
     python -m pip install -q "${REQS[@]}"
 fi

@@ -222,6 +222,7 @@ def test_q8_0_agrees_on_the_first_greedy_token(finetuned, pokemon_jsonl, tmp_pat
     prompts = dev_prompts(tokenizer, pokemon_jsonl.parent / "dev.jsonl")
     assert len(prompts) >= 20
     agree = sum(cpp.greedy(ids, 1) == our_greedy(model, ids, 1) for ids in prompts)
+    print(f"q8_0 first greedy token agrees on {agree}/{len(prompts)} dev prompts")  # shown by pytest -s
     assert agree >= 0.95 * len(prompts), f"{agree}/{len(prompts)}"
 
 
@@ -270,3 +271,24 @@ def test_a_p_tuning_checkpoint_is_refused_with_what_to_use(tiny_model, tmp_path,
     err = one_line(capsys, "--model", tiny_model, "--adapter", pt, "--output", tmp_path / "out", "--format", "gguf")
     assert "P-Tuning" in err
     assert not (tmp_path / "out").exists()
+
+
+# ---- the benchmark -----------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_bench_gguf_runs_both_engines_and_refuses_an_unknown_type(tiny_model, tmp_path):
+    import subprocess
+
+    pytest.importorskip("llama_cpp")
+    bench = [sys.executable, str(DEMO.parent / "benchmarks" / "bench_gguf.py"), "--model", str(tiny_model)]
+    result = subprocess.run([*bench, "--types", "f16,q8_0", "--new-tokens", "4", "--repeats", "1", "--threads", "1",
+                             "--work", str(tmp_path), "--json"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(result.stdout.splitlines()[-1])
+    assert set(rows) == {"llama.cpp f16", "llama.cpp q8_0", "ours float32"}
+    assert all(r["decode_tokens_per_s"] > 0 for r in rows.values())
+    assert (tmp_path / f"{tiny_model.name}-gguf-f16" / f"{tiny_model.name}-gguf-f16-f16.gguf").is_file()
+    table = result.stdout.splitlines()
+    assert any(line.startswith("llama.cpp  f16") and line.rstrip().endswith("yes") for line in table)
+    bad = subprocess.run([*bench, "--types", "f16,q3"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "q3" in bad.stderr
