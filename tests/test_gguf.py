@@ -162,7 +162,7 @@ def check_parity(model_dir, out, gguf_type, model, tokenizer, adapter=None):
 
 
 def rounded(model, dtype):
-    """Our model with its matrices rounded to `dtype`, computing in float32: the weights a f16 file holds."""
+    """Our model with its matrices rounded to `dtype`, computing in float32: the weights an f16/bf16 file holds."""
     for name, param in model.named_parameters():
         if param.dim() == 2:
             param.data = param.data.to(dtype).float()
@@ -170,11 +170,11 @@ def rounded(model, dtype):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("gguf_type", ["f32", "f16"])
+@pytest.mark.parametrize("gguf_type", ["f32", "f16", "bf16"])
 def test_llama_cpp_continues_our_tiny_model_token_for_token(tiny_model, tmp_path, gguf_type):
     model, tokenizer = load_model_and_tokenizer(tiny_model, device="cpu", dtype="float32")
-    if gguf_type == "f16":
-        rounded(model, torch.float16)
+    if gguf_type != "f32":
+        rounded(model, torch.float16 if gguf_type == "f16" else torch.bfloat16)
     check_parity(tiny_model, tmp_path / "tiny", gguf_type, model, tokenizer)
 
 
