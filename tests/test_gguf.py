@@ -148,10 +148,13 @@ def test_f32_file_holds_our_tensors_vocabulary_and_chat_settings(tiny_model, tmp
 # ---- llama.cpp against our model ---------------------------------------------------------------------------------
 
 def check_parity(model_dir, out, gguf_type, model, tokenizer, adapter=None):
-    """llama.cpp's greedy continuation equals ours for N_NEW tokens, from raw ids and from chat prompts rendered by
-    llama.cpp's chat template (whose ids equal conversation.prompt_ids)."""
+    """llama.cpp stops at our stop tokens, and its greedy continuation equals ours for N_NEW tokens, from raw ids and
+    from chat prompts rendered by llama.cpp's chat template (whose ids equal conversation.prompt_ids)."""
     extra = ("--adapter", adapter) if adapter else ()
     cpp = LlamaCpp(gguf_of(model_dir, out, gguf_type, *extra))
+    vocab = cpp.lib.llama_model_get_vocab(cpp.llm.model)
+    end_of_generation = [i for i in range(cpp.llm.n_vocab()) if cpp.lib.llama_vocab_is_eog(vocab, i)]
+    assert end_of_generation == sorted(conversation.stop_token_ids(tokenizer))  # llama.cpp stops where we stop
     raw = tokenizer.encode(QUESTIONS[0])  # [gMASK] sop + the text, no chat roles
     assert cpp.greedy(raw) == our_greedy(model, raw)
     for messages in chats():
