@@ -27,12 +27,15 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" || python -m pip install -q "torch>=2.1"
 fi
 REQS=(-r "$ROOT/requirements.txt")
-CHECK="import transformers, sentencepiece, safetensors, accelerate, deepspeed, numpy, tqdm, jieba, rouge_chinese, nltk, peft, huggingface_hub, fastapi, uvicorn, pydantic"
+CHECK="import transformers, sentencepiece, safetensors, accelerate, deepspeed, numpy, tqdm, jieba, rouge_chinese, nltk, peft, gguf, huggingface_hub, fastapi, uvicorn, pydantic"
 if [ "${WITH_DEV:-0}" = 1 ]; then
     REQS+=(-r "$ROOT/requirements-dev.txt")
-    CHECK="$CHECK, pytest, matplotlib, openai, selenium"
+    CHECK="$CHECK, pytest, matplotlib, openai, selenium, llama_cpp"
 fi
 if ! python -c "$CHECK" >/dev/null 2>&1; then
     echo "安装依赖 / installing requirements"
+    if [ "${WITH_DEV:-0}" = 1 ] && ! python -c "import llama_cpp" 2>/dev/null; then
+        echo "  其中 llama-cpp-python 从源码编译 llama.cpp，2 核约 30 分钟 / llama-cpp-python compiles llama.cpp from source: about 30 min on 2 cores"
+    fi
     python -m pip install -q "${REQS[@]}"
 fi

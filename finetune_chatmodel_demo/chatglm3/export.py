@@ -6,14 +6,14 @@ import os
 import shutil
 from pathlib import Path
 
-from . import hf_glm, lora, train_format
+from . import gguf_export, hf_glm, lora, train_format
 from .checkpoint import parse_dtype, read_config
 from .compat import config_dtype
 from .configuration import ChatGLMConfig
 from .errors import ChatGLMError
 from .loading import load_model_and_tokenizer, read_ptuning_config
 
-FORMATS = ("chatglm", "hf-glm")
+FORMATS = ("chatglm", "hf-glm", "gguf")
 PTUNING_CANNOT_MERGE = (
     "P-Tuning v2 的前缀是每层注意力前额外的键值，不是对权重的修改，无法合并进模型；请用 inference.py --pt-checkpoint DIR"
     "（或 api_server.py 的同名参数）加载 / a P-Tuning v2 prefix is extra keys and values in front of every layer's "
@@ -55,7 +55,10 @@ def merge_lora(model, adapter_dir: Path):
     return lora.merge(lora.load_adapter(model, adapter_dir))
 
 
-def write_model(model, tokenizer, folder: Path, fmt: str, max_shard_size) -> None:
+def write_model(model, tokenizer, folder: Path, fmt: str, max_shard_size, gguf_type=None, name="model") -> None:
+    if fmt == "gguf":
+        gguf_export.write(model, tokenizer, folder, gguf_type, name)
+        return
     if fmt == "hf-glm":
         hf_glm.save(model, tokenizer, folder, max_shard_size=max_shard_size)
         return
@@ -64,17 +67,27 @@ def write_model(model, tokenizer, folder: Path, fmt: str, max_shard_size) -> Non
 
 
 def export(model_dir, out, fmt: str = "chatglm", adapter_dir=None, dtype=None, force: bool = False,
-           max_shard_size="2GB", tokenizer_dir=None) -> Path:
+           max_shard_size="2GB", tokenizer_dir=None, gguf_type=None) -> Path:
     """Writes the model folder `out`; `dtype` defaults to the checkpoint's own (config.json), else float32;
-    the tokenizer comes from `tokenizer_dir`, else from `model_dir`."""
+    the tokenizer comes from `tokenizer_dir`, else from `model_dir`. gguf: `out` holds `<out name>-<gguf_type>.gguf`
+    and an Ollama Modelfile (chatglm3.gguf_export)."""
     if fmt not in FORMATS:
         raise ChatGLMError(f"未知格式 / unknown format {fmt!r} (one of {', '.join(FORMATS)})")
+    if gguf_type is not None and fmt != "gguf":
+        raise ChatGLMError("--gguf-type 只用于 --format gguf / --gguf-type is for --format gguf only")
     model_dir, out = Path(model_dir), Path(out)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
+    if fmt == "gguf":
+        gguf_type = gguf_export.parse_type(gguf_type)
+        if any(read_ptuning_config(d).get("pre_seq_len") for d in filter(None, (model_dir, adapter_dir)) if d.is_dir()):
+            raise ChatGLMError(f"{adapter_dir or model_dir}: 这是 P-Tuning v2 检查点 / this is a P-Tuning v2 checkpoint. "
+                               f"{gguf_export.PTUNING_NOT_GGUF}")
     check_inputs(model_dir, adapter_dir, out, force, tokenizer_dir)
     config = read_config(model_dir)
     if fmt == "hf-glm":
         hf_glm.check_convertible(ChatGLMConfig.from_dict(config))
+    if fmt == "gguf":
+        gguf_export.check_convertible(ChatGLMConfig.from_dict(config))
     dtype = parse_dtype(dtype or config_dtype(config) or "float32")
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_path=tokenizer_dir, device="cpu", dtype=dtype)
     if adapter_dir is not None:
@@ -86,7 +99,7 @@ def export(model_dir, out, fmt: str = "chatglm", adapter_dir=None, dtype=None, f
     shutil.rmtree(staging, ignore_errors=True)  # left by an export that was killed
     try:
         staging.mkdir(parents=True)
-        write_model(model, tokenizer, staging, fmt, max_shard_size)
+        write_model(model, tokenizer, staging, fmt, max_shard_size, gguf_type, out.name)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -19,7 +19,12 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, help="输出目录 / output folder")
     p.add_argument("--format", default="chatglm", choices=FORMATS,
                    help="chatglm: 官方 ChatGLM3 格式（默认）/ the official ChatGLM3 layout (default); "
-                        "hf-glm: transformers 内置 GlmForCausalLM / transformers' built-in GlmForCausalLM")
+                        "hf-glm: transformers 内置 GlmForCausalLM / transformers' built-in GlmForCausalLM; "
+                        "gguf: llama.cpp / Ollama / LM Studio 用的单个 .gguf 文件和 Ollama Modelfile / one .gguf file "
+                        "for llama.cpp, Ollama and LM Studio, with an Ollama Modelfile")
+    p.add_argument("--gguf-type", default=None,
+                   help="GGUF 权重类型 / GGUF weight type: f32, f16 (默认 default), bf16, q8_0, q4_k_m, q5_k_m "
+                        "(后两种需要 llama-cpp-python / the last two need llama-cpp-python)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="权重精度，默认与输入检查点相同 / weight dtype (default: the checkpoint's own)")
     p.add_argument("--max-shard-size", default="2GB", help="每个 safetensors 分片的上限 / largest safetensors shard (default 2GB)")
@@ -27,11 +32,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         out = export(a.model, a.output, a.format, adapter_dir=a.adapter, dtype=a.dtype, force=a.force,
-                     max_shard_size=a.max_shard_size, tokenizer_dir=a.tokenizer)
+                     max_shard_size=a.max_shard_size, tokenizer_dir=a.tokenizer, gguf_type=a.gguf_type)
     except ChatGLMError as e:
         print(f"错误 / Error: {e}", file=sys.stderr)
         return 1
     print(f"已导出 / exported ({a.format}): {out}")
+    if a.format == "gguf":  # chatglm3.gguf_export wrote the Modelfile beside the .gguf
+        print(f"导入 Ollama / import into Ollama: cd {out} && ollama create {out.name} -f Modelfile")
     return 0
 
 
