@@ -107,18 +107,23 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor):
 
 
 def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dtype=None, dtype=None, device=None, device_map=None, **kwargs):
-    """`ChatGLMForConditionalGeneration.from_pretrained`: config overrides as keyword arguments
-    (e.g. `pre_seq_len=128`); a prefix encoder missing from the files is freshly initialised."""
+    """`ChatGLMForConditionalGeneration.from_pretrained` (transformers' Auto classes, users' upstream habits): config
+    overrides as keyword arguments (e.g. `pre_seq_len=128`); a prefix encoder missing from the files is freshly
+    initialised. The project's scripts go through chatglm3.loading, which calls `load_weights` directly."""
     # A folder, or a Hub id (the Hugging Face cache, or downloaded); AutoModel passes revision/cache_dir/token.
     path = Path(hub.resolve(path, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token")))
     config_dict = read_config(path)
     if config is None:
         config = ChatGLMConfig.from_dict(config_dict)
+    quantization_bit = None
     for key, value in kwargs.items():
         if key in IGNORED_KWARGS:
             continue
-        if key == "quantization_config" or (key == "quantization_bit" and value):
-            raise ChatGLMError("本实现不支持量化 / quantization is not supported by this implementation")
+        if key == "quantization_config":
+            raise ChatGLMError("请用 quantization_bit=4 或 8 / pass quantization_bit=4 or 8 instead of quantization_config")
+        if key == "quantization_bit":
+            quantization_bit = value or None
+            continue
         if not hasattr(config, key):
             raise ChatGLMError(f"未知参数 / unknown argument for from_pretrained: {key}")
         setattr(config, key, value)
@@ -130,10 +135,21 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
     target_dtype = parse_dtype(target_dtype) or torch.float32
     if device_map is not None and device is None:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device_map == "auto" else device_map
-    device = torch.device(device or "cpu")
+    return load_weights(cls, path, config, target_dtype, device or "cpu", quantization_bit)
 
+
+def load_weights(cls, path: Path, config: ChatGLMConfig, dtype: torch.dtype, device, quantization_bit: Optional[int] = None):
+    """The model of `config` with the weights of the checkpoint folder `path`, built on the meta device and
+    filled one tensor at a time in `dtype` on `device` (a tensor already in `dtype` on the CPU is kept as the
+    file's memory map: no copy). With `quantization_bit` the blocks' linear layers are quantized as they are read
+    (chatglm3.quantization), so the full-precision weights are never all in memory."""
+    device = torch.device(device)
     with torch.device("meta"):
         model = cls(config)
+    if quantization_bit:
+        from . import quantization
+
+        quantization.swap_linears(model, quantization_bit, dtype)
     expected = dict(model.named_parameters())
     expected.update(model.named_buffers())
     for file in weight_files(path):
@@ -145,7 +161,17 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
                 raise ChatGLMError(f"{file}: 张量 {key} 形状为 {tuple(tensor.shape)}，按 config.json 应为 {tuple(want.shape)} / tensor {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}")
             # The prefix and the rotary buffer stay in float32 (upstream trains the prefix in float32).
             keep_fp32 = key.startswith(PREFIX_KEY) or key.endswith("inv_freq")
-            _set_tensor(model, key, tensor.to(device=device, dtype=torch.float32 if keep_fp32 else target_dtype))
+            module_name, _, attr = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            if quantization_bit and quantization.is_quantized_weight(module, attr):
+                quantization.set_weight(module, tensor.to(dtype), device)
+                continue
+            value = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            if quantization_bit and value is tensor:
+                # Still the file's memory map: copied, so that the map (and the pages of every weight already
+                # quantized from it) is released once the file has been read.
+                value = value.clone()
+            _set_tensor(model, key, value)
 
     missing = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     fresh = [k for k in missing if k.startswith(PREFIX_KEY) or k.endswith("inv_freq")]
