@@ -209,7 +209,8 @@ def test_lora_flags_that_cannot_work_are_refused(tiny, tmp_path, capsys):
     one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "8", "--pre_seq_len", "4"), "--lora_rank", "--pre_seq_len")
     one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_alpha", "16"), "--lora_alpha", "--lora_rank")
     one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "0"), "--lora_rank", "0")
-    one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "8", "--quantization_bit", "4"), "QLoRA")
+    one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "8", "--quantization_bit", "3"),
+                   "--quantization_bit", "4", "8")
     one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "8", "--lora_target", "query_key_value,qkv"),
                    "qkv", "dense, dense_4h_to_h, dense_h_to_4h, output_layer, query_key_value")
     assert not out.exists() or not any(out.iterdir())

@@ -8,7 +8,7 @@ scale, the scales themselves scaled per 256), bf16/fp16 compute. 8 bits: LLM.int
 (transformers' default). The layers are swapped on the meta-device model before the weights are read, and every
 weight is quantized as it arrives, so a load never holds more than one full-precision tensor at a time.
 
-bitsandbytes >= 0.45 runs both on the CPU (the weights are uint8/int8 tensors there too; forward and backward
+bitsandbytes (>= 0.50, tested 0.50.2) runs both on the CPU (the weights are uint8/int8 tensors there too; forward and backward
 work). On the CPU it is slower than bf16: 4 bits saves memory, not time (README: precision and memory).
 """
 import logging
