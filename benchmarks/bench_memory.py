@@ -367,9 +367,12 @@ def child_model_row(args, row: Row) -> dict:
 
 
 # --- the parent: running a row in a fresh process, measuring it ------------------------------------------------------
-def _tree_rss_bytes(pid: int) -> int:
-    """Resident memory of `pid` and its descendants now (0 where /proc cannot tell)."""
-    total, stack, seen = 0, [pid], set()
+def _tree_rss_bytes(pid: int) -> tuple:
+    """(resident, anonymous resident) bytes of `pid` and its descendants now; (0, 0) where /proc cannot tell.
+    Resident memory also counts the file pages a process has mapped (the safetensors shard being read), which the
+    kernel can drop when memory runs short; anonymous memory is what the process itself holds."""
+    total = anon = 0
+    stack, seen = [pid], set()
     while stack:
         p = stack.pop()
         if p in seen:
@@ -377,33 +380,37 @@ def _tree_rss_bytes(pid: int) -> int:
         seen.add(p)
         try:
             with open(f"/proc/{p}/status") as f:
-                total += next((int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:")), 0)
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            total += int(fields.get("VmRSS", "0 kB").split()[0]) * 1024
+            anon += sum(int(fields.get(k, "0 kB").split()[0]) * 1024 for k in ("RssAnon", "RssShmem"))
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     stack.extend(int(c) for c in f.read().split())
         except (OSError, ValueError):
             continue
-    return total
+    return total, anon
 
 
 def run_measured(command: list, env: dict, log: Path, heartbeat: float = 30.0) -> dict:
     """Runs `command` in a fresh process group, output to `log`; returns exit status, seconds and peak memory:
     the larger of the kernel's high-water mark of the largest process in the tree (os.wait4, exact) and the
-    summed resident memory of the tree sampled every 0.2 s (a launcher and its training process together)."""
+    summed resident memory of the tree sampled every 0.2 s (a launcher and its training process together);
+    beside it the sampled peak of anonymous memory (without the mapped file pages: where the memory goes)."""
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
     started = last_beat = time.perf_counter()
-    tree_peak = 0
+    tree_peak = anon_peak = 0
     try:
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
-            rss = _tree_rss_bytes(process.pid)
-            tree_peak = max(tree_peak, rss)
+            rss, anon = _tree_rss_bytes(process.pid)
+            tree_peak, anon_peak = max(tree_peak, rss), max(anon_peak, anon)
             if time.perf_counter() - last_beat >= heartbeat:
                 last_beat = time.perf_counter()
-                progress(f"    ... {last_beat - started:.0f} s, RSS {rss / GB:.1f} GB (peak so far {tree_peak / GB:.1f} GB)")
+                progress(f"    ... {last_beat - started:.0f} s, RSS {rss / GB:.1f} GB, anonymous {anon / GB:.1f} GB "
+                         f"(peaks so far {tree_peak / GB:.1f} / {anon_peak / GB:.1f} GB)")
             time.sleep(0.2)
     except BaseException:
         os.killpg(process.pid, 9)  # the row's whole process group, never anything else
@@ -412,7 +419,7 @@ def run_measured(command: list, env: dict, log: Path, heartbeat: float = 30.0) -
     process.returncode = os.waitstatus_to_exitcode(status)
     seconds = time.perf_counter() - started
     return {"returncode": process.returncode, "seconds": round(seconds, 1),
-            "peak_gb": round(max(usage.ru_maxrss * 1024, tree_peak) / GB, 2)}
+            "peak_gb": round(max(usage.ru_maxrss * 1024, tree_peak) / GB, 2), "anon_peak_gb": round(anon_peak / GB, 2)}
 
 
 def failure_reason(text: str, returncode: int) -> str:
@@ -555,6 +562,8 @@ def details_text(row: Row, r: dict) -> str:
         parts.append(f"{gb(r['output_gb'])} written (bf16, merged)")
     if "cuda_peak_gb" in r:
         parts.append(f"GPU peak {r['cuda_peak_gb']:.1f} GB")
+    if r.get("anon_peak_gb"):
+        parts.append(f"匿名内存峰值 / anonymous peak {gb(r['anon_peak_gb'])} (the rest: mapped file pages)")
     return "; ".join(parts)
 
 
