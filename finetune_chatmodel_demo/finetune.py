@@ -13,9 +13,11 @@ Examples (the launchers in scripts/ fill these in from environment variables):
     torchrun --nproc_per_node 4 finetune.py ... --deepspeed configs/deepspeed.json --bf16   # full fine-tuning
     python finetune.py ... --lora_rank 8 --learning_rate 5e-4   # LoRA: saves a PEFT adapter (scripts/finetune_lora.sh)
 
-Precision: with P-Tuning v2 and LoRA the frozen base weights are loaded in bf16 (fp16 on GPUs without bf16) and
-the prefix or adapter stays float32, so no --fp16/--bf16 flag is needed; on CPU everything is float32. Full fine-tuning loads
-float32 weights and takes --bf16/--fp16 (mixed precision, or DeepSpeed's) as usual.
+Precision: with P-Tuning v2 and LoRA the frozen base is held in bf16 with --bf16, fp16 with --fp16, else by the
+one dtype rule (chatglm3.loading.resolve_dtype: bf16 on a GPU that has it, the checkpoint's own dtype on the CPU);
+the prefix or adapter stays float32. `--quantization_bit 4|8` quantizes that base (bitsandbytes, CPU or CUDA):
+P-Tuning v2 over a quantized base, or QLoRA with --lora_rank. Full fine-tuning loads float32 weights and takes
+--bf16/--fp16 (mixed precision, or DeepSpeed's) as usual; --bf16 works on the CPU too.
 
 `--resume_from_checkpoint true` continues from the newest complete checkpoint-N in --output_dir (or starts
 fresh when there is none); a path continues from that checkpoint. Optimizer, scheduler and RNG are restored.
