@@ -96,6 +96,7 @@ def test_launcher_precision_on_the_cpu():
     auto = launching.hardware_flags(["--pre_seq_len", "4"], "auto", gpus=0, processes=1)
     assert auto == ["--use_cpu"] + (["--bf16"] if loading.cpu_has_bf16() else [])
     assert launching.hardware_flags([], "bf16", gpus=0, processes=1) == ["--use_cpu", "--bf16"]
+    assert launching.hardware_flags(["--deepspeed", "ds.json"], "auto", gpus=0, processes=1) == ["--use_cpu"]
     assert launching.hardware_flags([], "fp32", gpus=0, processes=1) == ["--use_cpu"]
     with pytest.raises(launching.LaunchError, match="PRECISION=fp16"):
         launching.hardware_flags([], "fp16", gpus=0, processes=1)

@@ -81,7 +81,8 @@ def hardware_flags(argv: List[str], precision: str, gpus: int, processes: int) -
     """Flags finetune.py needs on this machine: --use_cpu and gloo without GPUs, and the precision from PRECISION.
     auto: on a GPU, for DeepSpeed full fine-tuning, bf16 where the GPU has it, else fp16 (P-Tuning and LoRA pick
     the frozen weights' precision themselves); on the CPU bf16 mixed precision where the CPU does bf16 arithmetic
-    (loading.cpu_has_bf16; measured faster with the same loss curve, README: precision), else fp32. A --bf16 or
+    (loading.cpu_has_bf16; measured faster with the same loss curve, README: precision), except under DeepSpeed,
+    else fp32. A --bf16 or
     --fp16 already in the flags wins."""
     if precision not in PRECISIONS:
         raise LaunchError(f"错误：PRECISION 只能是 {' / '.join(PRECISIONS)}，收到 {precision!r} / Error: PRECISION must be one of "
@@ -95,8 +96,8 @@ def hardware_flags(argv: List[str], precision: str, gpus: int, processes: int) -
                               "Error: PRECISION=fp16 needs a CUDA GPU (CPUs have no fp16 arithmetic): use PRECISION=bf16 "
                               "or auto on the CPU")
         cpu = ["--use_cpu"] + (["--ddp_backend", "gloo"] if processes > 1 else [])
-        if precision == "auto":
-            precision = "bf16" if cpu_has_bf16() else "fp32"
+        if precision == "auto":  # DeepSpeed's bf16 on the CPU (bf16 weights, float32 master copy) was not measured
+            precision = "bf16" if cpu_has_bf16() and flag_value(argv, "--deepspeed") is None else "fp32"
         return cpu + ([] if given or precision == "fp32" else [f"--{precision}"])
     if flag_value(argv, "--deepspeed") is None or given:
         return []

@@ -9,7 +9,8 @@ folder, starts finetune.py in as many processes as asked, keeps the log.
   MASTER_PORT (read from the environment, as torchrun names them).
 - Hardware flags are appended and shown: --use_cpu (and gloo between CPU processes) without a GPU; --bf16 or
   --fp16 from PRECISION: auto = on a GPU for DeepSpeed full fine-tuning bf16 where the GPU supports it, else fp16;
-  on the CPU bf16 mixed precision where the CPU has bf16 arithmetic (AVX512-BF16/AMX), else fp32. fp16 needs a GPU.
+  on the CPU bf16 mixed precision where the CPU has bf16 arithmetic (AVX512-BF16/AMX) and no DeepSpeed,
+  else fp32. fp16 needs a GPU.
 - `--output_dir` is locked for the run's life (a second run with the same folder is refused); when its name holds
   --datestr (the launchers' timestamped default) and `--resume_from_checkpoint` is true, the newest unfinished run
   of the same name is continued instead of starting a new folder.
