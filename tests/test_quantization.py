@@ -55,6 +55,16 @@ def test_quantized_load_holds_uint8_and_int8_weights_and_counts_them(tiny_model)
         assert torch.isfinite(model(ids).logits).all() and torch.isfinite(int8(ids).logits).all()
 
 
+def test_unmapped_safetensors_reader_gives_the_same_tensors(tiny_model):
+    from chatglm3.checkpoint import iter_tensors
+
+    mapped = dict(iter_tensors(tiny_model / "model.safetensors"))
+    read = dict(iter_tensors(tiny_model / "model.safetensors", mapped=False))
+    assert mapped.keys() == read.keys()
+    for key, tensor in mapped.items():
+        assert read[key].dtype == tensor.dtype and torch.equal(read[key], tensor), key
+
+
 def test_dtype_rule_reads_the_checkpoint_on_cpu():
     assert loading.resolve_dtype(None, "cpu", "bfloat16") == torch.bfloat16
     assert loading.resolve_dtype(None, "cpu", "float16") == torch.bfloat16  # same size, no fp16 arithmetic on CPUs

@@ -78,10 +78,34 @@ def weight_files(path: Path) -> list[Path]:
     raise ChatGLMError(f"{path}: 找不到权重文件 / no weights found (expected one of {', '.join(WEIGHT_FILES)})")
 
 
-def iter_tensors(file: Path):
-    """Yields (key, tensor) one at a time, on CPU."""
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _read_safetensors(file: Path):
+    """(key, tensor) read with plain reads, one tensor in memory at a time: no memory map, whose touched pages
+    would count in the process's memory until the whole file is done (a quantized load would peak at the file's
+    size plus the quantized model)."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            f.seek(8 + size + start)
+            data = bytearray(end - start)
+            f.readinto(data)
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            yield key, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info["shape"])
+
+
+def iter_tensors(file: Path, mapped: bool = True):
+    """Yields (key, tensor) one at a time, on CPU; `mapped=False`: safetensors read without a memory map."""
     try:
-        if file.suffix == ".safetensors":
+        if file.suffix == ".safetensors" and not mapped:
+            yield from _read_safetensors(file)
+        elif file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
@@ -153,7 +177,7 @@ def load_weights(cls, path: Path, config: ChatGLMConfig, dtype: torch.dtype, dev
     expected = dict(model.named_parameters())
     expected.update(model.named_buffers())
     for file in weight_files(path):
-        for key, tensor in iter_tensors(file):
+        for key, tensor in iter_tensors(file, mapped=not quantization_bit):
             if key not in expected:
                 raise ChatGLMError(f"{file}: 多余的张量 / unexpected tensor {key!r} (not part of a ChatGLM3 model with this config.json)")
             want = expected[key]
@@ -167,10 +191,6 @@ def load_weights(cls, path: Path, config: ChatGLMConfig, dtype: torch.dtype, dev
                 quantization.set_weight(module, tensor.to(dtype), device)
                 continue
             value = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
-            if quantization_bit and value is tensor:
-                # Still the file's memory map: copied, so that the map (and the pages of every weight already
-                # quantized from it) is released once the file has been read.
-                value = value.clone()
             _set_tensor(model, key, value)
 
     missing = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
