@@ -27,7 +27,7 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" || python -m pip install -q "torch>=2.1"
 fi
 REQS=(-r "$ROOT/requirements.txt")
-CHECK="import transformers, sentencepiece, safetensors, accelerate, deepspeed, numpy, tqdm, jieba, rouge_chinese, nltk, peft, gguf, huggingface_hub, fastapi, uvicorn, pydantic"
+CHECK="import transformers, sentencepiece, safetensors, accelerate, deepspeed, numpy, tqdm, jieba, rouge_chinese, nltk, peft, bitsandbytes, gguf, huggingface_hub, fastapi, uvicorn, pydantic"
 if [ "${WITH_DEV:-0}" = 1 ]; then
     REQS+=(-r "$ROOT/requirements-dev.txt")
     CHECK="$CHECK, pytest, matplotlib, openai, selenium, llama_cpp"

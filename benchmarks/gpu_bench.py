@@ -7,14 +7,21 @@ tokenizer). Per row: useful (non-padding) tokens/s, its ratio to upstream's, ste
 LoRA (PEFT, rank 8 on query_key_value as upstream's lora.yaml; bf16 base frozen, float32 adapter), dynamic padding
 and packing, on a model of its own. Generation with the KV cache, batch 1 and 16: prefill and decode tokens/s.
 
-Output: header lines (#), one Markdown table a README can take as it is, and one JSON line (the last).
-Run through benchmarks/gpu_bench.sh; `--dry-run` runs a tiny shape on the CPU, one step each (what the tests run).
+Then the memory rows of bench_memory.py on CUDA, each in a fresh process (MEMORY=0 skips them): load; chat in
+bf16, 8-bit and 4-bit; P-Tuning v2 and LoRA in bf16, QLoRA and P-Tuning over 4-bit (2 steps of 512 tokens, batch 1,
+gradient checkpointing); LoRA merge export. Peak torch.cuda.max_memory_allocated beside the host's peak RSS.
+
+Output: header lines (#), one Markdown table a README can take as it is, the memory table, and one JSON line (the
+last). Run through benchmarks/gpu_bench.sh; `--dry-run` runs a tiny shape on the CPU, one step each, and two memory
+rows at bench_memory.py's tiny shape (what the tests run).
 """
 import argparse
 import datetime
+import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -230,12 +237,41 @@ def run(dry_run: bool) -> dict:
             "rows": rows}
 
 
+def memory_rows(dry_run: bool, tokenizer: str) -> dict:
+    """bench_memory.py's rows, each in a fresh process (so this process's GPU memory is freed first): on CUDA at
+    the 6B shape (the random model written once beside the repository), in a dry run two rows at its tiny shape on
+    the CPU. Its table goes to stdout; its figures come back for the JSON line."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    command = [sys.executable, str(Path(__file__).resolve().parent / "bench_memory.py"), "--tokenizer", tokenizer, "--json"]
+    with tempfile.TemporaryDirectory() as tmp:
+        if dry_run:
+            command += ["--shape", "tiny", "--device", "cpu", "--rows", "chat_bf16,lora_bf16", "--new-tokens", "3",
+                        "--model-dir", f"{tmp}/model", "--out", f"{tmp}/memory.md"]
+        else:
+            command += ["--device", "cuda"]
+        progress("memory rows: " + " ".join(command[1:]))
+        result = subprocess.run(command, stdout=subprocess.PIPE, text=True)  # progress lines pass through on stderr
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        return {"error": f"bench_memory.py exited {result.returncode}"}
+    print("\n".join(lines[:-1]))
+    return json.loads(lines[-1])
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="gpu_bench.sh", description="chatglm3-6b 形状的 GPU 基准（训练与生成，5 分钟内）/ GPU "
-                                     "benchmark at chatglm3-6b's shape: training strategies and generation, in under 5 minutes")
+    parser = argparse.ArgumentParser(prog="gpu_bench.sh", allow_abbrev=False,
+                                     description="chatglm3-6b 形状的 GPU 基准：训练与生成（5 分钟内），然后内存需求各行 / GPU "
+                                     "benchmark at chatglm3-6b's shape: training strategies and generation (under 5 minutes), "
+                                     "then the memory rows of bench_memory.py")
     parser.add_argument("--dry-run", action="store_true", help="CPU 上的小模型，每项 1 步 / tiny shape on the CPU, one step each")
     args = parser.parse_args(argv)
-    print(json.dumps(run(args.dry_run), ensure_ascii=False))
+    report = run(args.dry_run)
+    if os.environ.get("MEMORY", "1") != "0":
+        print()
+        report["memory"] = memory_rows(args.dry_run, settings(args.dry_run).tokenizer)
+    print(json.dumps(report, ensure_ascii=False))
 
 
 if __name__ == "__main__":

@@ -69,8 +69,10 @@ class ModelArguments:
     quantization_bit: Optional[int] = field(
         default=None,
         metadata={
-            "help": "以 4 或 8 比特量化冻结的基座权重（需要 CUDA 和 bitsandbytes，仅 P-Tuning）/ Quantize the frozen "
-            "base weights to 4 or 8 bits (needs CUDA and bitsandbytes; P-Tuning only)."
+            "help": "以 4 比特（NF4，双重量化）或 8 比特（LLM.int8）量化冻结的基座（bitsandbytes，CPU 与 GPU 均可）；配合 "
+            "--pre_seq_len 为量化基座上的 P-Tuning v2，配合 --lora_rank 为 QLoRA / Quantize the frozen base to 4 bits "
+            "(NF4, double quantization) or 8 bits (LLM.int8) through bitsandbytes, on CPU or GPU: with --pre_seq_len "
+            "P-Tuning v2 over a quantized base, with --lora_rank QLoRA."
         },
     )
     cache_dir: Optional[str] = field(
@@ -179,10 +181,11 @@ def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments
             f"错误：--quantization_bit 只能是 4 或 8，收到 {model_args.quantization_bit} / "
             f"Error: --quantization_bit must be 4 or 8, got {model_args.quantization_bit}"
         )
-    if model_args.quantization_bit is not None and model_args.pre_seq_len is None:
+    if model_args.quantization_bit is not None and model_args.pre_seq_len is None and model_args.lora_rank is None:
         raise ArgumentsError(
-            "错误：量化的权重无法全参数微调，请同时设置 --pre_seq_len（P-Tuning v2）/ "
-            "Error: quantized weights cannot be fully fine-tuned; use it with --pre_seq_len (P-Tuning v2)"
+            f"错误：--quantization_bit {model_args.quantization_bit} 不能用于全参数微调（量化的权重不能训练），请同时设置 "
+            "--pre_seq_len（P-Tuning v2）或 --lora_rank（QLoRA）/ Error: --quantization_bit cannot be used with full "
+            "fine-tuning (quantized weights do not train): add --pre_seq_len (P-Tuning v2) or --lora_rank (QLoRA)"
         )
     if model_args.ptuning_checkpoint is not None and model_args.pre_seq_len is None:
         raise ArgumentsError(
@@ -202,7 +205,7 @@ def check_training_arguments(training_args) -> None:
 
 
 def check_lora_arguments(model_args: ModelArguments) -> None:
-    """LoRA's flags need --lora_rank, and LoRA is neither combined with P-Tuning nor (untested) quantization."""
+    """LoRA's flags need --lora_rank, and LoRA is not combined with P-Tuning."""
     lora_flags = [f"--{name}" for name in ("lora_alpha", "lora_dropout", "lora_target") if getattr(model_args, name) is not None]
     if model_args.lora_rank is None:
         if lora_flags:
@@ -212,9 +215,4 @@ def check_lora_arguments(model_args: ModelArguments) -> None:
         raise ArgumentsError(
             "错误：LoRA（--lora_rank）与 P-Tuning v2（--pre_seq_len）只能选一种 / "
             "Error: LoRA (--lora_rank) and P-Tuning v2 (--pre_seq_len) cannot be combined: choose one"
-        )
-    if model_args.quantization_bit is not None:
-        raise ArgumentsError(
-            "错误：QLoRA（--lora_rank 加 --quantization_bit）尚未在 GPU 上验证，暂不提供 / "
-            "Error: QLoRA (--lora_rank with --quantization_bit) has not been verified on a GPU yet and is not offered"
         )

@@ -13,14 +13,17 @@ Examples (the launchers in scripts/ fill these in from environment variables):
     torchrun --nproc_per_node 4 finetune.py ... --deepspeed configs/deepspeed.json --bf16   # full fine-tuning
     python finetune.py ... --lora_rank 8 --learning_rate 5e-4   # LoRA: saves a PEFT adapter (scripts/finetune_lora.sh)
 
-Precision: with P-Tuning v2 and LoRA the frozen base weights are loaded in bf16 (fp16 on GPUs without bf16) and
-the prefix or adapter stays float32, so no --fp16/--bf16 flag is needed; on CPU everything is float32. Full fine-tuning loads
-float32 weights and takes --bf16/--fp16 (mixed precision, or DeepSpeed's) as usual.
+Precision: with P-Tuning v2 and LoRA the frozen base is held in bf16 with --bf16, fp16 with --fp16, else by the
+one dtype rule (chatglm3.loading.resolve_dtype: bf16 on a GPU that has it, the checkpoint's own dtype on the CPU);
+the prefix or adapter stays float32. `--quantization_bit 4|8` quantizes that base (bitsandbytes, CPU or CUDA):
+P-Tuning v2 over a quantized base, or QLoRA with --lora_rank. Full fine-tuning loads float32 weights and takes
+--bf16/--fp16 (mixed precision, or DeepSpeed's) as usual; --bf16 works on the CPU too.
 
 `--resume_from_checkpoint true` continues from the newest complete checkpoint-N in --output_dir (or starts
 fresh when there is none); a path continues from that checkpoint. Optimizer, scheduler and RNG are restored.
 """
 import contextlib
+import dataclasses
 import logging
 import os
 import sys
@@ -30,15 +33,17 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+# chatglm3 before transformers' training classes, which import bitsandbytes: chatglm3.quantization quiets it first.
+from chatglm3 import ChatGLMError, compat, loading, lora, memory, quantization, safe_io, safe_load  # noqa: E402
+from chatglm3 import train_format  # noqa: E402
 import transformers  # noqa: E402
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed  # noqa: E402
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
 from arguments import (ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments,  # noqa: E402
                        check_training_arguments)
-from chatglm3 import ChatGLMError, compat, launching, loading, lora, memory, safe_io, safe_load  # noqa: E402
+from chatglm3 import launching  # noqa: E402
 from arguments import no_effect_notes  # noqa: E402
-from chatglm3 import hub, train_format  # noqa: E402
 from chatglm3.launching import TRAINER_STATE_NAME, find_last_checkpoint  # noqa: E402
 import preprocess_utils  # noqa: E402
 from trainer import PrefixTrainer  # noqa: E402
@@ -111,53 +116,6 @@ def resolve_resume(training_args):
     return path
 
 
-def check_quantization(model_args):
-    if model_args.quantization_bit is None:
-        return
-    if not torch.cuda.is_available():
-        raise ArgumentsError(
-            f"错误：--quantization_bit {model_args.quantization_bit} 需要 CUDA GPU，本机没有；请去掉该参数 / "
-            f"Error: --quantization_bit {model_args.quantization_bit} needs a CUDA GPU and none is available; "
-            "drop the flag"
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ArgumentsError(
-            "错误：--quantization_bit 需要 bitsandbytes：pip install bitsandbytes / "
-            "Error: --quantization_bit needs bitsandbytes: pip install bitsandbytes"
-        ) from None
-
-
-def quantize_frozen_linears(model, bits: int, compute_dtype: torch.dtype):
-    """Replace the (frozen) linear layers of the transformer blocks by bitsandbytes 8-bit or 4-bit ones, on
-    the GPU. Embeddings, the output layer and the prefix stay as they are."""
-    import bitsandbytes as bnb
-
-    device = torch.device("cuda", torch.cuda.current_device())
-    for block in model.transformer.encoder.layers:
-        for parent in list(block.modules()):
-            for name, child in list(parent.named_children()):
-                if not isinstance(child, torch.nn.Linear):
-                    continue
-                has_bias = child.bias is not None
-                if bits == 8:
-                    new = bnb.nn.Linear8bitLt(
-                        child.in_features, child.out_features, bias=has_bias, has_fp16_weights=False
-                    )
-                    new.weight = bnb.nn.Int8Params(child.weight.data.cpu(), requires_grad=False, has_fp16_weights=False)
-                else:
-                    new = bnb.nn.Linear4bit(
-                        child.in_features, child.out_features, bias=has_bias, compute_dtype=compute_dtype,
-                        quant_type="nf4",
-                    )
-                    new.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-                if has_bias:
-                    new.bias = torch.nn.Parameter(child.bias.data.clone(), requires_grad=False)
-                setattr(parent, name, new.to(device))  # moving to the GPU is what quantizes
-    return model.to(device)
-
-
 def read_data(path, limit, data_args, tokenizer, training_args):
     """A data file loaded, checked and tokenized once (None without a path); errors name file:line."""
     if path is None:
@@ -204,18 +162,24 @@ def configure_training(training_args, data_args) -> bool:
     return compat.take_gradient_checkpointing(training_args)
 
 
-def resolve_names(model_args):
-    """--model_name_or_path and --tokenizer_name as local folders: a folder as is, a Hub id from the Hugging Face
-    cache or downloaded (--cache_dir, --model_revision)."""
-    options = {"revision": model_args.model_revision, "cache_dir": model_args.cache_dir}
-    model_dir = hub.resolve(model_args.model_name_or_path, label="--model_name_or_path, BASE_MODEL_PATH", **options)
-    if model_args.tokenizer_name is None:
-        return model_dir, None
-    return model_dir, hub.resolve(model_args.tokenizer_name, need="tokenizer", label="--tokenizer_name", **options)
-
-
-def load_tokenizer(model_args):
-    return loading.load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path)
+def make_plan(model_args, training_args):
+    """The load plan (chatglm3.loading): names resolved once (a Hub id from the Hugging Face cache or downloaded,
+    --cache_dir, --model_revision), config.json and the P-Tuning checkpoint's config read once, and the weights'
+    dtype: full fine-tuning keeps float32 master weights (--bf16/--fp16 compute in half through AMP or
+    DeepSpeed); P-Tuning v2 and LoRA freeze the base, held in bf16 with --bf16, fp16 with --fp16, else by the one
+    dtype rule (loading.resolve_dtype: bf16 on a GPU, the checkpoint's own on the CPU). A quantized base is
+    placed on the training device as it is read (bitsandbytes quantizes there)."""
+    frozen = model_args.pre_seq_len is not None or model_args.lora_rank is not None
+    dtype = "float32" if not frozen else "bfloat16" if training_args.bf16 else "float16" if training_args.fp16 else None
+    device = training_args.device if model_args.quantization_bit else torch.device("cpu")
+    plan = loading.make_plan(
+        model_args.model_name_or_path, model_args.tokenizer_name, pt_checkpoint=model_args.ptuning_checkpoint,
+        pre_seq_len=model_args.pre_seq_len, prefix_projection=model_args.prefix_projection if model_args.pre_seq_len else None,
+        device=str(device), dtype=dtype, quantization_bit=model_args.quantization_bit,
+        revision=model_args.model_revision, cache_dir=model_args.cache_dir, label="--model_name_or_path, BASE_MODEL_PATH")
+    if dtype is None and training_args.device.type != "cpu":  # the rule for the device that trains, not the loader's
+        plan = dataclasses.replace(plan, dtype=loading.resolve_dtype(None, training_args.device))
+    return plan
 
 
 def sanity_check(sample, tokenizer):
@@ -227,61 +191,68 @@ def sanity_check(sample, tokenizer):
     print("<<<<<<<<<<<<< Sanity Check", flush=True)
 
 
-def check_memory(model_args, training_args, dtype: torch.dtype):
+def check_memory(plan, model_args, training_args):
     """Refuse, before the weights are read, a run that clearly cannot fit (a lower bound, chatglm3.memory): every
-    process first holds the weights in RAM; the device then holds them and, for full fine-tuning, the gradients
-    and Adam states as ZeRO splits them. ZeRO-3 and offload leave the placement to DeepSpeed: a warning only."""
-    config = memory.model_config(model_args.model_name_or_path)
+    process first holds the weights in RAM; the device then holds them as loaded (dtype, 4/8-bit layers) with the
+    trainable part's gradients and Adam states (P-Tuning v2, LoRA), or, for full fine-tuning, the gradients and
+    Adam states as ZeRO splits them. ZeRO-3 and offload leave the placement to DeepSpeed: a warning only."""
+    config = plan.model_config()
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     # The rank of a LoRA update is at most the narrower side of the layer it adapts, never above hidden_size: a
     # larger one only allocates (a rank of 10^8 asks for gigabytes per layer).
     if model_args.lora_rank is not None and model_args.lora_rank > config.hidden_size:
         raise ArgumentsError(f"错误：--lora_rank（LORA_RANK）{model_args.lora_rank} 大于模型的 hidden_size {config.hidden_size}，"
                              f"LoRA 的秩不会超过层的宽度 / Error: --lora_rank (LORA_RANK) {model_args.lora_rank} exceeds the "
                              f"model's hidden_size {config.hidden_size}; a LoRA update's rank cannot exceed a layer's width")
-    params = memory.parameter_count(config)
-    size, local = dtype.itemsize, int(os.environ.get("LOCAL_WORLD_SIZE", 1))
     stage, offload = memory.zero_settings(training_args.hf_deepspeed_config.config) if training_args.deepspeed else (0, False)
     if model_args.pre_seq_len is not None or model_args.lora_rank is not None:  # the base is frozen
-        need = params * (model_args.quantization_bit or 8 * size) // 8
+        # QLoRA's k-bit preparation (PEFT) holds the weights that are not quantized in float32.
+        dtype = torch.float32 if model_args.lora_rank and plan.quantization_bit else plan.dtype
+        trainable = memory.trainable_parameters(config, model_args.lora_rank, lora.parse_targets(
+            model_args.lora_target or lora.DEFAULT_TARGET))
+        need = memory.weight_bytes(config, dtype, plan.quantization_bit) + memory.trainable_bytes(trainable)
+        cheaper = memory.cheaper_option(plan.dtype, plan.quantization_bit, training=True)
     else:
         half = bool(training_args.deepspeed) and (training_args.bf16 or training_args.fp16)
-        need = memory.training_bytes(params, 2 if half else size, training_args.world_size, stage, master_copy=half)
+        need = memory.training_bytes(plan.parameters, 2 if half else 4, training_args.world_size, stage, master_copy=half)
+        cheaper = "P-Tuning v2（--pre_seq_len 128）/ LoRA（--lora_rank 8）"
     device = training_args.device
-    if device.type == "cuda":
-        memory.check_fits("加载权重 / loading the weights", params * size, "cpu", processes=local)
-    memory.check_fits(f"{model_args.model_name_or_path}", need, device, processes=1 if device.type == "cuda" else local,
-                      certain=stage < 3 and not offload)
+    if device.type == "cuda" and not plan.quantization_bit:
+        memory.check_fits("加载权重 / loading the weights", plan.weight_bytes(), "cpu", processes=local)
+    memory.check_fits(plan.model_dir, need, device, processes=1 if device.type == "cuda" else local,
+                      certain=stage < 3 and not offload, cheaper=cheaper)
 
 
-def load_model(model_args, tokenizer, training_args, gradient_checkpointing: bool):
-    """On the CPU (the Trainer or DeepSpeed places it). P-Tuning v2 and LoRA freeze the base model, so it can sit
-    in half precision on a GPU (the prefix and the adapter stay float32); full fine-tuning keeps float32 master
-    weights (AMP or DeepSpeed compute in half)."""
+def load_model(plan, model_args, tokenizer, training_args, gradient_checkpointing: bool):
+    """From the plan: on the CPU (the Trainer or DeepSpeed places it), a quantized base on the training device.
+    P-Tuning v2 and LoRA freeze the base (the prefix and the adapter stay float32); QLoRA (LoRA over a 4/8-bit
+    base) goes through PEFT's k-bit preparation; full fine-tuning keeps float32 master weights."""
     pt = model_args.pre_seq_len is not None
     use_lora = model_args.lora_rank is not None
-    dtype = loading.resolve_dtype(None, loading.default_device()) if pt or use_lora else torch.float32
-    check_memory(model_args, training_args, dtype)
-    model = loading.load_model(
-        model_args.model_name_or_path, tokenizer, pt_checkpoint=model_args.ptuning_checkpoint,
-        pre_seq_len=model_args.pre_seq_len, prefix_projection=model_args.prefix_projection if pt else None,
-        device="cpu", dtype=dtype,
-    )
+    check_memory(plan, model_args, training_args)
+    model = loading.load_model(plan, tokenizer, check_memory=False)
     if model_args.ptuning_checkpoint is not None:
         main_print(training_args, f"已加载 P-Tuning 前缀 / Loaded the prefix from {model_args.ptuning_checkpoint}")
-    if model_args.quantization_bit is not None:
-        model = quantize_frozen_linears(model, model_args.quantization_bit, dtype)
-        main_print(training_args, f"已量化为 {model_args.quantization_bit} 比特 / Quantized to {model_args.quantization_bit} bit")
-    if gradient_checkpointing:
+    if plan.quantization_bit:
+        quantization.for_training(model)
+        main_print(training_args, f"基座已量化为 {plan.quantization_bit} 比特 / The base is quantized to {plan.quantization_bit} bits "
+                                  f"({'NF4, double quantization' if plan.quantization_bit == 4 else 'LLM.int8'})")
+    if use_lora and plan.quantization_bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if use_lora:
         model = lora.add_lora(model, model_args.lora_rank, model_args.lora_alpha, model_args.lora_dropout,
                               model_args.lora_target, base_path=model_args.model_name_or_path)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    method = "P-Tuning v2" if pt else ("QLoRA" if plan.quantization_bit else "LoRA") if use_lora else "全参数微调 / full fine-tuning"
     main_print(
         training_args,
-        f"{'P-Tuning v2' if pt else 'LoRA' if use_lora else '全参数微调 / full fine-tuning'}: "
-        f"可训练参数 / trainable parameters {trainable:,} / {total:,}; 权重精度 / weights {dtype}",
+        f"{method}: 可训练参数 / trainable parameters {trainable:,} / {total:,}; 权重精度 / weights {plan.dtype}",
     )
     return model.train()
 
@@ -302,7 +273,6 @@ def train(model_args, data_args, training_args):
     safe_io.check_output_dir("--output_dir", training_args.output_dir, {
         "--model_name_or_path": model_args.model_name_or_path, "--tokenizer_name": model_args.tokenizer_name,
         "--ptuning_checkpoint": model_args.ptuning_checkpoint})
-    check_quantization(model_args)
     # One live run per output folder, however it was started (a launcher only checks; its training holds it).
     # The first process of a run holds it; the others share its folder.
     first = os.environ.get("RANK", "0") == "0"
@@ -319,14 +289,15 @@ def run(model_args, data_args, training_args):
 
     for note in no_effect_notes(model_args, data_args):
         main_print(training_args, note)
-    model_args.model_name_or_path, model_args.tokenizer_name = resolve_names(model_args)  # local folders from here on
-    tokenizer = load_tokenizer(model_args)
+    plan = make_plan(model_args, training_args)
+    model_args.model_name_or_path, model_args.tokenizer_name = plan.model_dir, plan.tokenizer_dir  # local folders from here on
+    tokenizer = loading.load_tokenizer(plan.tokenizer_dir)
     # Data first: a bad file fails in seconds, before gigabytes of weights are read.
     train_dataset = read_data(data_args.train_file, data_args.max_train_samples, data_args, tokenizer, training_args)
     eval_dataset = read_data(data_args.validation_file, data_args.max_eval_samples, data_args, tokenizer, training_args)
     if data_args.sanity_check and training_args.process_index == 0:
         sanity_check(train_dataset[0], tokenizer)
-    model = load_model(model_args, tokenizer, training_args, gradient_checkpointing)
+    model = load_model(plan, model_args, tokenizer, training_args, gradient_checkpointing)
     # In every checkpoint: inference.py and evaluate.py then ask the model the way it was trained.
     train_format.record(model, tokenizer, data_args.train_format)
     full = model_args.pre_seq_len is None and model_args.lora_rank is None

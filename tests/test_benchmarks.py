@@ -15,6 +15,7 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import _common  # noqa: E402
+import bench_memory  # noqa: E402
 import bench_train  # noqa: E402
 from chatglm3 import ChatGLMError, ChatGLMForConditionalGeneration, ChatGLMTokenizer  # noqa: E402
 from preprocess_utils import build_dataset  # noqa: E402
@@ -156,5 +157,67 @@ def test_gpu_bench_dry_run():
     assert [r["batch"] for r in rows[6:]] == [1, 16]
     assert all(r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0 for r in rows[6:])
     # One Markdown table: a header, its rule, a row per training run and two per generation batch size.
-    table = [line for line in lines[:-1] if line.startswith("|")]
+    tables = "\n".join(lines[:-1]).split("\n\n")
+    table = [line for line in next(t for t in tables if "| run |" in t).splitlines() if line.startswith("|")]
     assert len(table) == 2 + 6 + 4 and table[1].startswith("| ---") and "1.00×" in table[2]
+    # Then bench_memory.py's rows (its tiny shape in a dry run), each run to the end, its table printed too.
+    memory = report["memory"]["rows"]
+    assert list(memory) == ["chat_bf16", "lora_bf16"] and all(r["ok"] and r["peak_gb"] > 0 for r in memory.values()), memory
+    assert memory["chat_bf16"]["new_tokens"] == 3 and len(memory["lora_bf16"]["losses"]) == 2
+    assert "memory needed" in result.stdout and "| LoRA r8, bf16 |" in result.stdout
+
+
+
+@pytest.mark.slow
+def test_bench_memory_tiny_rows_write_the_table(shared, tmp_path):
+    # The real harness end to end at the tiny shape: the random model written in the official layout, each row
+    # in a fresh process through the project's entry points (a chat through the loader and generation loop, a
+    # LoRA merge through scripts/export.py), the peaks measured, the table written.
+    model_dir, out = tmp_path / "model", tmp_path / "results" / "memory.md"
+    result = run("bench_memory.py", "--shape", "tiny", "--model-dir", str(model_dir), "--tokenizer",
+                 str(shared / "chatglm3-tokenizer"), "--rows", "chat_bf16,export_merge", "--new-tokens", "3",
+                 "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    chat, export = summary["rows"]["chat_bf16"], summary["rows"]["export_merge"]
+    assert chat["ok"] and export["ok"], summary["rows"]
+    assert chat["new_tokens"] == 3 and chat["tokens_per_s"] > 0 and chat["first_token_s"] > 0
+    assert chat["peak_gb"] >= chat["rss_after_load_gb"] > 0 and export["peak_gb"] > 0 and export["output_gb"] > 0
+    assert summary["context"]["sample_tokens"] == [bench_memory.SEQ_LEN] * 4  # every training sample is 512 tokens
+    # The official layout: shards + index + config + the tokenizer; it loads, in bf16, with the tiny shape.
+    assert {"model.safetensors.index.json", "config.json", "tokenizer.model", "bench_memory.json"} <= {p.name for p in model_dir.iterdir()}
+    model = ChatGLMForConditionalGeneration.from_pretrained(str(model_dir), dtype="auto")
+    assert model.dtype == torch.bfloat16 and model.config.num_layers == 2 and model.config.padded_vocab_size == 65024
+    table = out.read_text(encoding="utf-8")
+    assert table == result.stdout.strip().rsplit("\n", 1)[0].strip() + "\n"
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
+    assert len(rows) == 2 + 2 and "ran to the end" in rows[2] and "ran to the end" in rows[3]
+    assert "python benchmarks/bench_memory.py --shape tiny" in table and "cores" in table
+    # A second run finds the model complete and does not write it again.
+    again = run("bench_memory.py", "--shape", "tiny", "--model-dir", str(model_dir), "--tokenizer", str(shared / "chatglm3-tokenizer"),
+                "--rows", "load", "--out", str(out))
+    assert again.returncode == 0 and "already written" in again.stderr, again.stderr
+
+
+def test_bench_memory_failures_are_one_line():
+    # A launcher ignores an unknown variable, so a row whose variable it does not read is refused, not mis-measured.
+    row = bench_memory.Row("x", "x", "train", launcher="finetune_lora.sh", env={"NO_SUCH_SETTING": "4"})
+    assert "NO_SUCH_SETTING" in bench_memory.precheck(row)
+    # The reason of a failed training row is its own last line, not the launcher's summary after it.
+    log = "loading ...\n错误：内存不够 / Error: not enough memory\n训练失败，退出码 1 / Training failed with exit status 1\n"
+    assert bench_memory.failure_reason(log, 1) == "错误：内存不够 / Error: not enough memory"
+    assert "out of memory" in bench_memory.failure_reason("", -9)
+
+
+def test_bench_memory_bad_flags_and_readme_markers(tmp_path, monkeypatch, capsys):
+    assert bench_memory.main(["--rows", "chat_bf16,chat_2bit"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "chat_2bit" in err and err.startswith("错误")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{bench_memory.MARKERS[0]}\nold table\n{bench_memory.MARKERS[1]}\nafter\n", encoding="utf-8")
+    monkeypatch.setattr(bench_memory, "README", readme)
+    bench_memory.update_readme("| new | table |\n")
+    assert readme.read_text(encoding="utf-8") == f"before\n{bench_memory.MARKERS[0]}\n| new | table |\n{bench_memory.MARKERS[1]}\nafter\n"
+    readme.write_text("no markers\n", encoding="utf-8")
+    with pytest.raises(bench_memory.BenchError, match="memory-table"):
+        bench_memory.update_readme("| t |\n")

@@ -20,7 +20,7 @@ import evaluate
 import finetune
 import inference
 from arguments import ModelArguments
-from chatglm3 import ChatGLMForConditionalGeneration, export, lora, train_format
+from chatglm3 import ChatGLMForConditionalGeneration, export, loading, lora, train_format
 from chatglm3.loading import load_model_and_tokenizer
 from chatglm3.safe_io import new_file_mode
 from test_finetune import FINETUNE, base_args, kill_after_checkpoint, ok, pokemon_jsonl, run_finetune, train_losses  # noqa: F401  (a fixture)
@@ -180,9 +180,10 @@ def test_merging_folds_the_adapter_into_the_base_weights(tiny, adapter):
 def test_finetune_builds_the_lora_model_from_its_flags(tiny):
     args = ModelArguments(model_name_or_path=str(tiny), lora_rank=4, lora_alpha=8, lora_dropout=0.0,
                           lora_target="query_key_value, dense_4h_to_h")
-    tokenizer = finetune.load_tokenizer(args)
     training_args = finetune.parse_args(base_args(tiny, tiny / "x.jsonl", tiny / "out"))[2]
-    model = finetune.load_model(args, tokenizer, training_args, gradient_checkpointing=True)
+    plan = finetune.make_plan(args, training_args)
+    tokenizer = loading.load_tokenizer(plan.tokenizer_dir)
+    model = finetune.load_model(plan, args, tokenizer, training_args, gradient_checkpointing=True)
     config = model.peft_config["default"]
     assert (config.r, config.lora_alpha, config.lora_dropout, set(config.target_modules)) == (4, 8, 0.0, {"query_key_value", "dense_4h_to_h"})
     trainable = sorted(name for name, param in model.named_parameters() if param.requires_grad)
@@ -209,7 +210,8 @@ def test_lora_flags_that_cannot_work_are_refused(tiny, tmp_path, capsys):
     one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "8", "--pre_seq_len", "4"), "--lora_rank", "--pre_seq_len")
     one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_alpha", "16"), "--lora_alpha", "--lora_rank")
     one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "0"), "--lora_rank", "0")
-    one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "8", "--quantization_bit", "4"), "QLoRA")
+    one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "8", "--quantization_bit", "3"),
+                   "--quantization_bit", "4", "8")
     one_line_error(capsys, finetune.main, base_args(tiny, data, out, "--lora_rank", "8", "--lora_target", "query_key_value,qkv"),
                    "qkv", "dense, dense_4h_to_h, dense_h_to_4h, output_layer, query_key_value")
     assert not out.exists() or not any(out.iterdir())

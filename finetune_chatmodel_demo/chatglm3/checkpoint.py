@@ -79,10 +79,36 @@ def weight_files(path: Path) -> list[Path]:
     raise ChatGLMError(f"{path}: 找不到权重文件 / no weights found (expected one of {', '.join(WEIGHT_FILES)})")
 
 
-def iter_tensors(file: Path):
-    """Yields (key, tensor) one at a time, on CPU."""
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+def _read_safetensors(file: Path):
+    """(key, tensor) read with plain reads, one tensor in memory at a time: no memory map, whose touched pages
+    would count in the process's memory until the whole file is done (a quantized load would peak at the file's
+    size plus the quantized model)."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        if size > 100 * 2**20:  # safetensors' own bound on the header
+            raise ChatGLMError(f"{file}: safetensors 文件头过大，文件已损坏 / the safetensors header is too large: the file is damaged")
+        header = json_files.expect(json_files.loads(f.read(size).decode("utf-8", "replace"), str(file)), dict, str(file))
+        header.pop("__metadata__", None)
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            start, end = info["data_offsets"]
+            f.seek(8 + size + start)
+            data = bytearray(end - start)
+            f.readinto(data)
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            yield key, (torch.frombuffer(data, dtype=dtype) if data else torch.empty(0, dtype=dtype)).reshape(info["shape"])
+
+
+def iter_tensors(file: Path, mapped: bool = True):
+    """Yields (key, tensor) one at a time, on CPU; `mapped=False`: safetensors read without a memory map."""
     try:
-        if file.suffix == ".safetensors":
+        if file.suffix == ".safetensors" and not mapped:
+            yield from _read_safetensors(file)
+        elif file.suffix == ".safetensors":
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in f.keys():
                     yield key, f.get_tensor(key)
@@ -108,18 +134,23 @@ def _set_tensor(model: nn.Module, key: str, tensor: torch.Tensor):
 
 
 def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dtype=None, dtype=None, device=None, device_map=None, **kwargs):
-    """`ChatGLMForConditionalGeneration.from_pretrained`: config overrides as keyword arguments
-    (e.g. `pre_seq_len=128`); a prefix encoder missing from the files is freshly initialised."""
+    """`ChatGLMForConditionalGeneration.from_pretrained` (transformers' Auto classes, users' upstream habits): config
+    overrides as keyword arguments (e.g. `pre_seq_len=128`); a prefix encoder missing from the files is freshly
+    initialised. The project's scripts go through chatglm3.loading, which calls `load_weights` directly."""
     # A folder, or a Hub id (the Hugging Face cache, or downloaded); AutoModel passes revision/cache_dir/token.
     path = Path(hub.resolve(path, revision=kwargs.get("revision"), cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token")))
     config_dict = read_config(path)
     if config is None:
         config = ChatGLMConfig.from_dict(config_dict)
+    quantization_bit = None
     for key, value in kwargs.items():
         if key in IGNORED_KWARGS:
             continue
-        if key == "quantization_config" or (key == "quantization_bit" and value):
-            raise ChatGLMError("本实现不支持量化 / quantization is not supported by this implementation")
+        if key == "quantization_config":
+            raise ChatGLMError("请用 quantization_bit=4 或 8 / pass quantization_bit=4 or 8 instead of quantization_config")
+        if key == "quantization_bit":
+            quantization_bit = value or None
+            continue
         if not hasattr(config, key):
             raise ChatGLMError(f"未知参数 / unknown argument for from_pretrained: {key}")
         setattr(config, key, value)
@@ -134,14 +165,25 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
     target_dtype = parse_dtype(target_dtype) or torch.float32
     if device_map is not None and device is None:
         device = ("cuda" if torch.cuda.is_available() else "cpu") if device_map == "auto" else device_map
-    device = torch.device(device or "cpu")
+    return load_weights(cls, path, config, target_dtype, device or "cpu", quantization_bit)
 
+
+def load_weights(cls, path: Path, config: ChatGLMConfig, dtype: torch.dtype, device, quantization_bit: Optional[int] = None):
+    """The model of `config` with the weights of the checkpoint folder `path`, built on the meta device and
+    filled one tensor at a time in `dtype` on `device` (a tensor already in `dtype` on the CPU is kept as the
+    file's memory map: no copy). With `quantization_bit` the blocks' linear layers are quantized as they are read
+    (chatglm3.quantization), so the full-precision weights are never all in memory."""
+    device = torch.device(device)
     with torch.device("meta"):
         model = cls(config)
+    if quantization_bit:
+        from . import quantization
+
+        quantization.swap_linears(model, quantization_bit, dtype)
     expected = dict(model.named_parameters())
     expected.update(model.named_buffers())
     for file in weight_files(path):
-        for key, tensor in iter_tensors(file):
+        for key, tensor in iter_tensors(file, mapped=not quantization_bit):
             if key not in expected:
                 raise ChatGLMError(f"{file}: 多余的张量 / unexpected tensor {key!r} (not part of a ChatGLM3 model with this config.json)")
             want = expected[key]
@@ -149,7 +191,13 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
                 raise ChatGLMError(f"{file}: 张量 {key} 形状为 {tuple(tensor.shape)}，按 config.json 应为 {tuple(want.shape)} / tensor {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}")
             # The prefix and the rotary buffer stay in float32 (upstream trains the prefix in float32).
             keep_fp32 = key.startswith(PREFIX_KEY) or key.endswith("inv_freq")
-            _set_tensor(model, key, tensor.to(device=device, dtype=torch.float32 if keep_fp32 else target_dtype))
+            module_name, _, attr = key.rpartition(".")
+            module = model.get_submodule(module_name)
+            if quantization_bit and quantization.is_quantized_weight(module, attr):
+                quantization.set_weight(module, tensor.to(dtype), device)
+                continue
+            value = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            _set_tensor(model, key, value)
 
     missing = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     fresh = [k for k in missing if k.startswith(PREFIX_KEY) or k.endswith("inv_freq")]

@@ -5,9 +5,10 @@ import torch
 
 
 def _stop_ids(model, eos_token_id) -> list[int]:
+    """The ids that end a row: the caller's (chat.py, batch.py and the scripts pass
+    chatglm3.conversation.stop_token_ids), else the config's eos."""
     if eos_token_id is None:
-        ids = getattr(model, "stop_token_ids", None)
-        return list(ids) if ids else [model.config.eos_token_id]
+        return [model.config.eos_token_id]
     if isinstance(eos_token_id, int):
         return [eos_token_id]
     return list(eos_token_id)  # [] never stops

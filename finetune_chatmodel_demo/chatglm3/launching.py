@@ -3,7 +3,7 @@
 - how many processes (NUM_GPUS, checked; default every visible GPU, 1 on a CPU machine) and how to start them:
   plain python for one process (DeepSpeed then gets the rendezvous variables it would otherwise look for through
   MPI), torchrun for several or for several machines;
-- the hardware flags (`--use_cpu`, gloo between CPU processes, `--bf16`/`--fp16` for full fine-tuning);
+- the hardware flags (`--use_cpu`, gloo between CPU processes, `--bf16`/`--fp16` from PRECISION);
 - which output folder: with upstream's timestamped names and `--resume_from_checkpoint true`, the newest unfinished
   run of the same name is continued;
 - one live run per output folder: `claim` locks OUTPUT_DIR/.lock (the `filelock` package: flock on Unix,
@@ -150,23 +150,31 @@ def check_deepspeed_config(path: Optional[str], label: str) -> None:
 
 
 def hardware_flags(argv: List[str], precision: str, gpus: int, processes: int) -> List[str]:
-    """Flags finetune.py needs on this machine: --use_cpu and gloo without GPUs; for full fine-tuning with
-    DeepSpeed, --bf16 or --fp16 from PRECISION (auto: bf16 where the GPU has it, else fp16; fp32 on CPU).
-    P-Tuning picks the frozen weights' precision itself."""
+    """Flags finetune.py needs on this machine: --use_cpu and gloo without GPUs, and the precision from PRECISION.
+    auto: on a GPU, for DeepSpeed full fine-tuning, bf16 where the GPU has it, else fp16 (P-Tuning and LoRA pick
+    the frozen weights' precision themselves); on the CPU bf16 mixed precision where the CPU does bf16 arithmetic
+    (loading.cpu_has_bf16; measured faster with the same loss curve, README: precision), except under DeepSpeed,
+    else fp32. A --bf16 or
+    --fp16 already in the flags wins."""
     if precision not in PRECISIONS:
         raise LaunchError(f"错误：PRECISION 只能是 {' / '.join(PRECISIONS)}，收到 {precision!r} / Error: PRECISION must be one of "
                           f"{', '.join(PRECISIONS)}, got {precision!r}")
+    from .loading import cpu_has_bf16, resolve_dtype
+
+    given = bool({"--bf16", "--fp16"} & set(argv))
     if not gpus:
-        if precision in ("bf16", "fp16"):
-            raise LaunchError(f"错误：PRECISION={precision} 需要 CUDA GPU，本机没有 / Error: PRECISION={precision} needs a CUDA "
-                              "GPU and none is visible: use PRECISION=fp32 or auto")
-        return ["--use_cpu"] + (["--ddp_backend", "gloo"] if processes > 1 else [])
-    if flag_value(argv, "--deepspeed") is None or {"--bf16", "--fp16"} & set(argv):
+        if precision == "fp16":
+            raise LaunchError("错误：PRECISION=fp16 需要 CUDA GPU（CPU 没有 fp16 运算）；CPU 上请用 PRECISION=bf16 或 auto / "
+                              "Error: PRECISION=fp16 needs a CUDA GPU (CPUs have no fp16 arithmetic): use PRECISION=bf16 "
+                              "or auto on the CPU")
+        cpu = ["--use_cpu"] + (["--ddp_backend", "gloo"] if processes > 1 else [])
+        if precision == "auto":  # DeepSpeed's bf16 on the CPU (bf16 weights, float32 master copy) was not measured
+            precision = "bf16" if cpu_has_bf16() and flag_value(argv, "--deepspeed") is None else "fp32"
+        return cpu + ([] if given or precision == "fp32" else [f"--{precision}"])
+    if flag_value(argv, "--deepspeed") is None or given:
         return []
     if precision == "auto":  # the same rule as loading a model for inference
         import torch
-
-        from .loading import resolve_dtype
 
         precision = "bf16" if resolve_dtype(None, "cuda") == torch.bfloat16 else "fp16"
     return [] if precision == "fp32" else [f"--{precision}"]

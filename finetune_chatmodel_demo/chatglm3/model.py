@@ -34,6 +34,8 @@ class ChatGLMOutput(dict):
     outputs["loss"]). A plain class: transformers' ModelOutput renames fields between releases."""
 
     def __init__(self, loss=None, logits=None, past_key_values=None):
+        if isinstance(loss, dict):  # rebuilt from a mapping: accelerate's bf16/fp16 output cast calls type(out)(dict)
+            loss, logits, past_key_values = loss.get("loss"), loss.get("logits"), loss.get("past_key_values")
         fields = {"loss": loss, "logits": logits, "past_key_values": past_key_values}
         super().__init__({k: v for k, v in fields.items() if v is not None})
         self.loss, self.logits, self.past_key_values = loss, logits, past_key_values

@@ -31,6 +31,7 @@ OUTPUT_DIR=${OUTPUT_DIR:-$DEMO_DIR/output/${RUN_NAME}-${DATESTR}-${PRE_SEQ_LEN}-
 VALIDATION_PATH=${VALIDATION_PATH:-}                 # eval loss on this file every SAVE_INTERVAL steps
 PACKING=${PACKING:-0}                                # 1: several samples per row
 GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-1}  # 0: faster, more memory
+QUANTIZATION_BIT=${QUANTIZATION_BIT:-}                 # 4 或 8：量化冻结的基座（bitsandbytes，CPU/GPU）/ 4 or 8: quantize the frozen base
 EXTRA_ARGS=${EXTRA_ARGS:-}                           # more finetune.py flags, e.g. "--save_total_limit 2"
 
 # shellcheck disable=SC2086  # EXTRA_ARGS is a list of flags
@@ -53,4 +54,5 @@ python "$DEMO_DIR/scripts/launch.py" --num-gpus "$NUM_GPUS" --datestr "$DATESTR"
     --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
     --packing "$PACKING" \
     ${VALIDATION_PATH:+--validation_file "$VALIDATION_PATH" --per_device_eval_batch_size "$DEV_BATCH_SIZE"} \
+    ${QUANTIZATION_BIT:+--quantization_bit "$QUANTIZATION_BIT"} \
     $EXTRA_ARGS

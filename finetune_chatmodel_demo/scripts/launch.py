@@ -7,8 +7,10 @@ folder, starts finetune.py in as many processes as asked, keeps the log.
 - NUM_GPUS: empty = every visible GPU (1 on a machine without one, where it counts CPU processes).
 - One process runs as plain python, several under torchrun; several machines: NNODES, NODE_RANK, MASTER_ADDR,
   MASTER_PORT (read from the environment, as torchrun names them).
-- Hardware flags are appended and shown: --use_cpu (and gloo between CPU processes) without a GPU; for DeepSpeed
-  full fine-tuning --bf16 or --fp16 from PRECISION (auto = bf16 where the GPU supports it, else fp16; fp32).
+- Hardware flags are appended and shown: --use_cpu (and gloo between CPU processes) without a GPU; --bf16 or
+  --fp16 from PRECISION: auto = on a GPU for DeepSpeed full fine-tuning bf16 where the GPU supports it, else fp16;
+  on the CPU bf16 mixed precision where the CPU has bf16 arithmetic (AVX512-BF16/AMX) and no DeepSpeed,
+  else fp32. fp16 needs a GPU.
 - Every number is checked before anything starts (NUM_GPUS at most the visible GPUs or CPU cores, NNODES,
   NODE_RANK, MASTER_PORT, and the numeric finetune.py flags, named by their variable: LR, LORA_ALPHA, MAX_STEP, ...),
   and DS_CONFIG's settings.
