@@ -207,6 +207,8 @@ def load_weights(cls, path: Path, config: ChatGLMConfig, dtype: torch.dtype, dev
         raise ChatGLMError(f"{path}: 权重缺少 {len(really_missing)} 个张量 / weights lack {len(really_missing)} tensors: {shown}")
     if fresh:
         _materialise_fresh(model, device)
+    if quantization_bit:
+        quantization.release_freed_memory()
     return model.eval()
 
 
