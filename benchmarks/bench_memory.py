@@ -579,18 +579,17 @@ def judge(row: Row, r: dict, ctx: dict) -> str:
 
 
 def speed_note(results: dict) -> str:
-    """The README's sentence on chat speed, from this run's figures."""
-    speeds = {n: results[n].get("tokens_per_s") for n in ("chat_bf16", "chat_8bit", "chat_4bit")
+    """The README's sentence on chat speed, from this run's figures: the rows ranked, fastest first."""
+    labels = {"chat_bf16": ("bf16", "bf16"), "chat_8bit": ("8 比特", "8-bit"), "chat_4bit": ("4 比特", "4-bit")}
+    speeds = {n: results[n].get("tokens_per_s") for n in labels
               if results.get(n, {}).get("ok") and results[n].get("tokens_per_s")}
-    if "chat_bf16" not in speeds or len(speeds) < 2:
+    if len(speeds) < 2:
         return ""
-    base = speeds["chat_bf16"]
-    slower = [f"{label} {base / speeds[n]:.1f}× slower ({speeds[n]:.2f} tok/s)" for n, label in
-              (("chat_4bit", "4-bit"), ("chat_8bit", "8-bit")) if n in speeds]
-    zh = "；".join(f"{label}慢 {base / speeds[n]:.1f} 倍" for n, label in (("chat_4bit", "4 比特"), ("chat_8bit", "8 比特")) if n in speeds)
-    return (f"CPU 上对话 bf16 最快（首 token 之后 {base:.2f} token/s）；量化省内存，不省时间：{zh}。\n"
-            f"On the CPU, bf16 chats fastest ({base:.2f} tokens/s after the first); quantization saves memory, not time: "
-            f"{', '.join(slower)}.")
+    ranked = sorted(speeds, key=speeds.get, reverse=True)
+    zh = " > ".join(f"{labels[n][0]} {speeds[n]:.2f}" for n in ranked)
+    en = " > ".join(f"{labels[n][1]} {speeds[n]:.2f}" for n in ranked)
+    return (f"CPU 上首 token 之后的解码速度（token/s）/ decoding speed on the CPU after the first token (tokens/s): "
+            f"{zh} / {en}.")
 
 
 def report(results: dict, ctx: dict, args, total_s: float) -> str:

@@ -14,7 +14,7 @@ import torch
 
 from . import compat, hub, lora, memory, quantization, train_format
 from .checkpoint import DTYPES, PREFIX_KEY, iter_tensors, load_weights, parse_dtype, read_config, weight_files
-from .configuration import ChatGLMConfig
+from .configuration import ChatGLMConfig, check_config_dict
 from .errors import ChatGLMError
 from .model import ChatGLMForConditionalGeneration
 from .tokenizer import ChatGLMTokenizer
@@ -46,12 +46,18 @@ def resolve_dtype(value, device, checkpoint_dtype=None) -> torch.dtype:
     return torch.float32
 
 
+def _folder_config(path) -> dict:
+    """A checkpoint folder's config.json ({} when it has none)."""
+    return read_config(Path(path)) if (Path(path) / "config.json").is_file() else {}
+
+
+def _prefix_fields(data: dict) -> dict:
+    return {k: data[k] for k in ("pre_seq_len", "prefix_projection") if data.get(k) is not None}
+
+
 def read_ptuning_config(path) -> dict:
     """`pre_seq_len` / `prefix_projection` from a P-Tuning checkpoint's config.json, if it has one."""
-    if not (Path(path) / "config.json").is_file():
-        return {}
-    data = read_config(Path(path))
-    return {k: data[k] for k in ("pre_seq_len", "prefix_projection") if data.get(k) is not None}
+    return _prefix_fields(_folder_config(path))
 
 
 def load_ptuning_checkpoint(model, path):
@@ -146,13 +152,16 @@ def make_plan(model, tokenizer=None, pt_checkpoint=None, adapter=None, pre_seq_l
     model_dir = hub.resolve(model, label=label, **options)
     tokenizer_dir = model_dir if tokenizer is None else hub.resolve(tokenizer, need="tokenizer", **options)
     config = read_config(Path(model_dir))
-    pt_config = read_ptuning_config(pt_checkpoint) if pt_checkpoint is not None else {}
+    pt_saved = _folder_config(pt_checkpoint) if pt_checkpoint is not None else {}  # read once: prefix and format
+    pt_config = _prefix_fields(pt_saved)
     adapter_pt = read_ptuning_config(adapter) if adapter is not None else {}
     check_checkpoint_kinds(pt_checkpoint, adapter, adapter_pt)
     prefix = _prefix_settings(pt_checkpoint, pt_config, pre_seq_len, prefix_projection)
+    if prefix:  # the prefix settings are held to config.json's rules (a size of 10^9), before anything is built
+        check_config_dict({**config, **prefix}, f"{Path(model_dir) / 'config.json'} + {', '.join(sorted(prefix))}")
     kind = ("ptuning" if pt_checkpoint is not None else "lora" if adapter is not None
             else "full" if config.get(train_format.CONFIG_KEY) else "base")
-    fmt = (pt_config.get(train_format.CONFIG_KEY) if pt_checkpoint is not None else None) or \
+    fmt = pt_saved.get(train_format.CONFIG_KEY) or \
         (train_format.recorded(None, adapter=adapter) if adapter is not None else None) or config.get(train_format.CONFIG_KEY)
     return LoadPlan(
         model_dir=model_dir, tokenizer_dir=tokenizer_dir, config=config, kind=kind,
