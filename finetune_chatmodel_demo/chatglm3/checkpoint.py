@@ -148,8 +148,10 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
             continue
         if key == "quantization_config":
             raise ChatGLMError("请用 quantization_bit=4 或 8 / pass quantization_bit=4 or 8 instead of quantization_config")
-        if key == "quantization_bit":
-            quantization_bit = value or None
+        if key == "quantization_bit":  # the scripts' one check: 4 or 8 (3 would otherwise load as 8 bits)
+            from .quantization import parse_bits
+
+            quantization_bit = parse_bits(value or None, "quantization_bit")  # 0: none, as before
             continue
         if not hasattr(config, key):
             raise ChatGLMError(f"未知参数 / unknown argument for from_pretrained: {key}")
