@@ -24,7 +24,7 @@ for _p in (DEMO, DATA_PROCESSING):
 import torch  # noqa: E402
 
 from chatglm3 import ChatGLMConfig, ChatGLMError, ChatGLMForConditionalGeneration  # noqa: E402
-from chatglm3.loading import default_device, load_tokenizer, resolve_dtype  # noqa: E402
+from chatglm3.checkpoint.loading import default_device, load_tokenizer, resolve_dtype  # noqa: E402
 
 
 class BenchError(ChatGLMError):
@@ -116,7 +116,7 @@ def step_flops(model, batch: dict, train_weights: bool, logits_everywhere: bool,
 
 def matmul_peak_gflops(device: str, seconds: float = 1.5) -> dict:
     """This machine's float32 matrix-multiply rate (GFLOP/s, best over `seconds` of 2048^3 products), through
-    aten::mm (MKL on the CPU) and, on the CPU, through oneDNN (the kernel chatglm3.fused_loss uses)."""
+    aten::mm (MKL on the CPU) and, on the CPU, through oneDNN (the kernel chatglm3.model.fused_loss uses)."""
     n = 2048
     a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
     kernels = {"aten_mm": lambda: a @ b}

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from _common import BenchError  # importing _common puts finetune_chatmodel_demo/ on sys.path
 from transformers.trainer_pt_utils import LengthGroupedSampler
 
-from chatglm3.conversation import IGNORE_INDEX
+from chatglm3.model.conversation import IGNORE_INDEX
 from preprocess_utils import DataCollatorForChatGLM, DataCollatorForPacking, pack_samples
 
 STRATEGIES = {

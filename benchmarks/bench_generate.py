@@ -1,6 +1,6 @@
 """Generation speed: time to first token and decode tokens/s, with and without the KV cache, batch 1 and 8.
 
-With the cache: the model's own loop (chatglm3.generation.generate_stream), the path model.generate and
+With the cache: the model's own loop (chatglm3.model.generation.generate_stream), the path model.generate and
 model.chat use. Without: every step re-runs the whole sequence (what a loop without past_key_values costs).
 Greedy decoding that never stops early, on a randomly initialised model of the default benchmark shape, so the
 token counts are exact; both paths must produce the same tokens (checked and printed).
@@ -22,9 +22,9 @@ from _common import ChatGLMError, progress  # noqa: E402
 
 import torch  # noqa: E402
 
-from chatglm3.batch import left_pad  # noqa: E402
-from chatglm3.conversation import prompt_ids  # noqa: E402
-from chatglm3.generation import generate_stream  # noqa: E402
+from chatglm3.serving.batch_replies import left_pad  # noqa: E402
+from chatglm3.model.conversation import prompt_ids  # noqa: E402
+from chatglm3.model.generation import generate_stream  # noqa: E402
 
 # A short multi-turn chat, so the prompt has the length of a typical follow-up question (about 100 tokens).
 SYSTEM = "你是一位宝可梦训练家的助手，回答要简洁准确。"

@@ -1,5 +1,5 @@
 """GGUF on a laptop CPU: llama.cpp's generation speed (llama-cpp-python) at f16, q8_0 and q4_k_m beside our own
-(chatglm3.generation), and each file's size, for a model folder (a tiny model, or chatglm3-6b's shape with random
+(chatglm3.model.generation), and each file's size, for a model folder (a tiny model, or chatglm3-6b's shape with random
 weights: speed and size only). Greedy decoding that never stops early, the same ~90-token chat prompt for all.
 
     python benchmarks/bench_gguf.py --model DIR                       # f16, q8_0, q4_k_m; ours in float32
@@ -26,11 +26,11 @@ from _common import ChatGLMError, fail, progress  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from chatglm3 import gguf_export  # noqa: E402
-from chatglm3.conversation import prompt_ids  # noqa: E402
-from chatglm3.export import export  # noqa: E402
-from chatglm3.generation import generate_stream  # noqa: E402
-from chatglm3.loading import load_model_and_tokenizer, load_tokenizer  # noqa: E402
+from chatglm3.checkpoint import gguf as gguf_export  # noqa: E402
+from chatglm3.model.conversation import prompt_ids  # noqa: E402
+from chatglm3.checkpoint.export import export  # noqa: E402
+from chatglm3.model.generation import generate_stream  # noqa: E402
+from chatglm3.checkpoint.loading import load_model_and_tokenizer, load_tokenizer  # noqa: E402
 
 HISTORY = [
     {"role": "system", "content": "你是一位宝可梦训练家的助手，回答要简洁准确。"},

@@ -5,7 +5,7 @@ Writes, once, a random model of chatglm3-6b's exact shape in the official layout
 model.safetensors.index.json, config.json, the real tokenizer), then runs every row in a fresh process through
 the project's own entry points and measures its peak resident memory and its seconds:
 
-  load                 the model with no flags (chatglm3.loading, as inference.py loads it)
+  load                 the model with no flags (chatglm3.checkpoint.loading, as inference.py loads it)
   chat_bf16/8bit/4bit  load + a chat reply of --new-tokens greedy tokens: first-token seconds, tokens/s after it
   ptuning_bf16, lora_bf16, qlora_4bit, ptuning_4bit
                        the launchers (finetune_ps_pt_m.sh, finetune_lora.sh) for 2 steps of 512-token samples,
@@ -193,7 +193,7 @@ def write_model(model_dir: Path, shape: str, tokenizer_dir: Path, seed: int) -> 
     from safetensors.torch import save_file
 
     from chatglm3 import ChatGLMForConditionalGeneration
-    from chatglm3.safe_io import share_weight_files
+    from chatglm3.output_files import share_weight_files
 
     saved = _written_model(model_dir, shape, seed)
     if saved is not None:
@@ -248,7 +248,7 @@ def write_model(model_dir: Path, shape: str, tokenizer_dir: Path, seed: int) -> 
 def write_samples(path: Path, tokenizer, count: int = 4) -> list:
     """`count` multi-turn Pokémon conversations of exactly SEQ_LEN tokens each in the chat format (whole turns, the
     last reply padded with digits, one token each in ChatGLM3's vocabulary): every step trains SEQ_LEN tokens."""
-    from chatglm3.conversation import encode_sample
+    from chatglm3.model.conversation import encode_sample
 
     turns = [("皮卡丘是什么属性？", "皮卡丘是电属性的宝可梦，擅长十万伏特和电光一闪，速度很快，但防御较低。"),
              ("它的弱点是什么？", "电属性宝可梦害怕地面属性的招式，比如地震和挖洞，地面属性的攻击对它效果绝佳。"),
@@ -300,7 +300,7 @@ def child_prepare(args) -> dict:
     """Model (once), training data and the adapter, plus what the report says about the software."""
     import torch
 
-    from chatglm3.loading import load_tokenizer
+    from chatglm3.checkpoint.loading import load_tokenizer
 
     info = write_model(args.model_dir, args.shape, args.tokenizer, args.seed)
     args.work_dir.mkdir(parents=True, exist_ok=True)
@@ -327,13 +327,13 @@ def _rss_now_gb() -> float:
 
 def child_model_row(args, row: Row) -> dict:
     """Load through the inference scripts' own flags and loader (cli.load_from_args), then, for a chat row, one
-    greedy reply of --new-tokens tokens that never stops early (chatglm3.generation.generate_stream, the loop of
+    greedy reply of --new-tokens tokens that never stops early (chatglm3.model.generation.generate_stream, the loop of
     model.chat and inference.py)."""
     import torch
     from cli import add_model_args, load_from_args
 
-    from chatglm3.conversation import prompt_ids
-    from chatglm3.generation import generate_stream
+    from chatglm3.model.conversation import prompt_ids
+    from chatglm3.model.generation import generate_stream
 
     parser = argparse.ArgumentParser(prog=f"bench_memory.py --row {row.name}", allow_abbrev=False)
     add_model_args(parser)

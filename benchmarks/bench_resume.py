@@ -1,6 +1,6 @@
 """Resume cost of the allow-listed loader (`python benchmarks/bench_resume.py OUT_DIR WIDTH`, WIDTH 16 or 8): a
 DeepSpeed ZeRO-2 checkpoint with ChatGLM3-6B's 172 tensors at 1/WIDTH of its hidden size (model states bf16 + optimizer states fp32 with a LossScaler and fragment addresses), loaded
-as DeepSpeed does (torch.load, weights_only=False) and through chatglm3.safe_load."""
+as DeepSpeed does (torch.load, weights_only=False) and through chatglm3.checkpoint.torch_files."""
 import statistics
 import sys
 import time
@@ -12,9 +12,9 @@ import deepspeed  # noqa: F401  (its classes are in the optimizer states)
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
-from chatglm3 import safe_load
-from chatglm3.configuration import ChatGLMConfig
-from chatglm3.model import ChatGLMForConditionalGeneration
+from chatglm3.checkpoint import torch_files as safe_load
+from chatglm3.model.configuration import ChatGLMConfig
+from chatglm3.model.modeling import ChatGLMForConditionalGeneration
 
 out = Path(sys.argv[1]); step = out / "global_step1"; step.mkdir(parents=True, exist_ok=True)
 w = int(sys.argv[2])  # 16: 0.73 GiB, 8: 2.2 GiB

@@ -49,7 +49,7 @@ def parse_args(argv=None):
 
 
 def quickstart_model(workdir: Path) -> Path:
-    from chatglm3.tiny import build_tiny_model
+    from build_tiny_model import build_tiny_model
 
     progress("构建小模型 / building the quick start's tiny model shape")
     return build_tiny_model(DATA_PROCESSING / "data.csv", workdir / "tiny-base", layers=4, hidden=128, heads=8,

@@ -35,8 +35,8 @@ from _common import BenchError, ChatGLMError, progress  # noqa: E402
 import torch  # noqa: E402
 from _strategies import BASELINE, epoch_batches, spread, strategy_loss  # noqa: E402
 
-from chatglm3 import lora  # noqa: E402
-from chatglm3.generation import generate_stream  # noqa: E402
+from chatglm3.checkpoint import lora  # noqa: E402
+from chatglm3.model.generation import generate_stream  # noqa: E402
 from preprocess_utils import build_dataset  # noqa: E402
 
 # chatglm3-6b's config.json: 28 layers, hidden 4096, 32 heads x 128, multi-query with 2 groups, ffn 13696.

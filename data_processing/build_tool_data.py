@@ -16,10 +16,10 @@ from pathlib import Path
 # cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
 from cli_common import DEFAULT_TABLE, add_table_args, dumps, run_cli, table_columns, write_all_atomic
 from chatglm3.json_files import DATA_LIMIT, read_text
-from chatglm3.data import check_conversation, load_conversations
+from chatglm3.data.reader import check_conversation, load_conversations
 from chatglm3.errors import ChatGLMError
-from chatglm3.loading import load_tokenizer
-from chatglm3.safe_io import check_outputs
+from chatglm3.checkpoint.loading import load_tokenizer
+from chatglm3.output_files import check_outputs
 from pokedex import format_report, load_table
 from tool_data import build_eval_samples, build_training_samples, held_out_names, mentioning, unlearnt_name_tokens
 

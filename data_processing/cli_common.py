@@ -1,9 +1,9 @@
 """What data_processing.py and format_tool_poke.py share: the paths, the table flags, output checks and atomic
-writing (chatglm3.safe_io's, the project's one) and the runner that turns a bad input into one line on stderr and
+writing (chatglm3.output_files's, the project's one) and the runner that turns a bad input into one line on stderr and
 exit status 1.
 
 Importing this module puts finetune_chatmodel_demo/ on sys.path (the one place that does), so that the pipeline
-reads tables with `pokedex` and conversation files with `chatglm3.data`, as training does.
+reads tables with `pokedex` and conversation files with `chatglm3.data.reader`, as training does.
 """
 import sys
 from pathlib import Path
@@ -16,7 +16,7 @@ if str(DEMO) not in sys.path:
 
 from chatglm3.errors import ChatGLMError  # noqa: E402
 from chatglm3.json_files import dumps  # noqa: E402,F401  (the scripts' one JSON writer: no bare NaN)
-from chatglm3.safe_io import check_outputs, write_all_atomic, write_atomic  # noqa: E402,F401  (the one way to write)
+from chatglm3.output_files import check_outputs, write_all_atomic, write_atomic  # noqa: E402,F401  (the one way to write)
 from pokedex import COLUMN_FLAGS, COLUMNS  # noqa: E402
 
 DEFAULT_TABLE = HERE / "data.csv"

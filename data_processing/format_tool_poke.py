@@ -3,7 +3,7 @@
 finetune_chatmodel_demo trains on; with --tools, build tool-calling conversations (pokedex_lookup) instead.
 
 Input (--path): the JSON list written by data_processing.py, or JSONL, one {"conversations": [...]} (optionally
-with "tools") per sample. Files are read and every sample checked by chatglm3.data, the reader training uses: a
+with "tools") per sample. Files are read and every sample checked by chatglm3.data.reader, the reader training uses: a
 problem stops the script with the file, line and problem, and nothing is written.
 """
 import argparse
@@ -13,7 +13,7 @@ from pathlib import Path
 # cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
 from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_JSONL, DEFAULT_TABLE, add_table_args, check_outputs, dumps,
                         run_cli, table_columns, write_atomic)
-from chatglm3.data import check_conversation, load_conversations
+from chatglm3.data.reader import check_conversation, load_conversations
 from chatglm3.errors import ChatGLMError
 from dialogues import build_tool_samples, conversation_stats
 from pokedex import format_report, load_table

@@ -22,7 +22,7 @@ import json
 import random
 
 import cli_common  # noqa: F401  (puts finetune_chatmodel_demo/ on sys.path)
-from chatglm3.conversation import encode_sample, format_tool_call
+from chatglm3.model.conversation import encode_sample, format_tool_call
 from dialogues import QUESTIONS, answer, build_samples, split_dev
 from pokedex import POKEDEX_TOOL, PokemonRow, PokemonTable, lookup_pokemon
 from pokemon_types import TYPES, effectiveness, weaknesses

@@ -60,7 +60,7 @@ def ipaddress_is_loopback(host: str) -> bool:
 def allowed_hosts(args: argparse.Namespace):
     """The Host headers to accept: --allowed-hosts ('*': any); by default any with a key, and without one the
     local names and --host (unless it is a wildcard such as 0.0.0.0)."""
-    from chatglm3.openai_api import LOCAL_HOSTS
+    from chatglm3.serving.openai_api import LOCAL_HOSTS
 
     if args.allowed_hosts is not None:
         names = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
@@ -132,9 +132,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import uvicorn
 
-    from chatglm3.conversation import stop_token_ids
-    from chatglm3.openai_api import Limits, api_key_problem, create_app
-    from chatglm3.serving import Engine
+    from chatglm3.model.conversation import stop_token_ids
+    from chatglm3.serving.openai_api import Limits, api_key_problem, create_app
+    from chatglm3.serving.engine import Engine
 
     problem = api_key_problem(args.api_key)
     if problem:

@@ -3,7 +3,15 @@ scripts/quiz_types.py."""
 import argparse
 import sys
 
-from chatglm3 import ChatGLMError, loading, train_format
+from chatglm3 import ChatGLMError
+
+
+
+from chatglm3.checkpoint import loading
+
+
+
+from chatglm3.data import train_format
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -21,13 +21,13 @@ from typing import Dict, List, Optional
 import torch
 
 from chatglm3 import ChatGLMError
-from chatglm3.batch import generate_replies
-from chatglm3.conversation import prompt_ids, sample_to_messages
-from chatglm3.data import load_conversations, load_input_output
+from chatglm3.serving.batch_replies import generate_replies
+from chatglm3.model.conversation import prompt_ids, sample_to_messages
+from chatglm3.data.reader import load_conversations, load_input_output
 from chatglm3.json_files import dumps
-from chatglm3.loading import input_files
-from chatglm3.safe_io import check_outputs, write_atomic
-from chatglm3.train_format import raw_prompt_ids
+from chatglm3.checkpoint.loading import input_files
+from chatglm3.output_files import check_outputs, write_atomic
+from chatglm3.data.train_format import raw_prompt_ids
 from cli import add_format_arg, add_model_args, load_from_args, prompt_format
 from metrics import METRIC_KEYS, compute_metrics, score_pair
 from pokedex import PokedexTool

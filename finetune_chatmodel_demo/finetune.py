@@ -14,7 +14,7 @@ Examples (the launchers in scripts/ fill these in from environment variables):
     python finetune.py ... --lora_rank 8 --learning_rate 5e-4   # LoRA: saves a PEFT adapter (scripts/finetune_lora.sh)
 
 Precision: with P-Tuning v2 and LoRA the frozen base is held in bf16 with --bf16, fp16 with --fp16, else by the
-one dtype rule (chatglm3.loading.resolve_dtype: bf16 on a GPU that has it, the checkpoint's own dtype on the CPU);
+one dtype rule (chatglm3.checkpoint.loading.resolve_dtype: bf16 on a GPU that has it, the checkpoint's own dtype on the CPU);
 the prefix or adapter stays float32. `--quantization_bit 4|8` quantizes that base (bitsandbytes, CPU or CUDA):
 P-Tuning v2 over a quantized base, or QLoRA with --lora_rank. Full fine-tuning loads float32 weights and takes
 --bf16/--fp16 (mixed precision, or DeepSpeed's) as usual; --bf16 works on the CPU too.
@@ -33,25 +33,26 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
-# chatglm3 before transformers' training classes, which import bitsandbytes: chatglm3.quantization quiets it first.
-from chatglm3 import ChatGLMError, compat, loading, lora, memory, quantization, safe_io, safe_load  # noqa: E402
-from chatglm3 import train_format  # noqa: E402
+# chatglm3 before transformers' training classes, which import bitsandbytes: chatglm3.checkpoint.quantization quiets it first.
+from chatglm3 import ChatGLMError, compat, output_files as safe_io  # noqa: E402
+from chatglm3.checkpoint import loading, lora, memory, quantization, torch_files as safe_load  # noqa: E402
+from chatglm3.data import train_format  # noqa: E402
 import transformers  # noqa: E402
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed  # noqa: E402
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
 from arguments import (ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments,  # noqa: E402
                        check_training_arguments)
-from chatglm3 import launching  # noqa: E402
+import launching  # noqa: E402
 from arguments import no_effect_notes  # noqa: E402
-from chatglm3.launching import TRAINER_STATE_NAME, find_last_checkpoint  # noqa: E402
+from launching import TRAINER_STATE_NAME, find_last_checkpoint  # noqa: E402
 import preprocess_utils  # noqa: E402
 from trainer import PrefixTrainer  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 # Errors that carry a message for the user: printed without a traceback, exit status 1
-# (chatglm3.data.DataFormatError is a ChatGLMError).
+# (chatglm3.data.reader.DataFormatError is a ChatGLMError).
 USER_ERRORS = (ArgumentsError, ChatGLMError)
 
 
@@ -163,7 +164,7 @@ def configure_training(training_args, data_args) -> bool:
 
 
 def make_plan(model_args, training_args):
-    """The load plan (chatglm3.loading): names resolved once (a Hub id from the Hugging Face cache or downloaded,
+    """The load plan (chatglm3.checkpoint.loading): names resolved once (a Hub id from the Hugging Face cache or downloaded,
     --cache_dir, --model_revision), config.json and the P-Tuning checkpoint's config read once, and the weights'
     dtype: full fine-tuning keeps float32 master weights (--bf16/--fp16 compute in half through AMP or
     DeepSpeed); P-Tuning v2 and LoRA freeze the base, held in bf16 with --bf16, fp16 with --fp16, else by the one
@@ -192,7 +193,7 @@ def sanity_check(sample, tokenizer):
 
 
 def check_memory(plan, model_args, training_args):
-    """Refuse, before the weights are read, a run that clearly cannot fit (a lower bound, chatglm3.memory): every
+    """Refuse, before the weights are read, a run that clearly cannot fit (a lower bound, chatglm3.checkpoint.memory): every
     process first holds the weights in RAM; the device then holds them as loaded (dtype, 4/8-bit layers) with the
     trainable part's gradients and Adam states (P-Tuning v2, LoRA), or, for full fine-tuning, the gradients and
     Adam states as ZeRO splits them. ZeRO-3 and offload leave the placement to DeepSpeed: a warning only."""

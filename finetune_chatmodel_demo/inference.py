@@ -45,12 +45,12 @@ with stdout_to_stderr() if __name__ == "__main__" else contextlib.nullcontext():
     import torch
 
     from chatglm3 import ChatGLMError
-    from chatglm3.conversation import prompt_ids, tool_system_message
-    from chatglm3.toolloop import MAX_CALLS, MAX_ERROR_OBSERVATIONS, ToolTurn
-    from chatglm3.generation import generate_stream
+    from chatglm3.model.conversation import prompt_ids, tool_system_message
+    from chatglm3.serving.tool_loop import MAX_CALLS, MAX_ERROR_OBSERVATIONS, ToolTurn
+    from chatglm3.model.generation import generate_stream
     from chatglm3.json_files import check_unicode
-    from chatglm3.safe_io import check_inputs
-    from chatglm3.train_format import raw_prompt_ids
+    from chatglm3.output_files import check_inputs
+    from chatglm3.data.train_format import raw_prompt_ids
     from cli import add_format_arg, add_model_args, load_from_args, prompt_format
     from pokedex import PokedexTool
 
@@ -147,7 +147,7 @@ def chat_turn(model, tokenizer, query: str, history: List[dict], gen_kwargs: Dic
               max_tool_rounds: int = MAX_CALLS) -> Tuple[str, List[dict]]:
     """Answer one user message; returns (answer text, new history).
 
-    With `tool`, the turn runs the tool loop (chatglm3.toolloop, as evaluate.py --tools does): a call from the
+    With `tool`, the turn runs the tool loop (chatglm3.serving.tool_loop, as evaluate.py --tools does): a call from the
     model is executed by `tool` and its observation (or an error observation) fed back, at most `max_tool_rounds`
     calls. Raises ChatGLMError for a prompt that cannot fit, too many calls or failed calls; the caller's history
     is then unchanged.

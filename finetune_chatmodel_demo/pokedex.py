@@ -17,7 +17,7 @@ from pathlib import Path
 
 from chatglm3 import json_files
 from chatglm3.errors import ChatGLMError
-from chatglm3.toolloop import error_observation
+from chatglm3.serving.tool_loop import error_observation
 from pokemon_types import UnknownTypeError, clean_text, split_types, weaknesses
 
 __all__ = ["split_types", "weaknesses", "clean_text", "TableError", "PokemonRow", "PokemonTable", "read_text",

@@ -1,5 +1,5 @@
-"""Training datasets for ChatGLM3: samples (read and checked by chatglm3.data) become token ids and labels exactly
-as upstream's finetune_chatmodel_demo made them (chatglm3.conversation.encode_sample), then are truncated,
+"""Training datasets for ChatGLM3: samples (read and checked by chatglm3.data.reader) become token ids and labels exactly
+as upstream's finetune_chatmodel_demo made them (chatglm3.model.conversation.encode_sample), then are truncated,
 padded or packed into batches.
 
 Datasets tokenize once, at construction; each item is {"input_ids": [...], "labels": [...]} without padding, and
@@ -11,8 +11,8 @@ from bisect import bisect_left, insort
 import torch
 from torch.utils.data import Dataset
 
-from chatglm3.conversation import IGNORE_INDEX, encode_sample
-from chatglm3.data import (DataFormatError, INPUT_OUTPUT_KEYS, Records, as_records, check_conversation,
+from chatglm3.model.conversation import IGNORE_INDEX, encode_sample
+from chatglm3.data.reader import (DataFormatError, INPUT_OUTPUT_KEYS, Records, as_records, check_conversation,
                            check_input_output, load_conversations, load_input_output)
 
 

@@ -1,5 +1,5 @@
 """工具调用评测 / Measuring tool use: every user turn of a conversation set with tools, answered through the real
-tool loop (chatglm3.toolloop) with the Pokédex as the tool, and scored.
+tool loop (chatglm3.serving.tool_loop) with the Pokédex as the tool, and scored.
 
 Each user turn is asked with the reference conversation before it as history (the reference calls, observations
 and answers of earlier turns). The reference "tool" entries right after the question are the expected calls.
@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from chatglm3 import json_files
-from chatglm3.conversation import TOOLS_KEY, sample_to_messages
-from chatglm3.data import load_conversations
-from chatglm3.toolloop import Tool, ToolTurn, run_turns
+from chatglm3.model.conversation import TOOLS_KEY, sample_to_messages
+from chatglm3.data.reader import load_conversations
+from chatglm3.serving.tool_loop import Tool, ToolTurn, run_turns
 from pokemon_types import TYPES
 
 TOOL_METRIC_KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact",
@@ -52,7 +52,7 @@ def _observation(entry: dict):
 
 
 def load_items(path, hide_tools: bool = False) -> List[ToolEvalItem]:
-    """One item per user message of every conversation in `path` (read and checked by chatglm3.data)."""
+    """One item per user message of every conversation in `path` (read and checked by chatglm3.data.reader)."""
     records = load_conversations(path)
     items = []
     for sample, location in zip(records, records.locations):

@@ -6,7 +6,7 @@
 - Full fine-tuning: the whole model via `model.save_pretrained` (sharded safetensors, upstream tensor names).
 - LoRA: the adapter only, by PEFT's save_pretrained (adapter_config.json + adapter_model.safetensors); resuming
   loads it back through the Trainer's PEFT support.
-- Resuming a prefix-only checkpoint loads the prefix strictly, with chatglm3.loading's P-Tuning loader (the
+- Resuming a prefix-only checkpoint loads the prefix strictly, with chatglm3.checkpoint.loading's P-Tuning loader (the
   Trainer's default would load it non-strictly and warn about every frozen tensor).
 - Logs tokens per second: all real (non-padding) tokens and labelled tokens, summed over all processes.
 - A loss or gradient that is not finite stops the run after that optimizer step, before anything is logged or
@@ -24,11 +24,11 @@ import torch.distributed as dist
 from transformers import Seq2SeqTrainer
 from transformers.utils import logging
 
-from chatglm3.carry import carry_upstream_files
-from chatglm3.checkpoint import PREFIX_KEY
+from chatglm3.checkpoint.upstream_files import carry_upstream_files
+from chatglm3.checkpoint.native import PREFIX_KEY
 from chatglm3.errors import ChatGLMError
-from chatglm3.loading import load_ptuning_checkpoint
-from chatglm3.safe_io import reported_write_errors, share_weight_files
+from chatglm3.checkpoint.loading import load_ptuning_checkpoint
+from chatglm3.output_files import reported_write_errors, share_weight_files
 
 logger = logging.get_logger(__name__)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune_chatmodel_demo"))
 from chatglm3.errors import ChatGLMError  # noqa: E402
 from chatglm3.json_files import DATA_LIMIT, dumps, expect, loads, read_text  # noqa: E402  (the one JSON reader)
-from chatglm3.safe_io import write_atomic  # noqa: E402
+from chatglm3.output_files import write_atomic  # noqa: E402
 
 KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact", "tool_answer_grounded",
         "answer_types_correct", "stopped_share")
@@ -90,8 +90,8 @@ def curve(paths: list, out: Path, key: str) -> None:
 
 
 def check_curve_output(files: list, out: Path) -> None:
-    """The project's one output check (chatglm3.safe_io): --out is no input (links included) and can be a file."""
-    from chatglm3.safe_io import check_outputs
+    """The project's one output check (chatglm3.output_files): --out is no input (links included) and can be a file."""
+    from chatglm3.output_files import check_outputs
 
     try:
         check_outputs([("FILES", f) for f in files], {"--out": out})

@@ -37,7 +37,7 @@ def shared() -> Path:
 def tiny_model(tmp_path_factory) -> Path:
     """A tiny random-weight ChatGLM3 (2 layers, hidden 64) with a SentencePiece tokenizer trained on the
     bundled Pokémon table, in the official checkpoint format."""
-    from chatglm3.tiny import build_tiny_model
+    from build_tiny_model import build_tiny_model
 
     corpus = DATA / "data.csv"
     if not corpus.is_file():
@@ -49,7 +49,9 @@ def tiny_model(tmp_path_factory) -> Path:
 def real_tokenizer():
     """The real ChatGLM3-6B tokenizer (64,798 tokens) from ../shared; in a clone without it, THUDM/chatglm3-6b's
     tokenizer files from the Hugging Face cache or the Hub (about 1 MB) when the network allows, else a skip."""
-    from chatglm3 import ChatGLMTokenizer, hub
+    from chatglm3 import ChatGLMTokenizer
+
+    from chatglm3 import hub
 
     if SHARED.is_dir():
         return ChatGLMTokenizer.from_pretrained(str(SHARED / "chatglm3-tokenizer"))

@@ -16,8 +16,8 @@ import openai
 import pytest
 import torch
 
-from chatglm3 import conversation
-from chatglm3.loading import load_model_and_tokenizer
+from chatglm3.model import conversation
+from chatglm3.checkpoint.loading import load_model_and_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER = REPO / "finetune_chatmodel_demo" / "api_server.py"
@@ -268,7 +268,7 @@ def test_ptuning_answers_equal_model_chat_alone_and_batched(tiny_model, ptuning_
                                         ("\n一二三四五六", ["四五"]), ("\n一二 三", ["三"])])
 def test_streamed_pieces_add_up_to_the_answer(reference, text, stop):
     """Token by token, as the server streams: the pieces never need taking back."""
-    from chatglm3.openai_api import Prompt, Reply
+    from chatglm3.serving.openai_api import Prompt, Reply
 
     _, tokenizer = reference
     reply = Reply(tokenizer, Prompt([], []), stop)
@@ -286,7 +286,7 @@ def test_streamed_pieces_add_up_to_the_answer(reference, text, stop):
 
 def test_text_before_a_tool_call_is_kept_streamed_or_not(reference):
     """ChatGLM3 may write a thought, then `<|assistant|>tool` and the call: content and tool_calls together."""
-    from chatglm3.openai_api import Prompt, Reply
+    from chatglm3.serving.openai_api import Prompt, Reply
 
     _, tokenizer = reference
     ids = tokenizer.tokenizer.encode("\n我先查一下图鉴") + [tokenizer.get_command("<|assistant|>")] + \

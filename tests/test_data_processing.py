@@ -13,7 +13,7 @@ import dialogues
 import format_tool_poke as ftp_cli
 import pokedex
 from chatglm3 import ChatGLMError
-from chatglm3.data import check_conversation
+from chatglm3.data.reader import check_conversation
 from pokedex import PokedexTool, TableError, load_table, lookup_pokemon
 from pokemon_types import TYPES, UnknownTypeError, clean_text, effectiveness, split_types, weaknesses
 

@@ -324,7 +324,7 @@ def test_a_malformed_record_is_one_line_and_nothing_is_written(tmp_path, capsys,
 
 
 def test_tool_alpaca_instances_that_cannot_be_converted_are_listed(tmp_path):
-    from chatglm3.example_data import tool_alpaca_samples
+    from chatglm3.data.example_data import tool_alpaca_samples
 
     record = tool_alpaca_record(3)
     record["Instances"][1]["intermediate_steps"][0][0][1] = "name=妙蛙种子"  # not JSON: upstream's err_count

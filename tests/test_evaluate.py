@@ -1,4 +1,4 @@
-"""evaluate.py, metrics.py and chatglm3.batch: scores, prompts laid out as in training, batched generation, the
+"""evaluate.py, metrics.py and chatglm3.serving.batch_replies: scores, prompts laid out as in training, batched generation, the
 script end to end, and bad dev files."""
 import json
 import subprocess
@@ -9,9 +9,9 @@ import pytest
 
 import evaluate
 from chatglm3 import ChatGLMTokenizer
-from chatglm3.batch import generate_replies
-from chatglm3.conversation import encode_message, prompt_ids
-from chatglm3.loading import load_model_and_tokenizer
+from chatglm3.serving.batch_replies import generate_replies
+from chatglm3.model.conversation import encode_message, prompt_ids
+from chatglm3.checkpoint.loading import load_model_and_tokenizer
 from metrics import METRIC_KEYS, compute_metrics, score_pair, segment
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import DEMO
-from chatglm3 import conversation, hf_glm
-from chatglm3.configuration import ChatGLMConfig
-from chatglm3.loading import load_model_and_tokenizer
-from chatglm3.safe_io import new_file_mode
-from chatglm3.model import ChatGLMForConditionalGeneration
+from chatglm3.model import conversation
+from chatglm3.checkpoint import hf_glm
+from chatglm3.model.configuration import ChatGLMConfig
+from chatglm3.checkpoint.loading import load_model_and_tokenizer
+from chatglm3.output_files import new_file_mode
+from chatglm3.model.modeling import ChatGLMForConditionalGeneration
 
 sys.path.insert(0, str(DEMO / "scripts"))
 import export as export_script  # noqa: E402
@@ -116,7 +117,7 @@ def hf_glm_export(base, adapter, tmp_path_factory):
     (source / "config.json").write_text(json.dumps({**config, "rope_ratio": 50}))
     out = tmp_path_factory.mktemp("export") / "glm"
     assert export("--model", source, "--adapter", adapter[0], "--output", out, "--format", "hf-glm", "--max-shard-size", "4MB") == 0
-    from chatglm3.export import merge_lora
+    from chatglm3.checkpoint.export import merge_lora
 
     model, tokenizer = load_model_and_tokenizer(source, device="cpu", dtype="float32")
     return out, merge_lora(model, adapter[0]), tokenizer
@@ -180,7 +181,7 @@ def test_hf_glm_tokenizer_and_chat_template_give_our_ids(hf_glm_export, golden, 
 def test_tokenizer_json_matches_sentencepiece_on_real_and_random_text(real_tokenizer, tiny_model, shared):
     import csv
 
-    from chatglm3.loading import load_tokenizer
+    from chatglm3.checkpoint.loading import load_tokenizer
 
     with open(shared / "pokemon" / "seed_data.csv", encoding="utf-8-sig") as f:
         texts = [cell for row in csv.reader(f) for cell in row]

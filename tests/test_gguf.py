@@ -1,4 +1,4 @@
-"""scripts/export.py --format gguf (chatglm3/gguf_export.py), checked with llama.cpp itself (llama-cpp-python):
+"""scripts/export.py --format gguf (chatglm3/checkpoint/gguf.py), checked with llama.cpp itself (llama-cpp-python):
 the file's metadata and tensors, llama.cpp's greedy continuation against ours token for token (f32, f16; from raw
 ids and from a chat prompt rendered by llama.cpp's chat template), q8_0's first tokens, a merged LoRA adapter,
 llama.cpp's own k-quants, and one-line refusals that leave nothing behind."""
@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from conftest import DATA, DEMO
-from chatglm3 import conversation, gguf_export
-from chatglm3.loading import load_model_and_tokenizer
+from chatglm3.model import conversation
+from chatglm3.checkpoint import gguf as gguf_export
+from chatglm3.checkpoint.loading import load_model_and_tokenizer
 from test_finetune import base_args, ok, pokemon_jsonl, run_finetune  # noqa: F401  (a fixture)
 
 sys.path.insert(0, str(DEMO / "scripts"))
@@ -88,7 +89,7 @@ def chats():
 def finetuned(pokemon_jsonl, tmp_path_factory):
     """(full fine-tuned model, LoRA adapter on it): the quick start's shape (quickstart.sh stage 3: 4 layers, hidden
     128, 8 heads, 2 key/value groups, vocabulary 3000) fine-tuned by finetune.py, a few steps each."""
-    from chatglm3.tiny import build_tiny_model
+    from build_tiny_model import build_tiny_model
 
     work = tmp_path_factory.mktemp("gguf-ft")
     base = build_tiny_model([DATA / "data.csv", pokemon_jsonl], work / "base", layers=4, hidden=128, heads=8,

@@ -27,7 +27,8 @@ import evaluate
 import finetune
 import format_tool_poke as ftp_cli
 import inference
-from chatglm3 import conversation, memory, safe_load
+from chatglm3.model import conversation
+from chatglm3.checkpoint import memory, torch_files as safe_load
 from test_finetune import pokemon_jsonl  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,7 +179,7 @@ def test_outputs_never_overwrite_inputs_or_each_other(workspace, cli, case):
 
 
 def test_atomic_write_keeps_links_and_permissions_and_leaves_no_temporary_file(tmp_path):
-    from chatglm3.safe_io import write_atomic
+    from chatglm3.output_files import write_atomic
 
     target = tmp_path / "data.json"
     target.write_text("old", encoding="utf-8")

@@ -22,7 +22,7 @@ import evaluate
 import format_tool_poke as ftp_cli
 import inference
 from chatglm3 import ChatGLMError, json_files
-from chatglm3.safe_io import write_all_atomic
+from chatglm3.output_files import write_all_atomic
 from test_hardening import _script_main, assert_one_line_error, cli, snapshot  # noqa: F401  (cli: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,8 +257,8 @@ def test_training_reads_turns_in_the_servers_order_only(tiny_model, tmp_path):
     """finetune.py's dataset (preprocess_utils.build_dataset, from a file or from samples in memory) uses the same
     rule as evaluation and the server."""
     import preprocess_utils
-    from chatglm3.data import DataFormatError
-    from chatglm3.loading import load_tokenizer
+    from chatglm3.data.reader import DataFormatError
+    from chatglm3.checkpoint.loading import load_tokenizer
 
     tokenizer = load_tokenizer(tiny_model)
     data = tmp_path / "train.jsonl"
@@ -292,7 +292,7 @@ def test_several_outputs_are_written_all_or_nothing(tmp_path):
 def test_a_failure_on_the_last_output_leaves_the_first_as_it_was(tmp_path, cli, monkeypatch):
     """data_processing.py with three outputs; writing the third fails (a full disk, injected where the bytes are
     written): the earlier --output keeps its old content, nothing else appears, one line names the error."""
-    import chatglm3.safe_io as safe_io
+    import chatglm3.output_files as safe_io
 
     real = safe_io._write_temporary
 

@@ -16,8 +16,8 @@ import time
 import openai
 import pytest
 
-from chatglm3 import conversation
-from chatglm3.openai_api import StopMatcher
+from chatglm3.model import conversation
+from chatglm3.serving.openai_api import StopMatcher
 from test_api_server import API_KEY, SERVER, Server, ask
 
 TOOLS = [{"type": "function", "function": {"name": "pokedex", "description": "图鉴", "parameters": {"name": "str"}}}]

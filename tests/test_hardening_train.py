@@ -18,7 +18,9 @@ import torch
 
 import finetune
 import inference
-from chatglm3 import launching, limits, safe_load
+import launching
+from chatglm3 import limits
+from chatglm3.checkpoint import torch_files as safe_load
 from test_finetune import pokemon_jsonl  # noqa: F401  (a fixture)
 from test_hardening import assert_one_line_error, cli, snapshot  # noqa: F401  (cli is a fixture)
 
@@ -157,7 +159,7 @@ def test_one_number_check_for_every_entry_point():
 # ---- 2. the output folder: one live run, writable ----------------------------------------------------------------
 def test_a_folder_another_run_holds_is_refused(tiny_model, pokemon_jsonl, tmp_path, cli):  # noqa: F811
     out = tmp_path / "out"
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from chatglm3.launching import claim; "
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from launching import claim; "
             "lock = claim(sys.argv[2], '--output_dir'); print('locked', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(DEMO), str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -184,15 +186,22 @@ def test_an_unwritable_output_folder_is_one_line(tiny_model, pokemon_jsonl, tmp_
 
 
 def test_every_entry_point_imports_without_fcntl():
-    """Windows has no fcntl: the scripts and library modules must import without it."""
+    """Windows has no fcntl: every script (drop-in folder, its scripts/, the data pipeline, the tool report) and every
+    library module must import without it, each with its own folder first on sys.path as `python script.py` has it."""
+    repo = DEMO.parent
+    scripts = sorted([*DEMO.glob("*.py"), *SCRIPTS.glob("*.py"), *(repo / "data_processing").glob("*.py"),
+                      *(repo / "scripts").glob("*.py")])
     code = f"""
-import importlib.util, sys
+import importlib, importlib.util, pkgutil, sys
 sys.modules['fcntl'] = None  # import fcntl now raises ImportError, as on Windows
-sys.path[:0] = [{str(DEMO)!r}]
-import finetune, trainer, arguments, cli, inference, evaluate
-from chatglm3 import launching, limits, memory, safe_load, loading
-spec = importlib.util.spec_from_file_location('launch', {str(SCRIPTS / 'launch.py')!r})
-spec.loader.exec_module(importlib.util.module_from_spec(spec))
+for path in {[str(p) for p in scripts]!r}:
+    sys.path.insert(0, path.rsplit('/', 1)[0])
+    spec = importlib.util.spec_from_file_location('script_' + path.replace('/', '_'), path)
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    sys.path.pop(0)
+import chatglm3
+for module in pkgutil.walk_packages(chatglm3.__path__, 'chatglm3.'):
+    importlib.import_module(module.name)
 print('imported')
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

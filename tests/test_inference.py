@@ -10,8 +10,8 @@ import torch
 
 import inference
 from chatglm3 import ChatGLMError, ChatGLMTokenizer
-from chatglm3.conversation import encode_message, prompt_ids, tool_system_message
-from chatglm3.loading import load_model_and_tokenizer
+from chatglm3.model.conversation import encode_message, prompt_ids, tool_system_message
+from chatglm3.checkpoint.loading import load_model_and_tokenizer
 from pokedex import POKEDEX_TOOL, PokedexTool
 
 REPO = Path(__file__).resolve().parents[1]

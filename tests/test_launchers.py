@@ -144,7 +144,7 @@ def test_deepspeed_zero3_gathers_the_same_model(deepspeed_runs):
         torch.testing.assert_close(zero3[key], zero2[key], atol=5e-4, rtol=0, msg=key)
 
 
-# --- what scripts/launch.py decides (chatglm3/launching.py) --------------------------------------------------------
+# --- what scripts/launch.py decides (launching.py) --------------------------------------------------------
 LAUNCH = SCRIPTS / "launch.py"
 DATESTR = "20261129-120000"
 
@@ -159,7 +159,7 @@ def test_num_gpus_is_checked(tmp_path, value):
 
 def test_num_gpus_defaults_to_the_visible_gpus():
     from chatglm3 import ChatGLMError
-    from chatglm3.launching import LaunchError, cpu_cores, process_count
+    from launching import LaunchError, cpu_cores, process_count
 
     assert process_count("", 0) == 1 and process_count("", 4) == 4 and process_count(str(cpu_cores()), 0) == cpu_cores()
     with pytest.raises(LaunchError, match="NUM_GPUS=8"):
@@ -182,7 +182,7 @@ def make_run(parent: Path, name: str, checkpoint=True, finished=False) -> Path:
 
 
 def test_resume_continues_the_newest_unfinished_run_of_the_same_name(tmp_path, capsys):
-    from chatglm3.launching import choose_output_dir, claim
+    from launching import choose_output_dir, claim
 
     make_run(tmp_path, "tool_alpaca_pt-20261101-000000-128-2e-2", finished=True)
     wanted = make_run(tmp_path, "tool_alpaca_pt-20261102-000000-128-2e-2")
@@ -206,7 +206,7 @@ def test_resume_continues_the_newest_unfinished_run_of_the_same_name(tmp_path, c
 
 def hold_lock(folder: Path) -> subprocess.Popen:
     """A process that locks `folder` as finetune.py does and sleeps."""
-    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from chatglm3.launching import claim; "
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from launching import claim; "
             "from pathlib import Path; lock = claim(Path(sys.argv[2])); print('locked', flush=True); time.sleep(600)")
     child = subprocess.Popen([sys.executable, "-c", code, str(SCRIPTS.parent), str(folder)], stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "locked"
@@ -214,7 +214,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
 
 
 def test_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_path):
-    from chatglm3.launching import LaunchError, claim
+    from launching import LaunchError, claim
 
     out = tmp_path / "out"
     holder = hold_lock(out)
@@ -230,10 +230,10 @@ def test_an_output_dir_in_use_is_refused_and_a_killed_run_leaves_no_lock(tmp_pat
 def test_the_training_keeps_the_lock_when_the_launcher_is_killed(tmp_path):
     """The training started by launch.py holds the lock itself (as finetune.py does): killing only the launcher
     does not free the folder, and the launcher's own check does not refuse its child."""
-    from chatglm3.launching import LaunchError, claim
+    from launching import LaunchError, claim
 
     trainer = tmp_path / "train.py"
-    trainer.write_text(f"import sys, time\nsys.path.insert(0, {str(SCRIPTS.parent)!r})\nfrom chatglm3.launching import claim\n"
+    trainer.write_text(f"import sys, time\nsys.path.insert(0, {str(SCRIPTS.parent)!r})\nfrom launching import claim\n"
                        "lock = claim(sys.argv[sys.argv.index('--output_dir') + 1])\n"
                        "print('training', flush=True)\ntime.sleep(600)\n")
     out = tmp_path / "out"

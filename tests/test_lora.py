@@ -1,4 +1,4 @@
-"""LoRA (chatglm3/lora.py, finetune.py --lora_rank, --adapter in the scripts): only the adapter trains, adapters
+"""LoRA (chatglm3/checkpoint/lora.py, finetune.py --lora_rank, --adapter in the scripts): only the adapter trains, adapters
 in PEFT's format with the tensor names of an adapter PEFT makes on upstream's model code, save -> load gives the
 same logits, bad input is one line. End to end (slow): the launcher learns, resume after SIGKILL, DeepSpeed ZeRO-2
 on two CPU processes."""
@@ -20,9 +20,11 @@ import evaluate
 import finetune
 import inference
 from arguments import ModelArguments
-from chatglm3 import ChatGLMForConditionalGeneration, export, loading, lora, train_format
-from chatglm3.loading import load_model_and_tokenizer
-from chatglm3.safe_io import new_file_mode
+from chatglm3 import ChatGLMForConditionalGeneration
+from chatglm3.checkpoint import export, loading, lora
+from chatglm3.data import train_format
+from chatglm3.checkpoint.loading import load_model_and_tokenizer
+from chatglm3.output_files import new_file_mode
 from test_finetune import FINETUNE, base_args, kill_after_checkpoint, ok, pokemon_jsonl, run_finetune, train_losses  # noqa: F401  (a fixture)
 from test_launchers import launch
 

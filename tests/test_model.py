@@ -8,8 +8,8 @@ import torch
 
 import chatglm3
 from chatglm3 import ChatGLMConfig, ChatGLMError, ChatGLMForConditionalGeneration, ChatGLMTokenizer
-from chatglm3.loading import load_ptuning_checkpoint
-from chatglm3.safe_io import new_file_mode
+from chatglm3.checkpoint.loading import load_ptuning_checkpoint
+from chatglm3.output_files import new_file_mode
 
 ATOL = 1e-4
 
@@ -154,30 +154,46 @@ def test_auto_dtype_is_the_dtype_config_json_records(tmp_path):
 
 
 def test_the_chatglm3_package_has_no_import_cycle():
-    """Every module's imports of its siblings (also those inside functions), as a graph without a cycle."""
+    """Every module's imports of the package (also those inside functions), as a graph without a cycle, and the
+    parts layered: model <- data <- checkpoint <- serving, the model core importing only the checkpoint format its
+    from_pretrained/save_pretrained read and write (checkpoint.native)."""
     import ast
     from pathlib import Path
 
     package = Path(chatglm3.__file__).parent
-    modules = {f.stem for f in package.glob("*.py")}
+
+    def dotted(path):
+        parts = path.relative_to(package.parent).with_suffix("").parts
+        return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+    modules = {dotted(f): f for f in package.rglob("*.py")}
     graph = {}
-    for name in modules:
+    for name, path in modules.items():
         deps = set()
-        for node in ast.walk(ast.parse((package / f"{name}.py").read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("chatglm3")):
-                module = (node.module or "").removeprefix("chatglm3").lstrip(".")
-                # `from . import x` and `from chatglm3 import x` name a module, or something of __init__'s.
-                deps |= {module.split(".")[0]} if module else {a.name if a.name in modules else "__init__" for a in node.names}
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            assert not (isinstance(node, ast.ImportFrom) and node.level), f"{name}: relative import"
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("chatglm3"):
+                # `from chatglm3.x import y` names module chatglm3.x.y or something of chatglm3.x
+                deps |= {f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module
+                         for a in node.names}
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names if a.name.startswith("chatglm3.")}
+                deps |= {a.name for a in node.names if a.name.startswith("chatglm3")}
         graph[name] = deps - {name}
-    # hub (Hub ids), safe_load (allow-listed torch.load), safe_io (file writing), json_files (JSON reading) and
-    # quantization (bitsandbytes) sit below checkpoint, importing only errors/compat.
-    assert graph["checkpoint"] <= {"compat", "configuration", "errors", "hub", "json_files", "quantization", "safe_io",
-                                   "safe_load"}
-    assert graph["safe_io"] <= {"errors"} and graph["quantization"] <= {"errors"}
-    assert graph["json_files"] <= {"errors"}
-    assert not {"loading", "__init__"} & (graph["model"] | graph["tokenizer"] | graph["conversation"])
+
+    def part(name):
+        return name.split(".")[1] if name.count(".") >= 1 else "__init__"
+
+    for name, deps in graph.items():
+        below = {"model": {"model"}, "data": {"model", "data"}, "checkpoint": {"model", "data", "checkpoint"}}
+        if part(name) in below:
+            crossing = {d for d in deps if part(d) in {"model", "data", "checkpoint", "serving", "__init__"}
+                        and part(d) not in below[part(name)]}
+            if name == "chatglm3.model.modeling":
+                crossing -= {"chatglm3.checkpoint.native"}
+            assert not crossing, f"{name} imports {sorted(crossing)}"
+    # output files, JSON reading, numbers and quantization sit at the bottom, importing only errors.
+    for leaf in ("chatglm3.output_files", "chatglm3.json_files", "chatglm3.hub", "chatglm3.checkpoint.quantization"):
+        assert graph[leaf] <= {"chatglm3.errors"}, (leaf, graph[leaf])
     done, path = set(), []
 
     def visit(name):
@@ -185,7 +201,7 @@ def test_the_chatglm3_package_has_no_import_cycle():
         if name in done:
             return
         path.append(name)
-        for dep in sorted(graph[name]):
+        for dep in sorted(graph.get(name, ())):
             visit(dep)
         path.pop()
         done.add(name)

@@ -1,7 +1,7 @@
 """Exactness of the performance paths against the plain ones they replace: the fused linear cross-entropy
-(chatglm3.fused_loss) against F.cross_entropy over full float32 logits, alone and in the model on real tiny-model
-batches (packed rows included); per-conversation attention (chatglm3.packed_attention) against the dense
-block-diagonal mask; oneDNN's matmul (chatglm3.onednn) against aten's. Speed itself is measured by
+(chatglm3.model.fused_loss) against F.cross_entropy over full float32 logits, alone and in the model on real tiny-model
+batches (packed rows included); per-conversation attention (chatglm3.model.packed_attention) against the dense
+block-diagonal mask; oneDNN's matmul (chatglm3.model.onednn) against aten's. Speed itself is measured by
 benchmarks/bench_train.py, not here."""
 import sys
 from pathlib import Path
@@ -13,10 +13,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import _common  # noqa: E402  (the data pipeline, as the benchmarks run it)
 
-from chatglm3 import ChatGLMForConditionalGeneration, ChatGLMTokenizer, fused_loss, onednn  # noqa: E402
-from chatglm3.fused_loss import linear_cross_entropy, row_block_size  # noqa: E402
-from chatglm3.model import build_attention_mask  # noqa: E402
-from chatglm3.packed_attention import Segments, segment_attention  # noqa: E402
+from chatglm3 import ChatGLMForConditionalGeneration, ChatGLMTokenizer  # noqa: E402
+
+from chatglm3.model import fused_loss, onednn  # noqa: E402
+from chatglm3.model.fused_loss import linear_cross_entropy, row_block_size  # noqa: E402
+from chatglm3.model.modeling import build_attention_mask  # noqa: E402
+from chatglm3.model.packed_attention import Segments, segment_attention  # noqa: E402
 from preprocess_utils import DataCollatorForChatGLM, DataCollatorForPacking, build_dataset, pack_samples  # noqa: E402
 
 

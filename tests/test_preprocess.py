@@ -1,4 +1,4 @@
-"""chatglm3.data and preprocess_utils: upstream's multi-turn ids and labels, truncation, data checks, collators
+"""chatglm3.data.reader and preprocess_utils: upstream's multi-turn ids and labels, truncation, data checks, collators
 and packing."""
 import json
 
@@ -7,9 +7,9 @@ import sentencepiece
 import torch
 from torch.utils.data import DataLoader
 
-from chatglm3.conversation import IGNORE_INDEX, encode_sample
-from chatglm3.data import DataFormatError, load_conversations, load_input_output
-from chatglm3.tokenizer import ChatGLMTokenizer
+from chatglm3.model.conversation import IGNORE_INDEX, encode_sample
+from chatglm3.data.reader import DataFormatError, load_conversations, load_input_output
+from chatglm3.model.tokenizer import ChatGLMTokenizer
 from preprocess_utils import (
     DataCollatorForChatGLM,
     DataCollatorForPacking,

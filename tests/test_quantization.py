@@ -1,4 +1,4 @@
-"""4- and 8-bit bases through bitsandbytes on the CPU (chatglm3/quantization.py, --quantization_bit in finetune.py,
+"""4- and 8-bit bases through bitsandbytes on the CPU (chatglm3/checkpoint/quantization.py, --quantization_bit in finetune.py,
 --quantization-bit in the other scripts), bf16 loading and the load plan: QLoRA and P-Tuning v2 over 4 bits learn;
 an adapter trained over 4 bits loads on the bf16 base and merges in export; a QLoRA run killed with SIGKILL
 resumes; inference, evaluation and the server load in 4 bits; bad values are one line."""
@@ -15,11 +15,11 @@ import torch
 import evaluate
 import finetune
 import inference
-from chatglm3 import loading, memory, quantization
-from chatglm3.checkpoint import read_config
-from chatglm3.configuration import ChatGLMConfig
-from chatglm3.conversation import prompt_ids
-from chatglm3.loading import load_model_and_tokenizer
+from chatglm3.checkpoint import loading, memory, quantization
+from chatglm3.checkpoint.native import read_config
+from chatglm3.model.configuration import ChatGLMConfig
+from chatglm3.model.conversation import prompt_ids
+from chatglm3.checkpoint.loading import load_model_and_tokenizer
 from test_api_server import Server
 from test_finetune import FINETUNE, base_args, kill_after_checkpoint, ok, pokemon_jsonl, run_finetune, train_losses  # noqa: F401  (a fixture)
 from test_lora import adapter_tensors
@@ -56,7 +56,7 @@ def test_quantized_load_holds_uint8_and_int8_weights_and_counts_them(tiny_model)
 
 
 def test_unmapped_safetensors_reader_gives_the_same_tensors(tiny_model):
-    from chatglm3.checkpoint import iter_tensors
+    from chatglm3.checkpoint.native import iter_tensors
 
     mapped = dict(iter_tensors(tiny_model / "model.safetensors"))
     read = dict(iter_tensors(tiny_model / "model.safetensors", mapped=False))
@@ -74,7 +74,8 @@ def test_dtype_rule_reads_the_checkpoint_on_cpu():
 
 
 def test_the_plan_reads_each_name_and_config_once(tiny_model, monkeypatch):
-    from chatglm3 import checkpoint, hub
+    from chatglm3 import hub
+    from chatglm3.checkpoint import native as checkpoint
 
     calls = {"resolve": 0, "config": 0}
     real_resolve, real_config = hub.resolve, checkpoint.read_config
@@ -101,7 +102,7 @@ def test_memory_refusal_suggests_the_next_cheaper_option_never_the_one_in_use():
 
 
 def test_launcher_precision_on_the_cpu():
-    from chatglm3 import launching
+    import launching
 
     auto = launching.hardware_flags(["--pre_seq_len", "4"], "auto", gpus=0, processes=1)
     assert auto == ["--use_cpu"] + (["--bf16"] if loading.cpu_has_bf16() else [])

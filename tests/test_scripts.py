@@ -35,7 +35,7 @@ def test_build_tiny_model_cli(tmp_path, capsys):
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "chatglm" and config["num_layers"] == 1 and config["padded_vocab_size"] % 64 == 0
-    from chatglm3.loading import load_model_and_tokenizer
+    from chatglm3.checkpoint.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(out)
     ids = tokenizer.encode("皮卡丘 🙂")  # byte fallback: any text encodes, nothing becomes <unk>

@@ -6,8 +6,8 @@ import sentencepiece
 import torch
 
 from chatglm3.errors import ChatGLMError
-from chatglm3.conversation import SPECIAL_TOKENS
-from chatglm3.tokenizer import ChatGLMTokenizer
+from chatglm3.model.conversation import SPECIAL_TOKENS
+from chatglm3.model.tokenizer import ChatGLMTokenizer
 
 
 def train_tiny_sentencepiece(directory):
@@ -177,7 +177,7 @@ def test_bad_tokenizer_file_is_a_clear_error(tmp_path):
         ChatGLMTokenizer.from_pretrained(str(tmp_path))
 
 
-# --- the chat format (chatglm3.conversation): one layout for training and generation ------------------------------
+# --- the chat format (chatglm3.model.conversation): one layout for training and generation ------------------------------
 MULTI_CALL_SAMPLES = [
     {"tools": [{"name": "pokedex_lookup", "parameters": {"name": "string"}}, {"name": "type_chart", "description": "倍率"}],
      "conversations": [
@@ -199,7 +199,7 @@ MULTI_CALL_SAMPLES = [
 
 @pytest.mark.parametrize("which", ["real", "tiny"])
 def test_prompt_for_every_prefix_equals_the_training_ids(request, which):
-    from chatglm3.conversation import encode_sample, prompt_ids, sample_to_messages
+    from chatglm3.model.conversation import encode_sample, prompt_ids, sample_to_messages
 
     tokenizer = request.getfixturevalue("real_tokenizer" if which == "real" else "tiny")
     assistant = tokenizer.get_command("<|assistant|>")
@@ -223,7 +223,7 @@ def test_prompt_for_every_prefix_equals_the_training_ids(request, which):
 
 
 def test_tool_calls_format_and_parse_back():
-    from chatglm3.conversation import format_tool_call, parse_tool_call
+    from chatglm3.model.conversation import format_tool_call, parse_tool_call
 
     parameters = {"name": "皮卡丘", "level": 5, "tags": ["a", "b"], "shiny": False, "note": "it's \"quoted\"\n"}
     text = format_tool_call(parameters)
@@ -239,7 +239,7 @@ def test_tool_calls_format_and_parse_back():
     "tool_call(a=1)\x00",
 ])
 def test_pathological_tool_calls_raise_value_error(text):
-    from chatglm3.conversation import parse_tool_call, process_response
+    from chatglm3.model.conversation import parse_tool_call, process_response
 
     with pytest.raises(ValueError, match="not a tool call"):
         parse_tool_call(text)
@@ -248,7 +248,7 @@ def test_pathological_tool_calls_raise_value_error(text):
 
 
 def test_stop_ids_are_eos_user_and_observation(real_tokenizer, tokenizer_golden):
-    from chatglm3.conversation import stop_token_ids
+    from chatglm3.model.conversation import stop_token_ids
 
     special = tokenizer_golden["special"]
     assert stop_token_ids(real_tokenizer) == [2, special["<|user|>"], special["<|observation|>"]]

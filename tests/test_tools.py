@@ -13,10 +13,10 @@ import build_tool_data
 import tool_data
 import tool_eval
 from chatglm3 import ChatGLMTokenizer
-from chatglm3.conversation import encode_messages, encode_sample, sample_to_messages, stop_token_ids
-from chatglm3.data import check_conversation
-from chatglm3.tiny import build_tiny_model
-from chatglm3.toolloop import MAX_ERROR_OBSERVATIONS, ToolTurn, is_error_observation
+from chatglm3.model.conversation import encode_messages, encode_sample, sample_to_messages, stop_token_ids
+from chatglm3.data.reader import check_conversation
+from build_tiny_model import build_tiny_model
+from chatglm3.serving.tool_loop import MAX_ERROR_OBSERVATIONS, ToolTurn, is_error_observation
 from pokedex import POKEDEX_TOOL, PokedexTool, load_table
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,11 +1,11 @@
 """A native ChatGLM3 implementation: loads the official THUDM/chatglm3-6b files without remote code."""
-from .configuration import ChatGLMConfig
-from .conversation import parse_tool_call, process_response
-from .errors import ChatGLMError
-from .loading import load_model_and_tokenizer, load_ptuning_checkpoint, read_ptuning_config
-from .model import ChatGLMForConditionalGeneration, ChatGLMModel
-from . import tokenizer
-from .tokenizer import ChatGLMTokenizer
+from chatglm3.model.configuration import ChatGLMConfig
+from chatglm3.model.conversation import parse_tool_call, process_response
+from chatglm3.errors import ChatGLMError
+from chatglm3.checkpoint.loading import load_model_and_tokenizer, load_ptuning_checkpoint, read_ptuning_config
+from chatglm3.model.modeling import ChatGLMForConditionalGeneration, ChatGLMModel
+from chatglm3.model import tokenizer
+from chatglm3.model.tokenizer import ChatGLMTokenizer
 
 __all__ = [
     "ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration", "ChatGLMModel", "ChatGLMError",

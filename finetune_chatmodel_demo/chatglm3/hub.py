@@ -3,13 +3,13 @@
 `HF_HUB_CACHE`, `HF_ENDPOINT` mirrors, `HF_HUB_OFFLINE` and `HF_TOKEN`).
 
 A local folder always wins. The official repository's `*.py` files are fetched as plain files, only so that full
-fine-tuning checkpoints can carry them for upstream's tools (chatglm3.carry); nothing here imports or runs them.
+fine-tuning checkpoints can carry them for upstream's tools (chatglm3.checkpoint.upstream_files); nothing here imports or runs them.
 """
 import os
 from pathlib import Path
 from typing import Optional
 
-from .errors import ChatGLMError
+from chatglm3.errors import ChatGLMError
 
 # What each use needs from a repository. Weights come in two copies on the official repository (safetensors and
 # .bin shards, 12 GB each): the safetensors ones are fetched, the .bin ones only when there are no others.

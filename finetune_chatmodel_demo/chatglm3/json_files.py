@@ -22,7 +22,7 @@ import stat
 from itertools import accumulate
 from typing import Optional
 
-from .errors import ChatGLMError
+from chatglm3.errors import ChatGLMError
 
 MAX_DEPTH = 100  # ours nest 3-5 deep; a JSON-Schema tool definition rarely passes 10
 METADATA_LIMIT = 256 * 2**20  # config.json, tokenizer_config.json, trainer_state.json, index files, DeepSpeed

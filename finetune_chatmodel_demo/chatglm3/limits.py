@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import ChatGLMError
+from chatglm3.errors import ChatGLMError
 
 INT64_MAX = 2**63 - 1  # beyond it torch and numpy overflow silently or raise deep inside
 

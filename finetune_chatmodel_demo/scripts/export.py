@@ -5,10 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _bootstrap  # noqa: E402,F401  (puts the drop-in folder first on sys.path)
 
 from chatglm3 import ChatGLMError  # noqa: E402
-from chatglm3.export import FORMATS, export  # noqa: E402
+from chatglm3.checkpoint.export import FORMATS, export  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,7 +37,7 @@ def main(argv=None) -> int:
         print(f"错误 / Error: {e}", file=sys.stderr)
         return 1
     print(f"已导出 / exported ({a.format}): {out}")
-    if a.format == "gguf":  # chatglm3.gguf_export wrote the Modelfile beside the .gguf
+    if a.format == "gguf":  # chatglm3.checkpoint.gguf wrote the Modelfile beside the .gguf
         print(f"导入 Ollama / import into Ollama: cd {out} && ollama create {out.name} -f Modelfile")
     return 0
 

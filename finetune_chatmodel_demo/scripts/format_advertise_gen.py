@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 DEMO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(DEMO))
+import _bootstrap  # noqa: E402,F401  (puts the drop-in folder first on sys.path)
 
 from chatglm3 import ChatGLMError  # noqa: E402
-from chatglm3.safe_io import check_outputs  # noqa: E402
-from chatglm3.example_data import advertise_gen_samples, write_jsonl  # noqa: E402
+from chatglm3.output_files import check_outputs  # noqa: E402
+from chatglm3.data.example_data import advertise_gen_samples, write_jsonl  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -26,10 +26,10 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _bootstrap  # noqa: E402,F401  (puts the drop-in folder first on sys.path)
 
 from chatglm3 import ChatGLMError  # noqa: E402
-from chatglm3 import launching  # noqa: E402
+import launching  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -12,11 +12,11 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import _bootstrap  # noqa: E402,F401  (puts the drop-in folder first on sys.path)
 
 from chatglm3 import ChatGLMError  # noqa: E402
 from chatglm3.json_files import read_trainer_state  # noqa: E402
-from chatglm3.safe_io import check_outputs, write_atomic  # noqa: E402
+from chatglm3.output_files import check_outputs, write_atomic  # noqa: E402
 
 # The original project's P-Tuning v2 run (LR 2e-5, 1000 steps): its published trainer_state.json went from
 # about 5.0 to 4.8. Only these two reported figures are drawn, as a straight reference line.

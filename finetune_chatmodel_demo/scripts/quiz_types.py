@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 DEMO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(DEMO))
+import _bootstrap  # noqa: E402,F401  (puts the drop-in folder first on sys.path)
 
 from chatglm3 import ChatGLMError  # noqa: E402
-from chatglm3.batch import generate_replies  # noqa: E402
-from chatglm3.conversation import prompt_ids  # noqa: E402
+from chatglm3.serving.batch_replies import generate_replies  # noqa: E402
+from chatglm3.model.conversation import prompt_ids  # noqa: E402
 from chatglm3.json_files import DATA_LIMIT, read_text  # noqa: E402
 from cli import add_model_args, load_from_args  # noqa: E402
 from pokedex import load_table  # noqa: E402
