@@ -4,7 +4,10 @@
 #   VENV_DIR     where to create the venv when none is active (default: .venv in the repository)
 #   TORCH_SPEC   the torch to install when none is installed (default torch==2.13.0, falling back to torch>=2.1;
 #                GPU users install their CUDA build of torch first, see https://pytorch.org)
-#   WITH_DEV=1   also install requirements-dev.txt (pytest, matplotlib)
+#   WITH_DEV=1   also install the test and plot packages (requirements-dev-lock.txt)
+#   NEWEST=1     install the newest versions requirements*.txt allow instead of the lock (what .ci/refresh_lock.sh does)
+# The lock (requirements-lock.txt, requirements-dev-lock.txt) holds the exact versions the suite last passed with;
+# torch comes from TORCH_SPEC (a GPU user's CUDA build is kept), the library itself is installed editable (pip -e .).
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 if [ -z "${VIRTUAL_ENV:-}" ]; then
@@ -26,16 +29,25 @@ if ! python -c "import torch" 2>/dev/null; then
     echo "安装 PyTorch / installing PyTorch (${TORCH_SPEC:-torch==2.13.0})"
     python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" || python -m pip install -q "torch>=2.1"
 fi
-REQS=(-r "$ROOT/requirements.txt")
-CHECK="import transformers, sentencepiece, safetensors, accelerate, deepspeed, numpy, tqdm, jieba, rouge_chinese, nltk, peft, bitsandbytes, gguf, huggingface_hub, fastapi, uvicorn, pydantic"
-if [ "${WITH_DEV:-0}" = 1 ]; then
-    REQS+=(-r "$ROOT/requirements-dev.txt")
-    CHECK="$CHECK, pytest, matplotlib, openai, selenium, llama_cpp"
+if [ "${NEWEST:-0}" = 1 ]; then
+    # Newest of everything but torch: the installed build stays (a bare upgrade would pull a multi-GB CUDA build).
+    LOCK="$(mktemp)"
+    python -c "import torch; print('torch==' + torch.__version__)" > "$LOCK"
+    REQS=(-U -r "$ROOT/requirements.txt" -c "$LOCK")
+    if [ "${WITH_DEV:-0}" = 1 ]; then REQS+=(-r "$ROOT/requirements-dev-lock.txt"); fi
+else
+    # torch is left out of the lock here: TORCH_SPEC installed it above (or the user's own CUDA build is kept).
+    LOCK="$(mktemp)"
+    grep -hv '^torch==' "$ROOT/requirements-lock.txt" > "$LOCK"
+    if [ "${WITH_DEV:-0}" = 1 ]; then grep -hv '^torch==' "$ROOT/requirements-dev-lock.txt" >> "$LOCK"; fi
+    REQS=(-r "$LOCK")
 fi
-if ! python -c "$CHECK" >/dev/null 2>&1; then
-    echo "安装依赖 / installing requirements"
-    if [ "${WITH_DEV:-0}" = 1 ] && ! python -c "import llama_cpp" 2>/dev/null; then
-        echo "  其中 llama-cpp-python 从源码编译 llama.cpp，2 核约 30 分钟 / llama-cpp-python compiles llama.cpp from source: about 30 min on 2 cores"
-    fi
-    python -m pip install -q "${REQS[@]}"
+if [ "${WITH_DEV:-0}" = 1 ] && ! python -c "import llama_cpp" 2>/dev/null; then
+    echo "  其中 llama-cpp-python 从源码编译 llama.cpp，2 核约 30 分钟 / llama-cpp-python compiles llama.cpp from source: about 30 min on 2 cores"
 fi
+echo "安装依赖 / installing requirements ($([ "${NEWEST:-0}" = 1 ] && echo "newest in range" || echo "locked versions"))"
+python -m pip install -q "${REQS[@]}"
+if [ -n "${LOCK:-}" ]; then rm -f "$LOCK"; fi
+# The library (finetune_chatmodel_demo/chatglm3) as an editable package: data_processing/, benchmarks/ and
+# scripts/ import it from anywhere; the drop-in folder's own scripts use their folder's copy.
+python -m pip install -q --no-deps --no-build-isolation -e "$ROOT" 2>/dev/null || python -m pip install -q --no-deps -e "$ROOT"

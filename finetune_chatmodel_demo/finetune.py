@@ -29,9 +29,6 @@ import os
 import sys
 import warnings
 
-# Run from any directory: the sibling modules (arguments, trainer, preprocess_utils, chatglm3) sit beside us.
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 import torch  # noqa: E402
 # chatglm3 before transformers' training classes, which import bitsandbytes: chatglm3.checkpoint.quantization quiets it first.
 from chatglm3 import ChatGLMError, compat, output_files as safe_io  # noqa: E402

@@ -14,9 +14,6 @@ DEMO = REPO / "finetune_chatmodel_demo"
 DATA = REPO / "data_processing"
 SHARED = REPO.parent / "shared"
 
-for p in (DEMO, DATA):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 
 def _require_shared() -> Path:
