@@ -4,7 +4,6 @@
 absent, except under CI=true, where its absence is a failure.
 """
 import os
-import sys
 from pathlib import Path
 
 import pytest
