@@ -228,7 +228,7 @@ def load_model(plan, model_args, tokenizer, training_args, gradient_checkpointin
     pt = model_args.pre_seq_len is not None
     use_lora = model_args.lora_rank is not None
     check_memory(plan, model_args, training_args)
-    model = loading.load_model(plan, tokenizer, check_memory=False)
+    model = loading.load_model(plan, tokenizer, check_memory=False, for_training=True)
     if model_args.ptuning_checkpoint is not None:
         main_print(training_args, f"已加载 P-Tuning 前缀 / Loaded the prefix from {model_args.ptuning_checkpoint}")
     if plan.quantization_bit:

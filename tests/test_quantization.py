@@ -228,3 +228,30 @@ def test_inference_evaluation_and_a_server_request_in_4_bits(tiny_model, pokemon
             model=server.model, messages=[{"role": "user", "content": "你好"}], max_tokens=4, temperature=0)
         assert reply.choices[0].message.content is not None
     assert "Failed to load" not in (tmp_path / "server.log").read_text(encoding="utf-8")  # bitsandbytes kept quiet
+
+
+def test_weights_packed_for_the_cpu_kernel_at_load_are_bitsandbytes_own_bytes(monkeypatch):
+    """pack_for_cpu_inference (4-bit chat on the CPU, at load, a slice of rows at a time) gives the bytes and the
+    products that bitsandbytes' own conversion gives at the first product."""
+    bnb = quantization.bitsandbytes()
+    if not bnb.functional.has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes keeps the general 4-bit kernel")
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256, dtype=torch.bfloat16)
+    layers = []
+    for _ in range(2):
+        layer = bnb.nn.Linear4bit(256, 96, bias=False, compute_dtype=torch.bfloat16, compress_statistics=True,
+                                  quant_type="nf4", device="meta")
+        quantization.set_weight(layer, weight, torch.device("cpu"))
+        layers.append(layer.eval())
+    monkeypatch.setattr(quantization, "_CHUNK_WEIGHTS", 32 * 256)  # three slices of 32 rows
+    quantization.pack_for_cpu_inference(torch.nn.Sequential(layers[1]))
+    assert layers[1].weight.quant_state.packing_format_for_cpu
+    x = torch.randn(3, 256, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lazy, eager = layers[0](x[:1]), layers[1](x[:1])  # bitsandbytes converts layers[0] at this product
+    assert torch.equal(layers[0].weight.data, layers[1].weight.data)
+    assert torch.equal(layers[0].weight.quant_state.absmax, layers[1].weight.quant_state.absmax)
+    assert torch.equal(lazy, eager)
+    with torch.no_grad():
+        assert torch.equal(layers[0](x), layers[1](x))

@@ -189,14 +189,17 @@ def load_tokenizer(path) -> ChatGLMTokenizer:
     return ChatGLMTokenizer.from_pretrained(str(path))
 
 
-def load_model(plan: LoadPlan, tokenizer, check_memory: bool = True):
+def load_model(plan: LoadPlan, tokenizer, check_memory: bool = True, for_training: bool = False):
     """The model the plan describes, checked against `tokenizer`, in eval mode. Generation's stop ids are the
-    caller's to pass (chatglm3.model.conversation.stop_token_ids)."""
+    caller's to pass (chatglm3.model.conversation.stop_token_ids). A 4-bit model on the CPU that is not loaded for
+    training gets its weights in the CPU kernel's layout at once (quantization.pack_for_cpu_inference)."""
     if check_memory:  # refused before anything is allocated when the weights alone cannot fit (chatglm3.checkpoint.memory)
         memory.check_fits(plan.model_dir, plan.weight_bytes(), plan.device,
                           cheaper=memory.cheaper_option(plan.dtype, plan.quantization_bit))
     model = load_weights(ChatGLMForConditionalGeneration, Path(plan.model_dir), plan.model_config(), plan.dtype,
                          plan.device, plan.quantization_bit)
+    if plan.quantization_bit == 4 and torch.device(plan.device).type == "cpu" and not for_training:
+        quantization.pack_for_cpu_inference(model)
     if plan.pt_checkpoint is not None:
         load_ptuning_checkpoint(model, plan.pt_checkpoint)
     if plan.adapter is not None:
