@@ -309,3 +309,12 @@ def test_bench_memory_row_status_names_the_row_and_the_time_left(tmp_path):
     assert result["returncode"] == 0 and result["seconds"] >= 1.5 and result["peak_gb"] > 0
     lines = out.getvalue().splitlines()
     assert lines and all(line.startswith("    [1/2] load: about ") and " s left, " in line and "RSS" in line for line in lines)
+
+
+def test_gpu_bench_dry_run_figures_stay_out_of_the_docs(capsys):
+    # --dry-run measures a tiny shape on the CPU: refused with --update-docs before anything runs.
+    import gpu_bench
+
+    with pytest.raises(SystemExit) as exit_:
+        gpu_bench.main(["--dry-run", "--update-docs"])
+    assert exit_.value.code == 2 and "--dry-run" in capsys.readouterr().err
