@@ -18,6 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
+import _docs  # noqa: E402
 from _common import ChatGLMError, progress  # noqa: E402
 
 import torch  # noqa: E402
@@ -94,6 +95,7 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="auto", choices=["auto", *_common.DTYPES], help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--threads", type=int, help="torch CPU 线程数 / torch CPU threads")
     parser.add_argument("--json", action="store_true", help="最后一行输出一个 JSON 对象 / print one JSON object as the last line")
+    _docs.add_flag(parser, "bench-generate")
     _common.add_shape_args(parser)
     args = parser.parse_args(argv)
     try:
@@ -111,6 +113,7 @@ def main(argv=None):
     config = _common.model_config(args, pre_seq_len=args.pre_seq_len, vocab_needed=tokenizer.vocab_size)
     model = _common.build_model(config, device, dtype, args.seed).eval()
 
+    recorder = _docs.Recorder("bench-generate", args, "bench_generate.py", argv)
     print(f"# bench_generate.py  {datetime.datetime.now():%Y-%m-%d %H:%M}  {_common.machine_line(device, dtype)}")
     print(f"# model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads x {args.kv_channels}, {args.kv_groups} KV groups, "
           f"ffn {args.ffn}, vocab {args.vocab}" + (f", P-Tuning prefix {args.pre_seq_len}" if args.pre_seq_len else "")
@@ -150,12 +153,13 @@ def main(argv=None):
         print(json.dumps({name: {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for name, r in results.items()}))
     if not all(r["same_tokens_as_no_cache"] for r in results.values()):
         _common.fail("错误：有缓存与无缓存生成的 token 不同 / Error: the KV-cache and no-cache runs generated different tokens", 1)
+    recorder.publish()  # only a run whose two paths agree is a measurement
 
 
 if __name__ == "__main__":
     try:
         main()
-    except ChatGLMError as e:
+    except (ChatGLMError, _docs.DocsError) as e:
         _common.fail(str(e))
     except KeyboardInterrupt:
         _common.fail("已中断 / interrupted", 130)

@@ -1,13 +1,14 @@
 """GGUF on a laptop CPU: llama.cpp's generation speed (llama-cpp-python) at f16, q8_0 and q4_k_m beside our own
 (chatglm3.model.generation), and each file's size, for a model folder (a tiny model, or chatglm3-6b's shape with random
-weights: speed and size only). Greedy decoding that never stops early, the same ~90-token chat prompt for all.
+weights: speed and size only). Greedy decoding that never stops early, the same chat prompt for all.
 
     python benchmarks/bench_gguf.py --model DIR                       # f16, q8_0, q4_k_m; ours in float32
-    python benchmarks/bench_gguf.py --model /work/big/chatglm3-6b-shape --ours-dtype bfloat16 --work /tmp/gguf6b
+    python benchmarks/bench_gguf.py --model ../big/chatglm3-6b-shape --ours-dtype bfloat16 --work ../big/gguf6b --update-docs
 
 The .gguf files are written under --work (default: a temporary folder) by scripts/export.py's code path and kept
 there with --work; --reuse takes files already there. One engine runs at a time, so the peak memory is one copy of
-the model (plus the loaded checkpoint while a file is written).
+the model (plus the loaded checkpoint while a file is written). --update-docs puts the printed table into
+docs/performance.md between the bench-gguf markers (the chatglm3-6b-shape block).
 """
 import argparse
 import datetime
@@ -21,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
+import _docs  # noqa: E402
 from _common import ChatGLMError, fail, progress  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -54,6 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--work", default=None, help="写 .gguf 的目录（保留）/ folder for the .gguf files (kept)")
     p.add_argument("--reuse", action="store_true", help="--work 中已有的 .gguf 直接使用 / use the .gguf files already in --work")
     p.add_argument("--json", action="store_true", help="最后一行输出 JSON / print the results as JSON last")
+    _docs.add_flag(p, "bench-gguf")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or args.threads < 1:
         fail("错误：--new-tokens >= 2、--repeats >= 1、--threads >= 1 / Error: --new-tokens must be >= 2, --repeats and --threads >= 1")
@@ -155,6 +158,7 @@ def main(argv=None) -> int:
     shape = (f"{config['num_layers']} layers, hidden {config['hidden_size']}, {config['num_attention_heads']} heads x "
              f"{config['kv_channels']}, {config.get('multi_query_group_num')} KV groups, ffn {config['ffn_hidden_size']}, "
              f"vocab {config['padded_vocab_size']}")
+    recorder = _docs.Recorder("bench-gguf", args, "bench_gguf.py", argv)
     print(f"# bench_gguf.py  {datetime.datetime.now():%Y-%m-%d %H:%M}  {_common.machine_line('cpu', args.ours_dtype)}")
     print(f"# model: {model_dir.name} ({shape}); {args.threads} threads both engines; greedy, {len(ids)}-token prompt, "
           f"{args.new_tokens} new tokens, median of {args.repeats} runs after a warm-up")
@@ -170,6 +174,7 @@ def main(argv=None) -> int:
               f"{r['decode_tokens_per_s']:>12.1f} {same:>14}")
     if args.json:
         print(json.dumps({k: {f: v for f, v in r.items() if f != "tokens"} for k, r in results.items()}))
+    recorder.publish()
     if work_ctx is not None:
         work_ctx.cleanup()
     return 0
@@ -178,5 +183,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ChatGLMError as e:
+    except (ChatGLMError, _docs.DocsError) as e:
         fail(str(e))

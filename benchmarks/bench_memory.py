@@ -13,11 +13,13 @@ the project's own entry points and measures its peak resident memory and its sec
   export_merge         scripts/export.py merging a LoRA adapter (rank 8) into the bf16 model
 
 A row that fails or is refused is recorded with its one-line reason and the run goes on. The Markdown table
-(machine, command, date, targets) goes to --out and, with --update-readme, into README.md between the
-memory-table markers. `--device cuda` runs the same rows on a GPU (gpu_bench.sh does): peak
-torch.cuda.max_memory_allocated beside the host's peak RSS.
+(machine, command, date, targets) goes to --out and, with --update-docs (old name: --update-readme), into
+docs/performance.md between the memory-table markers. `--device cuda` runs the same rows on a GPU (gpu_bench.sh
+does): peak torch.cuda.max_memory_allocated beside the host's peak RSS. Each row prints a line when it starts and
+when it ends, and while its child runs, after 10 s, its elapsed time, RSS and the time left by the rows' estimates
+(redrawn in place on a terminal; a plain line every 30 s otherwise, e.g. in a log).
 
-    python benchmarks/bench_memory.py --update-readme         # everything (about 30 minutes on 2 CPU cores)
+    python benchmarks/bench_memory.py --update-docs           # everything (about 30 minutes on 2 CPU cores)
     python benchmarks/bench_memory.py --rows load,chat_4bit   # some rows
     python benchmarks/bench_memory.py --shape tiny            # the same harness on a 2-layer model (seconds)
 
@@ -39,12 +41,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import _docs
+
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "finetune_chatmodel_demo"
 SCRIPTS = DEMO / "scripts"
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "chatglm3-tokenizer"
-README = REPO / "README.md"
-MARKERS = ("<!-- memory-table:start -->", "<!-- memory-table:end -->")
+MARKER = "memory-table"  # the table's markers in docs/performance.md
 RESULT_TAG = "BENCH_MEMORY_RESULT "  # a child's last stdout line: this tag, then its JSON
 GB = 1e9
 
@@ -77,7 +80,7 @@ class Row:
     env: dict = field(default_factory=dict)
     new_tokens: bool = False        # model rows: chat after loading
     target: Optional[Callable] = None   # (result, context) -> (text, passed)
-    estimate_s: int = 60            # seconds at the 6b shape on 2 busy CPU cores (measured), for the time-left line
+    estimate_s: int = 60            # seconds at the 6b shape on 2 busy CPU cores (measured), for the time left
 
 
 def _max_gb(limit):
@@ -393,32 +396,65 @@ def _tree_rss_bytes(pid: int) -> tuple:
     return total, anon
 
 
-def run_measured(command: list, env: dict, log: Path, heartbeat: float = 30.0) -> dict:
+class Heartbeat:
+    """The line that shows a long row is alive: nothing for its first `first` seconds, then its status, redrawn in
+    place every `tty_every` seconds on a terminal, or as a new line every `log_every` seconds otherwise (a log
+    gets a few plain lines, no redraws)."""
+
+    def __init__(self, stream=None, first: float = 10, tty_every: float = 2, log_every: float = 30):
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.first, self.every = first, (tty_every if self.tty else log_every)
+        self.next_at, self.drawn = first, False
+
+    def beat(self, elapsed: float, text: str):
+        if elapsed < self.next_at:
+            return
+        self.next_at = elapsed + self.every
+        if self.tty:
+            self.stream.write("\r" + text + "\033[K")
+            self.drawn = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def done(self):
+        if self.drawn:  # clear the redrawn line, so the row's result line starts clean
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+            self.drawn = False
+
+
+def run_measured(command: list, env: dict, log: Path, status: Optional[Callable[[float], str]] = None,
+                 heartbeat: Optional[Heartbeat] = None) -> dict:
     """Runs `command` in a fresh process group, output to `log`; returns exit status, seconds and peak memory:
     the larger of the kernel's high-water mark of the largest process in the tree (os.wait4, exact) and the
     summed resident memory of the tree sampled every 0.2 s (a launcher and its training process together);
-    beside it the sampled peak of anonymous memory (without the mapped file pages: where the memory goes)."""
+    beside it the sampled peak of anonymous memory (without the mapped file pages: where the memory goes).
+    `status(elapsed)` names the row and the time left for the heartbeat line."""
     with open(log, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-    started = last_beat = time.perf_counter()
+    started = time.perf_counter()
     tree_peak = anon_peak = 0
+    heartbeat = heartbeat or Heartbeat()
     try:
         while True:
-            pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+            pid, status_code, usage = os.wait4(process.pid, os.WNOHANG)
             if pid:
                 break
             rss, anon = _tree_rss_bytes(process.pid)
             tree_peak, anon_peak = max(tree_peak, rss), max(anon_peak, anon)
-            if time.perf_counter() - last_beat >= heartbeat:
-                last_beat = time.perf_counter()
-                progress(f"    ... {last_beat - started:.0f} s, RSS {rss / GB:.1f} GB, anonymous {anon / GB:.1f} GB "
-                         f"(peaks so far {tree_peak / GB:.1f} / {anon_peak / GB:.1f} GB)")
+            elapsed = time.perf_counter() - started
+            heartbeat.beat(elapsed, f"    {status(elapsed) + ', ' if status else ''}{elapsed:.0f} s, RSS {rss / GB:.1f} GB "
+                                    f"(peak {tree_peak / GB:.1f} GB, anonymous {anon_peak / GB:.1f} GB)")
             time.sleep(0.2)
     except BaseException:
         os.killpg(process.pid, 9)  # the row's whole process group, never anything else
         process.wait()
         raise
-    process.returncode = os.waitstatus_to_exitcode(status)
+    finally:
+        heartbeat.done()
+    process.returncode = os.waitstatus_to_exitcode(status_code)
     seconds = time.perf_counter() - started
     return {"returncode": process.returncode, "seconds": round(seconds, 1),
             "peak_gb": round(max(usage.ru_maxrss * 1024, tree_peak) / GB, 2), "anon_peak_gb": round(anon_peak / GB, 2)}
@@ -498,7 +534,7 @@ def precheck(row: Row) -> Optional[str]:
     return None
 
 
-def run_row(row: Row, args) -> dict:
+def run_row(row: Row, args, status: Optional[Callable[[float], str]] = None) -> dict:
     reason = precheck(row)
     if reason:
         return {"ok": False, "reason": reason}
@@ -506,7 +542,7 @@ def run_row(row: Row, args) -> dict:
     log = args.work_dir / f"{row.name}.log"
     for leftover in (args.work_dir / row.name, args.work_dir / "export_merge"):
         shutil.rmtree(leftover, ignore_errors=True)
-    measured = run_measured(command, env, log)
+    measured = run_measured(command, env, log, status)
     text = log.read_text(encoding="utf-8", errors="replace")
     result = {**measured, "command": shown, "log": str(log)}
     if measured["returncode"] != 0:
@@ -579,7 +615,7 @@ def judge(row: Row, r: dict, ctx: dict) -> str:
 
 
 def speed_note(results: dict) -> str:
-    """The README's sentence on chat speed, from this run's figures: the rows ranked, fastest first."""
+    """The sentence under the table on chat speed, from this run's figures: the rows ranked, fastest first."""
     labels = {"chat_bf16": ("bf16", "bf16"), "chat_8bit": ("8 比特", "8-bit"), "chat_4bit": ("4 比特", "4-bit")}
     speeds = {n: results[n].get("tokens_per_s") for n in labels
               if results.get(n, {}).get("ok") and results[n].get("tokens_per_s")}
@@ -627,20 +663,19 @@ def report(results: dict, ctx: dict, args, total_s: float) -> str:
     return "\n".join(lines + ([""] + note.splitlines() if note else [])) + "\n"
 
 
-def update_readme(table: str):
-    text = README.read_text(encoding="utf-8")
-    start, end = text.find(MARKERS[0]), text.find(MARKERS[1])
-    if start < 0 or end < start:
-        raise BenchError(f"错误：{README} 中没有 {MARKERS[0]} … {MARKERS[1]} 标记 / Error: {README} has no memory-table markers")
-    head = text[:start + len(MARKERS[0])]
-    README.write_text(head + "\n" + table + text[end:], encoding="utf-8")
+def update_docs(table: str, path: Optional[Path] = None):
+    """The table into docs/performance.md, between the memory-table markers."""
+    try:
+        _docs.update_docs(path or _docs.PERFORMANCE, MARKER, table)
+    except _docs.DocsError as e:
+        raise BenchError(str(e)) from None
 
 
 # --- command line ----------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                     epilog="python benchmarks/bench_memory.py --update-readme : 全部测量并更新 README / "
-                                            "measure everything and update README.md")
+                                     epilog="python benchmarks/bench_memory.py --update-docs : 全部测量并更新 docs/performance.md / "
+                                            "measure everything and update docs/performance.md")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="6b",
                         help="6b: chatglm3-6b 的形状（默认）/ chatglm3-6b's shape (default); tiny: 2 层，检查脚本 / 2 layers, to check the harness")
     parser.add_argument("--model-dir", type=Path, default=None,
@@ -660,8 +695,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="随机权重的种子 / seed of the random weights (default 0)")
     parser.add_argument("--out", type=Path, default=None,
                         help="表格文件 / table file (default: benchmarks/results/memory_cpu.md, memory_cuda.md with --device cuda)")
-    parser.add_argument("--update-readme", action="store_true",
-                        help="把表格写进 README.md 的 memory-table 标记之间 / put the table into README.md between the memory-table markers")
+    parser.add_argument("--update-docs", "--update-readme", dest="update_docs", action="store_true",
+                        help="把表格写进 docs/performance.md 的 memory-table 标记之间 / put the table into docs/performance.md "
+                             "between the memory-table markers (--update-readme: the old name)")
     parser.add_argument("--json", action="store_true", help="最后一行输出 JSON / print every figure as a JSON last line")
     parser.add_argument("--row", choices=ROW_NAMES, default=None, help=argparse.SUPPRESS)  # a child: one model row
     parser.add_argument("--prepare", action="store_true", help=argparse.SUPPRESS)  # a child: model, data, adapter
@@ -703,7 +739,8 @@ def run_all(args) -> dict:
     progress(f"bench_memory: {len(rows)} rows at the {args.shape} shape on {args.device}, about {minutes(estimate)} "
              f"(plus writing the model once: ~{minutes(600 * scale)}); model {args.model_dir}, work {args.work_dir}")
     prep_log = args.work_dir / "prepare.log"
-    prepared = run_measured(_child_command(args, "--prepare"), dict(os.environ), prep_log)
+    prepared = run_measured(_child_command(args, "--prepare"), dict(os.environ), prep_log,
+                            lambda elapsed: "准备 / preparing (writing the model once, the data, the adapter)")
     info = _child_result(prep_log)
     if prepared["returncode"] != 0 or info is None:
         raise BenchError(failure_reason(prep_log.read_text(encoding="utf-8", errors="replace"), prepared["returncode"]))
@@ -714,9 +751,13 @@ def run_all(args) -> dict:
     rows_started = time.perf_counter()
     results = {}
     for number, row in enumerate(rows, 1):
-        left = sum(r.estimate_s for r in rows[number - 1:]) * scale
-        progress(f"[{number}/{len(rows)}] {row.name}: {row.label} (about {minutes(left)} left) ...")
-        results[row.name] = run_row(row, args)
+        after = sum(r.estimate_s for r in rows[number:]) * scale  # the rows after this one, by their estimates
+        progress(f"[{number}/{len(rows)}] {row.name}: {row.label} (about {minutes(row.estimate_s * scale + after)} left) ...")
+
+        def status(elapsed, number=number, row=row, after=after):
+            left = max(row.estimate_s * scale - elapsed, 0) + after
+            return f"[{number}/{len(rows)}] {row.name}: about {minutes(left)} left"
+        results[row.name] = run_row(row, args, status)
         r = results[row.name]
         outcome = f"{r['peak_gb']:.2f} GB, {r['seconds']:.0f} s" if r.get("ok") else f"FAILED: {r['reason']}"
         progress(f"[{number}/{len(rows)}] {row.name}: {outcome}")
@@ -729,10 +770,10 @@ def run_all(args) -> dict:
     table = report(results, ctx, args, total)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(table, encoding="utf-8")
-    if args.update_readme:
-        update_readme(table)
+    if args.update_docs:
+        update_docs(table)
     print(table)
-    progress(f"表格 / table: {args.out}" + (" and README.md" if args.update_readme else "")
+    progress(f"表格 / table: {args.out}" + (" and docs/performance.md" if args.update_docs else "")
              + f"; {minutes(time.perf_counter() - started)} in all")
     return {"rows": results, "context": {k: v for k, v in ctx.items() if k != "machine"}, "machine": ctx["machine"], "total_s": round(total)}
 
@@ -758,8 +799,8 @@ def command_line(args) -> str:
         parts += ["--new-tokens", str(args.new_tokens)]
     if args.decode_seconds != 90:
         parts += ["--decode-seconds", f"{args.decode_seconds:g}"]
-    if args.update_readme:
-        parts.append("--update-readme")
+    if args.update_docs:
+        parts.append("--update-docs")
     return shlex.join(parts)
 
 

@@ -1,6 +1,11 @@
-"""Resume cost of the allow-listed loader (`python benchmarks/bench_resume.py OUT_DIR WIDTH`, WIDTH 16 or 8): a
-DeepSpeed ZeRO-2 checkpoint with ChatGLM3-6B's 172 tensors at 1/WIDTH of its hidden size (model states bf16 + optimizer states fp32 with a LossScaler and fragment addresses), loaded
-as DeepSpeed does (torch.load, weights_only=False) and through chatglm3.checkpoint.torch_files."""
+"""Resume cost of the allow-listed loader: a DeepSpeed ZeRO-2 checkpoint with ChatGLM3-6B's 172 tensors at 1/WIDTH
+of its hidden size (model states bf16, optimizer states fp32 with a LossScaler and fragment addresses) is written to
+OUT_DIR, then read three times each way: as DeepSpeed reads it (torch.load, weights_only=False), through
+chatglm3.checkpoint.torch_files.torch_load, and by the pre-resume check (torch_files.verify_checkpoint); medians.
+
+    python benchmarks/bench_resume.py OUT_DIR 16     # 0.73 GiB
+    python benchmarks/bench_resume.py OUT_DIR 8      # about 2 GiB
+"""
 import statistics
 import sys
 import time
@@ -12,7 +17,7 @@ import deepspeed  # noqa: F401  (its classes are in the optimizer states)
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
-from chatglm3.checkpoint import torch_files as safe_load
+from chatglm3.checkpoint import torch_files
 from chatglm3.model.configuration import ChatGLMConfig
 from chatglm3.model.modeling import ChatGLMForConditionalGeneration
 
@@ -38,10 +43,10 @@ print(f"{len(shapes)} tensors, {n/1e6:.0f}M parameters, {size/2**30:.2f} GiB in 
 def unsafe():
     for f in files: torch.load(f, map_location="cpu", weights_only=False)
 def safe():
-    for f in files: safe_load.torch_load(f, map_location="cpu")
+    for f in files: torch_files.torch_load(f, map_location="cpu")
 def verify():
-    safe_load.verify_checkpoint(out)
-times = {"torch.load(weights_only=False)": [], "safe_load.torch_load": [], "safe_load.verify_checkpoint": []}
+    torch_files.verify_checkpoint(out)
+times = {"torch.load(weights_only=False)": [], "torch_files.torch_load": [], "torch_files.verify_checkpoint": []}
 for _ in range(3):
     for (name, fn) in zip(times, (unsafe, safe, verify)):
         t = time.perf_counter(); fn(); times[name].append(time.perf_counter() - t)

@@ -9,6 +9,7 @@ the quick start's tiny model shape is built (4 layers, hidden 128, tokenizer tra
     python benchmarks/bench_server.py --model THUDM/chatglm3-6b --clients 1 8 --max-tokens 128 --json
 """
 import argparse
+import datetime
 import json
 import os
 import socket
@@ -23,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
+import _docs  # noqa: E402
 from _common import DATA_PROCESSING, DEMO, fail, progress  # noqa: E402
 
 QUESTIONS = ["皮卡丘是什么属性？", "小火龙的弱点是什么？", "杰尼龟会进化成什么？", "请介绍一下超梦。",
@@ -41,6 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None,
                         help="服务进程的 torch 线程数 / torch threads of the server process (default: torch's own)")
     parser.add_argument("--json", action="store_true", help="最后一行输出 JSON / also print the results as JSON")
+    _docs.add_flag(parser, "bench-server")
     args = parser.parse_args(argv)
     if min(args.clients) < 1 or args.requests_per_client < 1 or args.max_tokens < 1 or args.rounds < 1 or (args.threads or 1) < 1:
         fail("错误：--clients、--requests-per-client、--max-tokens、--rounds、--threads 须为正数 / Error: --clients, "
@@ -150,10 +153,12 @@ def main(argv=None):
         finally:
             for server in servers.values():
                 server.stop()
-    print(_common.machine_line("cpu", "float32 (server)"))
+    recorder = _docs.Recorder("bench-server", args, "bench_server.py", argv, markdown=True)
+    print(_common.machine_line("cpu", "float32 (server)") + f"; {datetime.datetime.now():%Y-%m-%d %H:%M}")
     print(f"{args.requests_per_client} requests per client, {args.max_tokens} new tokens asked, greedy; "
           f"median of {args.rounds} rounds\n")
-    print("| clients | serving | requests | tokens/s | requests/s | p50 latency (s) | p95 latency (s) | speed-up |")
+    print("| 客户端 / clients | 服务 / serving | 请求 / requests | tokens/s | requests/s | p50 延迟 / latency (s) | "
+          "p95 延迟 / latency (s) | 加速 / speed-up |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|")
     alone = {r["clients"]: r["tokens_per_s"] for r in rows if r["serving"] == "one at a time"}
     for r in sorted(rows, key=lambda r: (r["clients"], r["serving"] == "batched")):
@@ -161,7 +166,11 @@ def main(argv=None):
               f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['tokens_per_s'] / alone[r['clients']]:.2f}x |")
     if args.json:
         print(json.dumps(rows))
+    recorder.publish()
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except _docs.DocsError as e:
+        fail(str(e))

@@ -36,6 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
+import _docs  # noqa: E402
 from _common import BenchError, ChatGLMError, progress  # noqa: E402
 
 import torch  # noqa: E402
@@ -240,6 +241,7 @@ def parse_args(argv=None):
     parser.add_argument("--profile", action="store_true", help="每个策略再跑一步 torch.profiler，打印各类算子的时间占比 / one more "
                                                                 "step per strategy under torch.profiler: time share per kind of operator")
     parser.add_argument("--json", action="store_true", help="最后一行输出一个 JSON 对象 / print one JSON object as the last line")
+    _docs.add_flag(parser, "bench-train")
     _common.add_shape_args(parser)
     args = parser.parse_args(argv)
     for name in ("batch_size", "max_seq_length", "steps"):
@@ -287,6 +289,7 @@ def main(argv=None):
         r["peak_share"] = r["gflops_per_s"] / peak
 
     method = "full fine-tuning" if args.full else f"P-Tuning v2 (pre_seq_len {args.pre_seq_len})"
+    recorder = _docs.Recorder("bench-train", args, "bench_train.py", argv)
     print(started)
     print(f"# model: {args.layers} layers, hidden {args.hidden}, {args.heads} heads x {args.kv_channels}, {args.kv_groups} KV groups, "
           f"ffn {args.ffn}, vocab {args.vocab}; {method}, AdamW lr {args.lr:g}"
@@ -308,12 +311,13 @@ def main(argv=None):
     if args.json:
         print(json.dumps({name: {key: (round(value, 4) if isinstance(value, float) else value) for key, value in r.items()}
                           for name, r in results.items()}, ensure_ascii=False))
+    recorder.publish()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except ChatGLMError as e:  # bad data, tokenizer or flags: the message says what to do
+    except (ChatGLMError, _docs.DocsError) as e:  # bad data, tokenizer or flags: the message says what to do
         _common.fail(str(e))
     except KeyboardInterrupt:
         _common.fail("已中断 / interrupted", 130)

@@ -11,7 +11,7 @@ Then the memory rows of bench_memory.py on CUDA, each in a fresh process (MEMORY
 bf16, 8-bit and 4-bit; P-Tuning v2 and LoRA in bf16, QLoRA and P-Tuning over 4-bit (2 steps of 512 tokens, batch 1,
 gradient checkpointing); LoRA merge export. Peak torch.cuda.max_memory_allocated beside the host's peak RSS.
 
-Output: header lines (#), one Markdown table a README can take as it is, the memory table, and one JSON line (the
+Output: header lines (#), one Markdown table docs can take as it is, the memory table, and one JSON line (the
 last). Run through benchmarks/gpu_bench.sh; `--dry-run` runs a tiny shape on the CPU, one step each, and two memory
 rows at bench_memory.py's tiny shape (what the tests run).
 """
@@ -30,6 +30,7 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
+import _docs  # noqa: E402
 from _common import BenchError, ChatGLMError, progress  # noqa: E402
 
 import torch  # noqa: E402
@@ -169,7 +170,7 @@ def measure_generation(model, batch_size: int, s, device: str, peak: float) -> d
 
 
 def markdown(rows: list[dict], s) -> str:
-    """The README table: training rows, then generation rows."""
+    """The Markdown table: training rows, then generation rows."""
     lines = ["| run | tokens/s | × upstream | step s | peak GB | MFU |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     upstream = next((r for r in rows if r.get("strategy") == BASELINE and not r.get("oom") and not r.get("skipped")), None)
     for r in rows:
@@ -266,18 +267,24 @@ def main(argv=None):
                                      "benchmark at chatglm3-6b's shape: training strategies and generation (under 5 minutes), "
                                      "then the memory rows of bench_memory.py")
     parser.add_argument("--dry-run", action="store_true", help="CPU 上的小模型，每项 1 步 / tiny shape on the CPU, one step each")
+    _docs.add_flag(parser, "gpu-bench")
     args = parser.parse_args(argv)
+    if args.dry_run and args.update_docs:
+        parser.error("--dry-run 的小模型数字不进文档 / --dry-run's tiny-shape figures do not go into the docs: drop one")
+    recorder = _docs.Recorder("gpu-bench", args, "gpu_bench.sh", argv, markdown=True, runner="bash")
+    recorder.json = True  # the JSON last line stays out of the docs
     report = run(args.dry_run)
     if os.environ.get("MEMORY", "1") != "0":
         print()
         report["memory"] = memory_rows(args.dry_run, settings(args.dry_run).tokenizer)
     print(json.dumps(report, ensure_ascii=False))
+    recorder.publish()
 
 
 if __name__ == "__main__":
     try:
         main()
-    except ChatGLMError as e:  # bad settings or data: the message says what to do
+    except (ChatGLMError, _docs.DocsError) as e:  # bad settings or data: the message says what to do
         _common.fail(str(e))
     except KeyboardInterrupt:
         _common.fail("已中断 / interrupted", 130)

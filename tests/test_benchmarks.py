@@ -1,5 +1,7 @@
 """Correctness of the benchmarks (not their speed): every strategy trains the same samples, packed loss equals
 unpacked loss, and the scripts run end to end with the documented output."""
+import argparse
+import io
 import json
 import math
 import subprocess
@@ -15,6 +17,7 @@ BENCH = REPO / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
 import _common  # noqa: E402
+import _docs  # noqa: E402
 import bench_memory  # noqa: E402
 import bench_train  # noqa: E402
 from chatglm3 import ChatGLMError, ChatGLMForConditionalGeneration, ChatGLMTokenizer  # noqa: E402
@@ -209,15 +212,109 @@ def test_bench_memory_failures_are_one_line():
     assert "out of memory" in bench_memory.failure_reason("", -9)
 
 
-def test_bench_memory_bad_flags_and_readme_markers(tmp_path, monkeypatch, capsys):
+def test_bench_memory_bad_flags_and_docs_markers(tmp_path, capsys):
     assert bench_memory.main(["--rows", "chat_bf16,chat_2bit"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "chat_2bit" in err and err.startswith("错误")
-    readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{bench_memory.MARKERS[0]}\nold table\n{bench_memory.MARKERS[1]}\nafter\n", encoding="utf-8")
-    monkeypatch.setattr(bench_memory, "README", readme)
-    bench_memory.update_readme("| new | table |\n")
-    assert readme.read_text(encoding="utf-8") == f"before\n{bench_memory.MARKERS[0]}\n| new | table |\n{bench_memory.MARKERS[1]}\nafter\n"
-    readme.write_text("no markers\n", encoding="utf-8")
-    with pytest.raises(bench_memory.BenchError, match="memory-table"):
-        bench_memory.update_readme("| t |\n")
+    # --update-docs puts the table between the memory-table markers; --update-readme, the old name, still works.
+    assert bench_memory.parse_args(["--update-readme"]).update_docs and bench_memory.parse_args(["--update-docs"]).update_docs
+    assert bench_memory.command_line(bench_memory.parse_args(["--update-readme"])).endswith("--update-docs")
+    start, end = _docs.markers(bench_memory.MARKER)
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"before\n{start}\nold table\n{end}\nafter\n", encoding="utf-8")
+    bench_memory.update_docs("| new | table |\n", doc)
+    assert doc.read_text(encoding="utf-8") == f"before\n{start}\n| new | table |\n{end}\nafter\n"
+    for broken in ("no markers\n", f"{end}\n{start}\n", f"{start}\n{end}\n{start}\n{end}\n"):
+        doc.write_text(broken, encoding="utf-8")
+        with pytest.raises(bench_memory.BenchError, match="memory-table"):
+            bench_memory.update_docs("| t |\n", doc)
+        assert doc.read_text(encoding="utf-8") == broken  # a refused update writes nothing
+
+
+def test_every_update_docs_marker_is_in_the_docs_once():
+    # Each script's --update-docs names a block of docs/performance.md: a pair of markers, present exactly once.
+    text = _docs.PERFORMANCE.read_text(encoding="utf-8")
+    for name in (bench_memory.MARKER, "bench-train", "bench-generate", "bench-gguf", "bench-server", "gpu-bench"):
+        start, end = _docs.markers(name)
+        assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end), name
+
+
+def test_bench_generate_update_docs_writes_its_table(shared, tmp_path, monkeypatch, capsys):
+    # The real script, in-process, with --update-docs: what it printed (less the JSON line), headed by the command,
+    # replaces its block of a copy of docs/performance.md; nothing outside the markers changes.
+    doc = tmp_path / "performance.md"
+    doc.write_text(_docs.PERFORMANCE.read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.setattr(_docs, "PERFORMANCE", doc)
+    import bench_generate
+
+    argv = ["--tokenizer", str(shared / "chatglm3-tokenizer"), *TINY_SHAPE, "--new-tokens", "3", "--repeats", "1",
+            "--batch-sizes", "1", "--json", "--update-docs"]
+    bench_generate.main(argv)
+    printed = capsys.readouterr().out.strip().splitlines()
+    start, end = _docs.markers("bench-generate")
+    text = doc.read_text(encoding="utf-8")
+    block = text[text.index(start) + len(start):text.index(end)].strip().splitlines()
+    assert block[0] == "```" and block[-1] == "```"
+    assert block[1] == "$ python benchmarks/bench_generate.py " + " ".join(argv)
+    assert block[2:-1] == printed[:-1] and printed[-1].startswith("{")  # the table, not the JSON line
+    assert any(line.startswith("batch1_kv_cache") for line in block)
+    before = (REPO / "docs" / "performance.md").read_text(encoding="utf-8")
+    assert text[:text.index(start)] == before[:before.index(start)] and text[text.index(end):] == before[before.index(end):]
+
+
+def test_markdown_reports_keep_their_table_and_list_their_header_lines(tmp_path, monkeypatch, capsys):
+    start, end = _docs.markers("bench-server")
+    doc = tmp_path / "performance.md"
+    doc.write_text(f"x\n{start}\nold\n{end}\n", encoding="utf-8")
+    monkeypatch.setattr(_docs, "PERFORMANCE", doc)
+    args = argparse.Namespace(update_docs=True, json=False)
+    recorder = _docs.Recorder("bench-server", args, "bench_server.py", ["--rounds", "5"], markdown=True)
+    print("# machine line")
+    print("| a | b |\n|---|---|\n| 1 | 2 |")
+    recorder.publish()
+    assert capsys.readouterr().out.startswith("# machine line")  # printed as usual
+    assert doc.read_text(encoding="utf-8") == (f"x\n{start}\n`python benchmarks/bench_server.py --rounds 5`\n\n- machine line\n"
+                                               f"| a | b |\n|---|---|\n| 1 | 2 |\n{end}\n")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_bench_memory_heartbeat_quiet_in_a_log_redrawn_on_a_terminal():
+    # A log (not a terminal): nothing in the first 10 s, then one plain line every 30 s, never a carriage return.
+    log = io.StringIO()
+    beat = bench_memory.Heartbeat(log)
+    for second in range(0, 75):
+        beat.beat(second, f"[2/9] lora_bf16: {second} s")
+    beat.done()
+    assert log.getvalue() == "[2/9] lora_bf16: 10 s\n[2/9] lora_bf16: 40 s\n[2/9] lora_bf16: 70 s\n"
+    # A terminal: the same status redrawn in place every 2 s after 10 s, and cleared when the row ends.
+    terminal = _Terminal()
+    beat = bench_memory.Heartbeat(terminal)
+    for second in range(0, 15):
+        beat.beat(second, f"s{second}")
+    beat.done()
+    assert terminal.getvalue() == "\rs10\033[K\rs12\033[K\rs14\033[K\r\033[K" and "\n" not in terminal.getvalue()
+
+
+def test_bench_memory_row_status_names_the_row_and_the_time_left(tmp_path):
+    # A real child in its own process group: while it runs, the heartbeat line names the row, the time left by the
+    # estimates, the elapsed seconds and the tree's resident memory.
+    log, out = tmp_path / "row.log", io.StringIO()
+    result = bench_memory.run_measured([sys.executable, "-c", "import time; time.sleep(1.5)"], dict(__import__("os").environ),
+                                       log, lambda elapsed: f"[1/2] load: about {bench_memory.minutes(30 - elapsed)} left",
+                                       bench_memory.Heartbeat(out, first=0.5, log_every=0.5))
+    assert result["returncode"] == 0 and result["seconds"] >= 1.5 and result["peak_gb"] > 0
+    lines = out.getvalue().splitlines()
+    assert lines and all(line.startswith("    [1/2] load: about ") and " s left, " in line and "RSS" in line for line in lines)
+
+
+def test_gpu_bench_dry_run_figures_stay_out_of_the_docs(capsys):
+    # --dry-run measures a tiny shape on the CPU: refused with --update-docs before anything runs.
+    import gpu_bench
+
+    with pytest.raises(SystemExit) as exit_:
+        gpu_bench.main(["--dry-run", "--update-docs"])
+    assert exit_.value.code == 2 and "--dry-run" in capsys.readouterr().err
