@@ -1,7 +1,8 @@
 """Helpers shared by the benchmark scripts: the model shape, the real tokenizer, the Pokémon data, memory peaks.
 
-Importing this module puts `finetune_chatmodel_demo/` and `data_processing/` on sys.path, so the scripts run
-from any directory with plain `python benchmarks/bench_train.py`.
+Importing this module puts `finetune_chatmodel_demo/` and `data_processing/` on sys.path (one of the project's two
+guarded sys.path edits: the benchmarks reuse the drop-in folder's collators and flags, which are scripts' modules,
+not the installed library), so the scripts run from any directory with plain `python benchmarks/bench_train.py`.
 """
 import argparse
 import math

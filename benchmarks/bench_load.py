@@ -9,6 +9,7 @@ tensors may be file-backed pages until touched). A loader that keeps a second co
     python benchmarks/bench_load.py --bin           # pytorch_model-*.bin shards (torch.load, weights_only, mmap)
 """
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -16,14 +17,11 @@ from pathlib import Path
 
 import torch
 
-DEMO = Path(__file__).resolve().parents[1] / "finetune_chatmodel_demo"
-sys.path.insert(0, str(DEMO))
-
+from _common import DEMO  # noqa: E402  (the drop-in folder on sys.path)
 from chatglm3 import ChatGLMConfig, ChatGLMForConditionalGeneration  # noqa: E402
 
 LOADER = """
 import sys
-sys.path.insert(0, sys.argv[2])
 import torch, chatglm3
 def peak_mb():
     # VmHWM: this process's own high-water mark (ru_maxrss would include the parent's peak inherited at exec).
@@ -56,7 +54,8 @@ def main(argv=None) -> int:
         del model
         files = sorted(f for f in Path(tmp).iterdir() if f.suffix in (".safetensors", ".bin"))
         size_mb = sum(f.stat().st_size for f in files) / 2**20
-        out = subprocess.run([sys.executable, "-c", LOADER, tmp, str(DEMO)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", LOADER, tmp], capture_output=True, text=True, check=True,
+                             env={**os.environ, "PYTHONPATH": str(DEMO)})
         base, loaded, peak, weights = map(float, out.stdout.split())
     print(f"# bench_load.py: {len(files)} {'bin' if a.bin else 'safetensors'} shards, {size_mb:.0f} MB on disk")
     print(f"weights                                   {weights:6.0f} MB")

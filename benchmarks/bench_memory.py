@@ -133,9 +133,7 @@ def minutes(seconds: float) -> str:
 
 # --- the children: writing the model, and the model rows --------------------------------------------------------------
 def _child_imports():
-    for path in (DEMO, REPO / "benchmarks"):
-        if str(path) not in sys.path:
-            sys.path.insert(0, str(path))
+    import _common  # noqa: F401  (the drop-in folder on sys.path; torch is imported in the child only)
 
 
 def _model_config(shape: str):
@@ -730,7 +728,7 @@ def run_all(args) -> dict:
             raise BenchError(f"错误：{flag} {source} 在仓库里；模型与训练输出要放在仓库外 / Error: {flag} {source} is inside the "
                              "repository; put the model and the training outputs outside it")
     if args.work_dir == args.model_dir or args.model_dir in args.work_dir.parents:
-        raise BenchError(f"错误：--work-dir 不能在 --model-dir 里 / Error: --work-dir must not be inside --model-dir")
+        raise BenchError("错误：--work-dir 不能在 --model-dir 里 / Error: --work-dir must not be inside --model-dir")
     args.work_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     rows = [r for r in ROWS if r.name in args.rows]

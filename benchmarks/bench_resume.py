@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import torch
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune_chatmodel_demo"))
+import _common  # noqa: F401  (the drop-in folder on sys.path)
 import deepspeed  # noqa: F401  (its classes are in the optimizer states)
 from deepspeed.runtime.fp16.loss_scaler import LossScaler
 from deepspeed.runtime.zero.config import ZeroStageEnum

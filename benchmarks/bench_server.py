@@ -22,7 +22,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
 import _docs  # noqa: E402
 from _common import DATA_PROCESSING, DEMO, fail, progress  # noqa: E402

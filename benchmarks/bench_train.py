@@ -34,7 +34,6 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
 import _docs  # noqa: E402
 from _common import BenchError, ChatGLMError, progress  # noqa: E402

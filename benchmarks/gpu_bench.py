@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402  (puts finetune_chatmodel_demo/ on sys.path)
 import _docs  # noqa: E402
 from _common import BenchError, ChatGLMError, progress  # noqa: E402
