@@ -318,3 +318,29 @@ def test_gpu_bench_dry_run_figures_stay_out_of_the_docs(capsys):
     with pytest.raises(SystemExit) as exit_:
         gpu_bench.main(["--dry-run", "--update-docs"])
     assert exit_.value.code == 2 and "--dry-run" in capsys.readouterr().err
+
+
+def test_bench_precision_pairs_fp32_and_bf16_on_one_model(tmp_path):
+    """The paired precision benchmark at a toy shape: every method trains in both precisions from the same weights
+    on the same batches (equal first losses), the curves stay close, and --update-docs writes its table."""
+    docs = tmp_path / "training.md"
+    docs.write_text("x\n<!-- precision-table:start -->\nold\n<!-- precision-table:end -->\ny\n", encoding="utf-8")
+    code = ("import sys, bench_precision; bench_precision.DOCS = __import__('pathlib').Path(sys.argv[1]); "
+            "sys.exit(bench_precision.main(sys.argv[2:]))")
+    result = subprocess.run([sys.executable, "-c", code, str(docs), "--layers", "1", "--hidden", "64", "--heads", "4",
+                             "--kv-channels", "16", "--ffn", "128", "--vocab", "1024", "--steps", "3", "--pairs", "1",
+                             "--seq", "32", "--pre-seq-len", "4", "--update-docs"],
+                            capture_output=True, text=True, timeout=600, cwd=BENCH)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and " s |" in line]
+    assert len(rows) == 3
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        fp32_first, bf16_first = cells[4].split(" → ")[0], cells[5].split(" → ")[0]
+        assert fp32_first == bf16_first or abs(float(fp32_first) - float(bf16_first)) < 0.02
+        assert float(cells[6]) < 0.05
+    written = docs.read_text(encoding="utf-8")
+    assert "old" not in written and "bench_precision.py" in written and written.count("| ") >= 3 * 7
+    bad = subprocess.run([sys.executable, str(BENCH / "bench_precision.py"), "--methods", "dora"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--methods" in bad.stderr and "Traceback" not in bad.stderr
