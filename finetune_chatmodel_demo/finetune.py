@@ -283,6 +283,8 @@ def run(model_args, data_args, training_args):
     gradient_checkpointing = configure_training(training_args, data_args)
     resume = resolve_resume(training_args)
     setup_logging(training_args)
+    if training_args.full_determinism:  # before any product: MKL reads its settings at its first call
+        launching.make_repeatable(training_args.seed)
     set_seed(training_args.seed)
 
     for note in no_effect_notes(model_args, data_args):

@@ -208,6 +208,22 @@ def single_process_env(env: dict) -> dict:
 
 
 # --- output folders -----------------------------------------------------------------------------------------------
+def make_repeatable(seed: int) -> None:
+    """`--full_determinism` (transformers' flag): a seeded run repeats itself exactly on one machine, with the same
+    number of threads. transformers' enable_full_determinism (seeds, torch.use_deterministic_algorithms, cuDNN) and
+    what it leaves out on the CPU: oneDNN's deterministic mode (its kernels may otherwise sum in an order that
+    thread timing decides) and MKL's conditional numerical reproducibility (MKL_CBWR, MKL_DYNAMIC: read at MKL's
+    first call, which has not happened yet when finetune.py calls this). Its cost: docs/training.md."""
+    import torch
+    from transformers.trainer_utils import enable_full_determinism
+
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+    os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+    enable_full_determinism(seed)
+    torch.backends.mkldnn.deterministic = True
+
+
 def is_finished(run: Path) -> bool:
     """finetune.py writes trainer_state.json into the output folder itself only when training has ended."""
     return (run / TRAINER_STATE_NAME).is_file()
