@@ -6,21 +6,25 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 
 import build_tool_data
+import pokedex_tool
 import tool_data
 import tool_eval
-from chatglm3 import ChatGLMTokenizer
+from chatglm3 import ChatGLMTokenizer, register_tool
 from chatglm3.model.conversation import encode_messages, encode_sample, sample_to_messages, stop_token_ids
 from chatglm3.data.reader import check_conversation
 from build_tiny_model import build_tiny_model
-from chatglm3.serving.tool_loop import MAX_ERROR_OBSERVATIONS, ToolTurn, is_error_observation
-from pokedex import POKEDEX_TOOL, PokedexTool, load_table
+from chatglm3.serving.tool_loop import MAX_ERROR_OBSERVATIONS, ToolTurn, execute, is_error_observation
+from chatglm3.tools import load_tool_files, run_metrics, tool_of
+from pokedex import POKEDEX_TOOL, load_table
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "data_processing" / "data.csv"
+PLUGIN = REPO / "data_processing" / "pokedex_tool.py"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,13 @@ def training(table, held_out):
 
 @pytest.fixture(scope="module")
 def pokedex():
-    return PokedexTool(str(TABLE))
+    """The Pokédex plug-in's tools, {name: Tool}, as inference.py and evaluate.py --tools load them."""
+    return load_tool_files([PLUGIN]).tools
+
+
+def lookup(tools, name):
+    """The observation the loop feeds back for pokedex_lookup(name=...)."""
+    return execute({"name": "pokedex_lookup", "parameters": {"name": name}}, tools).observation
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +68,7 @@ def test_held_out_pokemon_are_in_no_training_sample(table, held_out, training):
         check_conversation(sample, f"sample {i}")
 
 
-def test_training_set_holds_every_kind_of_sample(table, training):
+def test_training_set_holds_every_kind_of_sample(table, training, pokedex):
     real = {row.name for row in table.rows}
     tool_samples = [s for s in training if "tools" in s]
     calls = [[m for m in s["conversations"] if m["role"] == "tool"] for s in tool_samples]
@@ -73,7 +83,7 @@ def test_training_set_holds_every_kind_of_sample(table, training):
     for sample, cs in zip(tool_samples, calls):  # every observation is what the tool answers for that name
         for c in cs:
             if c["parameters"]["name"] in real:
-                assert c["observation"] == json.loads(PokedexTool(str(TABLE))({"name": c["name"], "parameters": c["parameters"]}))
+                assert c["observation"] == json.loads(lookup(pokedex, c["parameters"]["name"]))
 
 
 def test_synthetic_pokemon_follow_the_type_chart(table, held_out):
@@ -140,7 +150,7 @@ def test_tool_loop_prompts_equal_training_ids_multi_turn_multi_call(which, reque
     sample = _real_sample(table)
     assert sum(m["role"] == "tool" for m in sample["conversations"]) == 3
     assert sum(m["role"] == "user" for m in sample["conversations"]) > 3  # follow-ups without a call
-    turns = _replay(tokenizer, sample, {pokedex.name: pokedex})
+    turns = _replay(tokenizer, sample, pokedex)
     assert [len(t.calls) for t in turns if t.calls] == [1, 1, 1] and all(c.ok for t in turns for c in t.calls)
     assert [t.answer for t in turns] == [m["content"] for m, n in zip(sample["conversations"], sample["conversations"][1:] + [None])
                                          if m["role"] == "assistant" and (n is None or n["role"] == "user")]
@@ -149,10 +159,12 @@ def test_tool_loop_prompts_equal_training_ids_multi_turn_multi_call(which, reque
 def test_bad_calls_are_failed_calls_with_error_observations(tmp_path, pokedex):
     marker = tmp_path / "pwned"
 
-    def broken(call):
+    @register_tool
+    def broken(name: Annotated[str, "名字", True]):
+        """总是出错"""
         raise RuntimeError("table offline")
 
-    tools = {pokedex.name: pokedex, "broken": broken}
+    tools = {**pokedex, "broken": tool_of(broken)}
     turn = ToolTurn([], "皮卡丘是什么属性？", tools)
     replies = [
         f"pokedex_lookup\n```python\ntool_call(name=__import__('os').system('touch {marker}'))\n```",  # not a literal
@@ -175,7 +187,7 @@ def test_bad_calls_are_failed_calls_with_error_observations(tmp_path, pokedex):
 
 
 def test_calls_beyond_the_limit_give_the_turn_up(pokedex):
-    turn = ToolTurn([], "皮卡丘是什么属性？", {pokedex.name: pokedex}, max_calls=2)
+    turn = ToolTurn([], "皮卡丘是什么属性？", pokedex, max_calls=2)
     call = "pokedex_lookup\n```python\ntool_call(name='皮卡丘')\n```"
     assert turn.feed_text(call, True).ok and turn.feed_text(call, True).ok and not turn.done
     assert turn.feed_text(call, True) is None and turn.given_up and len(turn.calls) == 2
@@ -189,7 +201,7 @@ def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_ou
     items = tool_eval.load_items(path)
     expecting = [i for i in items if i.expected]
     assert len(expecting) == 3 * len(held_out) and len(items) - len(expecting) == 2 * len(held_out)
-    tools = {pokedex.name: pokedex}
+    tools = pokedex
     turns = []
     for k, item in enumerate(items):  # a scripted "model": right on even items, wrong in various ways on odd ones
         turn = ToolTurn(list(item.history), item.query, tools)
@@ -203,7 +215,8 @@ def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_ou
             if not turn.done:
                 turn.feed_text("好的。", True)
         turns.append(turn)
-    m = tool_eval.tool_metrics(items, turns)
+    m = {**tool_eval.tool_metrics(items, turns),
+         **run_metrics([pokedex_tool.type_answer_metrics], [tool_eval.turn_record(i, t) for i, t in zip(items, turns)])}
     even = [k % 2 == 0 for k, i in enumerate(items) if i.expected]
     assert m["tool_call_rate"] == 1.0 and m["tool_name_accuracy"] == 1.0
     assert m["tool_args_exact"] == round(sum(even) / len(even), 4)
@@ -217,8 +230,8 @@ def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_ou
 
 
 def test_types_named_ignores_the_pokemon_name():
-    assert tool_eval.types_named("海刺龙是水属性的宝可梦。", ["海刺龙"]) == {"水"}
-    assert tool_eval.types_named("超梦是超能力属性的宝可梦。", ["超梦"]) == {"超能力"}
+    assert pokedex_tool.types_named("海刺龙是水属性的宝可梦。", ["海刺龙"]) == {"水"}
+    assert pokedex_tool.types_named("超梦是超能力属性的宝可梦。", ["超梦"]) == {"超能力"}
 
 
 def test_hidden_tools_ask_the_same_questions_without_the_tool(tmp_path, table, held_out):
@@ -260,7 +273,7 @@ def test_evaluate_tools_runs_the_real_loop(calling_model_dir, tmp_path, table, c
     import evaluate
 
     data, predictions = _eval_file(tmp_path / "eval.jsonl", table), tmp_path / "pred.jsonl"
-    args = ["--data", str(data), "--model", str(calling_model_dir), "--tools", str(TABLE), "--max-new-tokens", "30",
+    args = ["--data", str(data), "--model", str(calling_model_dir), "--tools", str(PLUGIN), "--max-new-tokens", "30",
             "--output", str(predictions)]
     assert evaluate.main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -284,9 +297,13 @@ def test_evaluate_tools_bad_input_is_one_line(tmp_path, table, tiny_model, capsy
     import evaluate
 
     data = _eval_file(tmp_path / "eval.jsonl", table)
-    assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--tools", str(tmp_path / "no.csv")]) == 2
+    assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--tools", str(tmp_path / "no.py")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "no.csv" in err and "\n" not in err and "Traceback" not in err
+    assert "no.py" in err and "\n" not in err and "Traceback" not in err
+    # A table given as it used to be: one line pointing to tool files.
+    assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--tools", str(TABLE)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.csv" in err and ".py" in err and "docs/tools.md" in err and "\n" not in err
     assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--hide-tools"]) == 2
     assert "--tools" in capsys.readouterr().err
 
