@@ -184,16 +184,25 @@ def pokedex():
     return load_tool_files([POKEDEX_PLUGIN]).tools
 
 
-def _tool_calling_model(shared):
-    """The reference tiny model rewired into a bigram machine that always answers
-    "pokedex_lookup\\n tool_call(name='皮卡丘')" then <|observation|>: every layer's output projection is zeroed,
-    so each position's logits depend on its own token only, and the output layer maps each token of that reply to
-    the next one. (The second "_" is the byte token <0x5F>, so that no token repeats.)"""
+def _tool_calling_model(shared, call_text=None):
+    """The reference tiny model rewired into a bigram machine that always answers a tool call then <|observation|>
+    (by default "pokedex_lookup\\n tool_call(name='皮卡丘')"; `call_text`: another call, tokenized as the tokenizer
+    does): every layer's output projection is zeroed, so each position's logits depend on its own token only, and
+    the output layer maps each token of that reply to the next one. (A repeated "_" is the byte token <0x5F>, so
+    that no token repeats.)"""
     model, tokenizer = load_model_and_tokenizer(str(shared / "parity" / "tiny-chatglm3"), device="cpu")
-    program = [tokenizer.get_command("<|assistant|>"), 281, 9066, 914, 30962, 5072, 455, 13, 2583,
-               tokenizer.convert_tokens_to_ids("<0x5F>"), 10372, 30946, 2323, 6521, 55350, 55259, 56729, 3387,
-               tokenizer.get_command("<|observation|>")]
-    assert tokenizer.decode(program[1:-1]).replace(" ", "") == "pokedex_lookup\ntool_call(name='皮卡丘')"
+    if call_text is None:
+        call_text = "pokedex_lookup\ntool_call(name='皮卡丘')"
+        reply = [281, 9066, 914, 30962, 5072, 455, 13, 2583, tokenizer.convert_tokens_to_ids("<0x5F>"), 10372, 30946,
+                 2323, 6521, 55350, 55259, 56729, 3387]
+    else:
+        reply = tokenizer.tokenizer.encode(call_text)
+        underscore = tokenizer.convert_tokens_to_ids("_")
+        reply[reply.index(underscore) + 1:] = [tokenizer.convert_tokens_to_ids("<0x5F>") if t == underscore else t
+                                               for t in reply[reply.index(underscore) + 1:]]
+    program = [tokenizer.get_command("<|assistant|>"), *reply, tokenizer.get_command("<|observation|>")]
+    assert len(set(program)) == len(program), "a repeated token: the bigram machine cannot say this"
+    assert tokenizer.decode(program[1:-1]).replace(" ", "") == call_text.replace(" ", "")
     with torch.no_grad():
         for layer in model.transformer.encoder.layers:
             layer.self_attention.dense.weight.zero_()

@@ -14,7 +14,7 @@ import build_tool_data
 import pokedex_tool
 import tool_data
 import tool_eval
-from chatglm3 import ChatGLMTokenizer, register_tool
+from chatglm3 import ChatGLMError, ChatGLMTokenizer, register_tool
 from chatglm3.model.conversation import encode_messages, encode_sample, sample_to_messages, stop_token_ids
 from chatglm3.data.reader import check_conversation
 from build_tiny_model import build_tiny_model
@@ -357,3 +357,134 @@ def test_build_tool_data_cli(tmp_path, tiny_model):
     table.write_bytes((REPO / "data_processing" / "data.csv").read_bytes())
     assert build_tool_data.main(["--out-dir", str(tmp_path), "--table", str(table)]) == 1
     assert table.read_bytes() == (REPO / "data_processing" / "data.csv").read_bytes()
+
+
+# --- tool plug-ins: the schema from the signature, bad tool files, the worked example ------------------------------
+EXAMPLE = REPO / "examples" / "tools" / "convert_length.py"
+DEMO = REPO / "finetune_chatmodel_demo"
+
+
+def test_the_schema_comes_from_the_signature_in_the_training_datas_form():
+    @register_tool
+    def plan_trip(city: Annotated[str, "城市名", True],
+                  days: Annotated[int, "天数"],
+                  budget: Annotated[float, "预算（元）", False] = 0.0,
+                  tags: Annotated[list[str], "标签"] = (),
+                  span: Annotated[tuple[int, int], "日期范围"] = (1, 2),
+                  options: Annotated[dict, "其他选项", False] = None,
+                  *, hurry: Annotated[bool, "是否赶时间", True]):
+        """安排一次旅行。
+
+        第二段说明也是描述的一部分。"""
+        return {"city": city, "span": span}
+
+    tool = tool_of(plan_trip)
+    assert tool.schema == {
+        "name": "plan_trip", "description": "安排一次旅行。\n\n第二段说明也是描述的一部分。",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "城市名"}, "days": {"type": "integer", "description": "天数"},
+            "budget": {"type": "number", "description": "预算（元）"}, "tags": {"type": "array", "description": "标签"},
+            "span": {"type": "array", "description": "日期范围"}, "options": {"type": "object", "description": "其他选项"},
+            "hurry": {"type": "boolean", "description": "是否赶时间"}},
+            "required": ["city", "days", "hurry"]}}  # required left out: required unless it has a default
+    assert plan_trip("北京", 2, hurry=True) == {"city": "北京", "span": (1, 2)}  # still a plain function
+    tools = {"plan_trip": tool}
+    ok = execute({"name": "plan_trip", "parameters": {"city": "北京", "days": 3, "span": [3, 5], "hurry": False}}, tools)
+    assert ok.ok and json.loads(ok.observation) == {"city": "北京", "span": [3, 5]}  # a tuple parameter gets a tuple
+    for bad in ({"city": "北京", "hurry": False}, {"city": "北京", "days": True, "hurry": False},
+                {"city": "北京", "days": 3, "hurry": False, "extra": 1}, {"city": 3, "days": 3, "hurry": False}):
+        result = execute({"name": "plan_trip", "parameters": bad}, tools)
+        assert not result.ok and json.loads(result.observation)["错误"].startswith("参数应为 city（string：城市名）")
+    assert "budget（number，可不填：预算（元））" in result.observation
+
+
+BAD_TOOL_FILES = {  # name: (source, what the line names besides the file, the line it names)
+    "import fails": ("import json\nimport no_such_module_for_tools\n", "no_such_module_for_tools", 2),
+    "syntax error": ("from chatglm3 import register_tool\n\ndef f(:\n    pass\n", "SyntaxError", 3),
+    "raises at import": ("from chatglm3 import register_tool\nVALUE = 1 / 0\n", "ZeroDivisionError", 2),
+    "no annotation": ('from chatglm3 import register_tool\n\n@register_tool\ndef get_time(zone):\n    """时间"""\n',
+                      "Annotated", 3),
+    "annotation without description": ('from chatglm3 import register_tool\n\n@register_tool\n'
+                                       'def get_time(zone: str):\n    """时间"""\n', "'zone'", 3),
+    "two tools with one name": ('from typing import Annotated\nfrom chatglm3 import register_tool\n\n@register_tool\n'
+                                'def f(x: Annotated[str, "x", True]):\n    """一"""\n\n@register_tool\n'
+                                'def f(x: Annotated[str, "x", True]):\n    """二"""\n', "'f'", 8),
+    "no tools": ("from chatglm3 import register_tool\n\ndef helper():\n    pass\n", "no tool", None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD_TOOL_FILES))
+def test_a_bad_tool_file_is_one_line_naming_it(case, tmp_path, tiny_model, table):
+    source, fragment, line = BAD_TOOL_FILES[case]
+    path = tmp_path / "my_tools.py"
+    path.write_text(source, encoding="utf-8")
+    script = "inference.py" if sorted(BAD_TOOL_FILES).index(case) % 2 else "evaluate.py"  # both, in turn
+    flags = ["--prompt", "你好"] if script == "inference.py" else ["--data", str(_eval_file(tmp_path / "d.jsonl", table))]
+    run = subprocess.run([sys.executable, str(DEMO / script), "--model", str(tiny_model), *flags, "--tools", str(path)],
+                         capture_output=True, text=True, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert str(path) in lines[0] and fragment in lines[0] and lines[0].startswith("错误："), lines[0]
+    if line is not None:
+        assert f"line {line}" in lines[0], lines[0]
+    assert "ChatGLM：" not in run.stdout  # the model never answered: the file is checked first
+
+
+def test_tool_files_that_are_no_python_files_or_clash_are_refused(tmp_path):
+    with pytest.raises(ChatGLMError, match="not found"):
+        load_tool_files([tmp_path / "missing.py"])
+    with pytest.raises(ChatGLMError, match=r"\.py.*docs/tools.md"):
+        load_tool_files([TABLE])
+    twin = tmp_path / "twin.py"
+    twin.write_text("from pokedex import pokedex_lookup\n", encoding="utf-8")  # a tool imported from a module
+    assert list(load_tool_files([twin]).tools) == ["pokedex_lookup"]
+    with pytest.raises(ChatGLMError, match="pokedex_lookup"):
+        load_tool_files([PLUGIN, twin])  # the same name from two files
+    both = load_tool_files([EXAMPLE, PLUGIN])
+    assert list(both.tools) == ["convert_length", "pokedex_lookup"] and len(both.metrics) == 1
+
+
+@pytest.fixture(scope="module")
+def length_model_dir(shared, tmp_path_factory):
+    """The reference tiny model rewired to always answer with the call convert_length(value=3, unit='km')."""
+    from test_inference import _tool_calling_model
+
+    model, tokenizer = _tool_calling_model(shared, "convert_length\ntool_call(value=3, unit='km')")
+    out = tmp_path_factory.mktemp("length-model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_the_worked_example_a_non_pokemon_plugin_runs_through_the_loop(length_model_dir, tmp_path):
+    """docs/tools.md's example: inference.py and evaluate.py with examples/tools/convert_length.py, the calls
+    executed by the plug-in through the tool loop."""
+    run = subprocess.run([sys.executable, str(DEMO / "inference.py"), "--model", str(length_model_dir), "--tools",
+                          str(EXAMPLE), "--prompt", "3 千米是多少米？", "--greedy", "--max-new-tokens", "30"],
+                         capture_output=True, text=True, timeout=300)
+    observation = '[工具结果 / observation] {"米": 3000.0, "英尺": 9842.5197, "英里": 1.8641}'
+    assert '[调用工具 / tool call] {"name": "convert_length", "parameters": {"value": 3, "unit": "km"}}' in run.stdout
+    assert observation in run.stdout, run.stdout
+    # It only ever calls: the second round's prompt overflows the 256-token context, and the turn ends in one line.
+    assert run.returncode == 2 and "prompt too long" in run.stderr.strip().splitlines()[-1]
+    assert "工具 / Tools: convert_length" in run.stderr
+
+    # evaluate.py: the generic tool metrics for any plug-in (no metric function: no type keys).
+    data = tmp_path / "length.jsonl"
+    call = {"role": "tool", "name": "convert_length", "parameters": {"value": 3, "unit": "km"},
+            "observation": {"米": 3000.0, "英尺": 9842.5197, "英里": 1.8641}}
+    samples = [{"tools": [tool_of(load_tool_files([EXAMPLE]).tools["convert_length"].function).schema],
+                "conversations": [{"role": "user", "content": question}, {**call, "parameters": parameters},
+                                  {"role": "assistant", "content": "是 3000 米。"}]}
+               for question, parameters in (("3 千米是多少米？", {"value": 3, "unit": "km"}),
+                                            ("5 英里是多少米？", {"value": 5, "unit": "mi"}))]
+    data.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    run = subprocess.run([sys.executable, str(DEMO / "evaluate.py"), "--data", str(data), "--model",
+                          str(length_model_dir), "--tools", str(EXAMPLE), "--max-new-tokens", "30", "--output",
+                          str(tmp_path / "pred.jsonl")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["tool_call_rate"] == 1.0 and summary["tool_name_accuracy"] == 1.0
+    assert summary["tool_args_exact"] == 0.5 and "answer_types_correct" not in summary

@@ -241,13 +241,14 @@ def load_tool_files(paths) -> ToolFiles:
         module = _import(path, index)
         defined = {}
         for tool in _registered[start:]:  # a name defined twice in the file leaves one function in its globals
-            if Path(tool.where.rsplit(":", 1)[0]).resolve() != path:
+            tool_path, line = _where(tool.function)
+            if Path(tool_path).resolve() != path:
                 continue
             if tool.name in defined:
-                raise ToolFileError(f"错误：{tool.where}：工具名 {tool.name} 重复（第一次在 {defined[tool.name]}）/ "
-                                    f"Error: {tool.where}: a second tool named {tool.name!r} (the first at "
+                raise ToolFileError(f"错误：{given} 第 {line} 行：工具名 {tool.name} 重复（第一次在第 {defined[tool.name]} 行）/ "
+                                    f"Error: {given} line {line}: a second tool named {tool.name!r} (the first at line "
                                     f"{defined[tool.name]})")
-            defined[tool.name] = tool.where
+            defined[tool.name] = line
         tools, metrics = [], []
         for value in vars(module).values():
             if tool_of(value) is not None and tool_of(value) not in tools:
