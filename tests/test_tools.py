@@ -488,3 +488,14 @@ def test_the_worked_example_a_non_pokemon_plugin_runs_through_the_loop(length_mo
     summary = json.loads(run.stdout.strip().splitlines()[-1])
     assert summary["tool_call_rate"] == 1.0 and summary["tool_name_accuracy"] == 1.0
     assert summary["tool_args_exact"] == 0.5 and "answer_types_correct" not in summary
+
+
+def test_the_example_training_data_is_what_the_example_plugin_offers_and_answers():
+    tool = load_tool_files([EXAMPLE]).tools["convert_length"]
+    samples = [json.loads(line) for line in EXAMPLE.with_suffix(".jsonl").read_text(encoding="utf-8").splitlines()]
+    for i, sample in enumerate(samples):
+        check_conversation(sample, f"sample {i}")
+        assert json.dumps(sample["tools"], ensure_ascii=False) == json.dumps([tool.schema], ensure_ascii=False)
+        for call in (m for m in sample["conversations"] if m["role"] == "tool"):
+            assert tool.argument_problem(call["parameters"]) is None
+            assert call["observation"] == tool.run(call["parameters"])
