@@ -83,10 +83,10 @@ python "$DEMO/evaluate.py" --data "$DATA/dev.jsonl" --model "$OUT/full" --pt-che
 
 stage 7 "考考模型：训练集宝可梦的属性 / quiz: types of the training Pokémon"
 if [ "$FAST" = 1 ]; then echo "（QUICKSTART_FAST=1：只训练了 $FULL_STEPS 步，模型还没学会 / only $FULL_STEPS steps: the model has not learned yet）"; fi
-python "$DEMO/scripts/quiz_types.py" --model "$OUT/full" --data "$DATA/train.jsonl" --show 5 | tee "$OUT/quiz.txt"
+python "$ROOT/data_processing/quiz_types.py" --model "$OUT/full" --data "$DATA/train.jsonl" --show 5 | tee "$OUT/quiz.txt"
 echo "inference.py --prompt（真实的命令行对话脚本 / the real chat script）:"
 for name in 皮卡丘 妙蛙种子 可达鸭; do
-    truth=$(cd "$DEMO" && python -c "import sys, pokedex; r = pokedex.load_table(sys.argv[2]).by_name()[sys.argv[1]]; print('、'.join(r.types))" "$name" "$ROOT/data_processing/data.csv")
+    truth=$(cd "$ROOT/data_processing" && python -c "import sys, pokedex; r = pokedex.load_table(sys.argv[2]).by_name()[sys.argv[1]]; print('、'.join(r.types))" "$name" "$ROOT/data_processing/data.csv")
     answer=$(python "$DEMO/inference.py" --model "$OUT/full" --prompt "${name}是什么属性的？" --greedy --max-new-tokens 32 2>/dev/null | tail -1 | sed 's/^ChatGLM：//')
     echo "  问 / Q: ${name}是什么属性的？  答 / A: ${answer}  （事实 / truth: ${truth}）"
 done

@@ -13,7 +13,6 @@ import json
 import sys
 from pathlib import Path
 
-# cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
 from cli_common import DEFAULT_TABLE, add_table_args, dumps, run_cli, table_columns, write_all_atomic
 from chatglm3.json_files import DATA_LIMIT, read_text
 from chatglm3.data.reader import check_conversation, load_conversations

@@ -2,22 +2,20 @@
 writing (chatglm3.output_files's, the project's one) and the runner that turns a bad input into one line on stderr and
 exit status 1.
 
-Importing this module puts finetune_chatmodel_demo/ on sys.path (the one place that does), so that the pipeline
-reads tables with `pokedex` and conversation files with `chatglm3.data.reader`, as training does.
+The pipeline reads tables with `pokedex` (beside this file) and conversation files with the installed `chatglm3`
+package's reader, as training does.
 """
 import sys
 from pathlib import Path
 
+from chatglm3.errors import ChatGLMError
+from chatglm3.json_files import dumps  # noqa: F401  (the scripts' one JSON writer: no bare NaN)
+from chatglm3.output_files import check_outputs, write_all_atomic, write_atomic  # noqa: F401  (the one way to write)
+from pokedex import COLUMN_FLAGS, COLUMNS
+
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-DEMO = REPO / "finetune_chatmodel_demo"
-if str(DEMO) not in sys.path:
-    sys.path.insert(0, str(DEMO))
-
-from chatglm3.errors import ChatGLMError  # noqa: E402
-from chatglm3.json_files import dumps  # noqa: E402,F401  (the scripts' one JSON writer: no bare NaN)
-from chatglm3.output_files import check_outputs, write_all_atomic, write_atomic  # noqa: E402,F401  (the one way to write)
-from pokedex import COLUMN_FLAGS, COLUMNS  # noqa: E402
+DEMO = REPO / "finetune_chatmodel_demo"  # where the formatted data goes by default, as upstream's scripts expect
 
 DEFAULT_TABLE = HERE / "data.csv"
 DEFAULT_CONVERSATIONS = DEMO / "formatted_data" / "pokemon_data.json"  # data_processing.py's output

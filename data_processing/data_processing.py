@@ -6,13 +6,12 @@ The table has one row per Pokémon with the columns 姓名,属性,弱点,特征,
 description; names configurable). The script reads UTF-8 (with or without BOM) or GBK/GB18030, checks every row,
 normalises the types, derives the weaknesses from the type chart and writes a JSON list of
 {"conversations": [...]}. Every row ends up in a conversation or in the printed report (and in --report FILE).
-The table is read by finetune_chatmodel_demo/pokedex.py, the dialogues are written by dialogues.py.
+The table is read by pokedex.py, the dialogues are written by dialogues.py.
 """
 import argparse
 import sys
 from pathlib import Path
 
-# cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
 from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_TABLE, add_table_args, check_outputs, dumps, run_cli,
                         table_columns, write_all_atomic)
 from chatglm3.errors import ChatGLMError

@@ -10,7 +10,6 @@ import hashlib
 import random
 from collections import Counter
 
-import cli_common  # noqa: F401  (puts finetune_chatmodel_demo/ on sys.path)
 from pokedex import POKEDEX_TOOL, lookup_pokemon
 
 # Names that are in no Pokédex, for samples where the lookup finds nothing and the answer must say so.

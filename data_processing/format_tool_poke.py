@@ -10,7 +10,6 @@ import argparse
 import sys
 from pathlib import Path
 
-# cli_common first: it puts finetune_chatmodel_demo/ (chatglm3, pokedex) on sys.path.
 from cli_common import (DEFAULT_CONVERSATIONS, DEFAULT_JSONL, DEFAULT_TABLE, add_table_args, check_outputs, dumps,
                         run_cli, table_columns, write_atomic)
 from chatglm3.data.reader import check_conversation, load_conversations

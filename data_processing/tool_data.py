@@ -21,7 +21,6 @@ import dataclasses
 import json
 import random
 
-import cli_common  # noqa: F401  (puts finetune_chatmodel_demo/ on sys.path)
 from chatglm3.model.conversation import encode_sample, format_tool_call
 from dialogues import QUESTIONS, answer, build_samples, split_dev
 from pokedex import POKEDEX_TOOL, PokemonRow, PokemonTable, lookup_pokemon
@@ -67,7 +66,7 @@ def mentioning(samples, names):
 
 
 def lookup(row):
-    """The pokedex_lookup observation for one row (synthetic or real): exactly what PokedexTool answers."""
+    """The pokedex_lookup observation for one row (synthetic or real): exactly what pokedex_lookup answers."""
     return lookup_pokemon(PokemonTable(path=None, encoding="", columns={}, rows=[row]), row.name)
 
 
@@ -194,7 +193,7 @@ def build_training_samples(table, held_out, synthetic=8000, real_variants=4, max
 
 def build_eval_samples(table, held_out, seed=0):
     """Evaluation conversations about the held-out Pokémon (see the module doc); each expected call's observation
-    is what PokedexTool answers for that name."""
+    is what pokedex_lookup answers for that name."""
     rng = random.Random(f"{seed}|tool-eval")
     rows = sorted((row for row in table.rows if row.name in held_out), key=lambda r: r.name)
     samples = []

@@ -7,10 +7,11 @@ reply; batched, left padded, greedy unless --do-sample). Predictions and referen
 scored as upstream ChatGLM3's finetune demo does (see metrics.py). Predictions are written beside their
 references to --output (JSONL); the last line of stdout is the JSON summary {"rouge-1", "rouge-2", "rouge-l", "bleu-4", "samples"}.
 
-With --tools CSV, every user turn is answered through the real tool loop instead (the model's calls executed by
-the pokedex_lookup tool on that table, observations fed back), and the summary adds tool_call_rate,
-tool_false_call_rate, tool_name_accuracy, tool_args_exact, tool_answer_grounded, answer_types_correct and
-stopped_share (fractions 0-1, defined in tool_eval.py); --hide-tools asks the same questions without the tool.
+With --tools FILE.py (tool plug-ins, docs/tools.md), every user turn is answered through the real tool loop instead
+(the model's calls executed by the files' tools, observations fed back), and the summary adds tool_call_rate,
+tool_false_call_rate, tool_name_accuracy, tool_args_exact and stopped_share (fractions 0-1, defined in
+tool_eval.py), then the keys of the files' own metric functions (chatglm3.tools.register_metrics; the Pokédex's:
+tool_answer_grounded, answer_types_correct); --hide-tools asks the same questions without the tools.
 """
 import argparse
 import sys
@@ -28,9 +29,9 @@ from chatglm3.json_files import dumps
 from chatglm3.checkpoint.loading import input_files
 from chatglm3.output_files import check_outputs, write_atomic
 from chatglm3.data.train_format import raw_prompt_ids
+from chatglm3.tools import load_tool_files, run_metrics
 from cli import add_format_arg, add_model_args, load_from_args, prompt_format
 from metrics import METRIC_KEYS, compute_metrics, score_pair
-from pokedex import PokedexTool
 from tool_eval import TOOL_METRIC_KEYS, answer_items, load_items, tool_metrics, turn_record
 
 DEFAULT_OUTPUT = "output/eval_predictions.jsonl"
@@ -100,13 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.8, help="采样温度，配合 --do-sample / temperature (0.8)")
     parser.add_argument("--top-p", type=float, default=0.8, help="top-p，配合 --do-sample / top-p (0.8)")
     parser.add_argument("--seed", type=int, default=None, help="随机种子 / random seed")
-    parser.add_argument("--tools", default=None, metavar="CSV",
-                        help="评测工具调用：每个用户问题都走真实的工具循环，pokedex_lookup 由该表回答，汇总里加上 tool_* 指标 / "
-                             "measure tool use: every user turn goes through the real tool loop, pokedex_lookup "
-                             "answered from this table; adds the tool_* keys to the summary (see tool_eval.py)")
+    parser.add_argument("--tools", nargs="+", default=None, metavar="FILE.py",
+                        help="评测工具调用：每个用户问题都走真实的工具循环，调用由这些工具文件（@register_tool，见 docs/tools.md）"
+                             "执行，汇总里加上 tool_* 指标 / measure tool use: every user turn goes through the real "
+                             "tool loop, calls executed by these tool files (@register_tool, see docs/tools.md); "
+                             "adds the tool_* keys to the summary (see tool_eval.py)")
     parser.add_argument("--hide-tools", action="store_true",
                         help="配合 --tools：同样的问题，但不提供工具（无工具的对照）/ with --tools: the same questions "
                              "without offering the tool (the no-tool baseline)")
+    parser.set_defaults(plugin_metric_keys=[])  # the keys the tool files' metric functions add (evaluate_tools)
     return parser
 
 
@@ -118,7 +121,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.hide_tools and not args.tools:
         raise ChatGLMError("错误：--hide-tools 需要 --tools / Error: --hide-tools needs --tools")
     # Before generation: --output may not replace the dev set, the table or a model file, nor be a directory.
-    inputs = [("--data", args.data), ("--tools", args.tools),
+    inputs = [("--data", args.data), *(("--tools", path) for path in args.tools or ()),
               *input_files(args.model, args.tokenizer, args.pt_checkpoint, args.adapter)]
     check_outputs(inputs=inputs, outputs={"--output": args.output})
 
@@ -140,16 +143,23 @@ def write_predictions(path: str, records: List[Dict]) -> None:
 def evaluate_tools(args: argparse.Namespace) -> Dict:
     """--tools: every user turn answered through the real tool loop; ROUGE/BLEU of the final answers against the
     references, and the tool metrics (tool_eval.py)."""
-    tool = PokedexTool(args.tools)  # a bad table is reported before the model loads
+    plugins = load_tool_files(args.tools)  # a bad tool file (or a table it reads) is reported before the model loads
     items = load_items(args.data, args.hide_tools)[:args.max_samples]
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_from_args(args)
-    turns = answer_items(model, tokenizer, items, {} if args.hide_tools else {tool.name: tool},
+    turns = answer_items(model, tokenizer, items, {} if args.hide_tools else plugins.tools,
                          generation_kwargs(args), args.batch_size, model.config.seq_length - args.max_new_tokens)
-    write_predictions(args.output, [turn_record(i, t) for i, t in zip(items, turns)])
+    records = [turn_record(i, t) for i, t in zip(items, turns)]
+    write_predictions(args.output, records)
     answered = [(t.answer or "", i.reference) for i, t in zip(items, turns) if i.reference is not None]
-    return {**compute_metrics([a for a, _ in answered], [r for _, r in answered]), **tool_metrics(items, turns)}
+    summary = {**compute_metrics([a for a, _ in answered], [r for _, r in answered]), **tool_metrics(items, turns)}
+    extra = run_metrics(plugins.metrics, records)
+    if set(extra) & set(summary):
+        raise ChatGLMError(f"错误：工具文件的指标函数用了已有的指标名 {sorted(set(extra) & set(summary))} / Error: a tool "
+                           f"file's metric function returns keys evaluate.py already has: {sorted(set(extra) & set(summary))}")
+    args.plugin_metric_keys = list(extra)  # printed after the generic keys
+    return {**summary, **extra}
 
 
 def evaluate(args: argparse.Namespace) -> Dict:
@@ -190,7 +200,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ChatGLMError as exc:
         print(exc, file=sys.stderr)
         return 2
-    keys = (*METRIC_KEYS, "samples", *(TOOL_METRIC_KEYS if args.tools else ()))
+    keys = (*METRIC_KEYS, "samples", *((*TOOL_METRIC_KEYS, *args.plugin_metric_keys) if args.tools else ()))
     try:
         print(dumps({key: summary[key] for key in keys}, "汇总 / the summary"))
     except ChatGLMError as exc:

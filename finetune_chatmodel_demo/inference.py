@@ -13,15 +13,16 @@
 退出码 / Exit status: 0 done; 1 piped input with turns that could not be answered (each is reported on stderr
 and the chat goes on); 2 bad flags, model or checkpoint.
 
-`--tools data_processing/data.csv` lets the model call the `pokedex_lookup` tool: the call is answered from the
-table as an observation turn and the model continues to its answer.
+`--tools FILE.py` offers the tools of a tool file (functions decorated with @register_tool, upstream's convention;
+docs/tools.md): a call from the model is executed by that function, its result fed back as an observation turn, and
+the model continues to its answer.
 """
 import argparse
 import contextlib
 import json
 import os
 import sys
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 
 @contextlib.contextmanager
@@ -49,10 +50,9 @@ with stdout_to_stderr() if __name__ == "__main__" else contextlib.nullcontext():
     from chatglm3.serving.tool_loop import MAX_CALLS, MAX_ERROR_OBSERVATIONS, ToolTurn
     from chatglm3.model.generation import generate_stream
     from chatglm3.json_files import check_unicode
-    from chatglm3.output_files import check_inputs
     from chatglm3.data.train_format import raw_prompt_ids
+    from chatglm3.tools import Tool, load_tool_files
     from cli import add_format_arg, add_model_args, load_from_args, prompt_format
-    from pokedex import PokedexTool
 
 ANSWER_PREFIX = "ChatGLM："
 USER_PROMPT = "用户 / User："
@@ -143,17 +143,17 @@ class Display:
 
 
 def chat_turn(model, tokenizer, query: str, history: List[dict], gen_kwargs: Dict, max_prompt_tokens: int,
-              tool: Optional[Callable[[dict], str]] = None, display: Optional[Display] = None,
+              tools: Optional[Dict[str, Tool]] = None, display: Optional[Display] = None,
               max_tool_rounds: int = MAX_CALLS) -> Tuple[str, List[dict]]:
     """Answer one user message; returns (answer text, new history).
 
-    With `tool`, the turn runs the tool loop (chatglm3.serving.tool_loop, as evaluate.py --tools does): a call from the
-    model is executed by `tool` and its observation (or an error observation) fed back, at most `max_tool_rounds`
-    calls. Raises ChatGLMError for a prompt that cannot fit, too many calls or failed calls; the caller's history
+    With `tools` ({name: chatglm3.tools.Tool}), the turn runs the tool loop (chatglm3.serving.tool_loop, as
+    evaluate.py --tools does): a call from the model is executed by the tool it names and its observation (or an
+    error observation) fed back, at most `max_tool_rounds` calls. Raises ChatGLMError for a prompt that cannot fit, too many calls or failed calls; the caller's history
     is then unchanged.
     """
     display = display or Display(stream=False)
-    turn = ToolTurn(history, query, {tool.name: tool} if tool else {}, max_calls=max_tool_rounds)
+    turn = ToolTurn(history, query, dict(tools or {}), max_calls=max_tool_rounds)
     while not turn.done:
         turn.history = trim_history(tokenizer, turn.content, turn.history, turn.role, max_prompt_tokens)
         display.debug_prompt(turn.prompt(tokenizer))
@@ -201,12 +201,12 @@ def raw_turn(model, tokenizer, prompt: str, gen_kwargs: Dict, max_prompt_tokens:
 
 
 def answer_turn(fmt: str, model, tokenizer, query: str, history: List[dict], gen_kwargs: Dict,
-                max_prompt_tokens: int, tool=None, display: Optional[Display] = None) -> Tuple[str, List[dict]]:
+                max_prompt_tokens: int, tools=None, display: Optional[Display] = None) -> Tuple[str, List[dict]]:
     """One turn in the format the model was trained on (cli.prompt_format): a chat turn, or a raw prompt (an
     input-output model keeps no history)."""
     if fmt == "input-output":
         return raw_turn(model, tokenizer, query, gen_kwargs, max_prompt_tokens, display), history
-    return chat_turn(model, tokenizer, query, history, gen_kwargs, max_prompt_tokens, tool, display)
+    return chat_turn(model, tokenizer, query, history, gen_kwargs, max_prompt_tokens, tools, display)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -229,9 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.8, help="nucleus 采样阈值 / top-p (0.8)")
     parser.add_argument("--greedy", action="store_true", help="贪心解码，不采样 / greedy decoding, no sampling")
     parser.add_argument("--seed", type=int, default=None, help="随机种子 / random seed")
-    parser.add_argument("--tools", default=None, metavar="CSV",
-                        help="启用 pokedex_lookup 工具，用该表回答 / enable the pokedex_lookup tool, answered from "
-                             "this table (e.g. data_processing/data.csv)")
+    parser.add_argument("--tools", nargs="+", default=None, metavar="FILE.py",
+                        help="提供这些工具文件里的工具（@register_tool 装饰的函数，见 docs/tools.md）/ offer the tools of "
+                             "these tool files (functions decorated with @register_tool, see docs/tools.md)")
     parser.add_argument("--verbose", action="store_true",
                         help="在 stderr 打印每次输入的 token id / print each prompt's token ids on stderr")
     return parser
@@ -280,15 +280,14 @@ def generation_kwargs(args: argparse.Namespace) -> Dict:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    tool = None
-    if args.tools:
-        check_inputs({"--tools": args.tools})  # /dev/zero would be read forever
-        tool = PokedexTool(args.tools)
-        print(f"工具 / Tool {tool.name}: {len(tool.table.rows)} 只宝可梦 / Pokémon from {args.tools}", file=sys.stderr)
+    tools = {}
+    if args.tools:  # a bad tool file is one line before the model loads
+        tools = load_tool_files(args.tools).tools
+        print(f"工具 / Tools: {', '.join(tools)} ({' '.join(args.tools)})", file=sys.stderr)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     fmt = prompt_format(args)
-    if fmt == "input-output" and (tool or args.system):
+    if fmt == "input-output" and (tools or args.system):
         raise ChatGLMError("错误：--tools、--system 只适用于对话格式（--format multi-turn）/ Error: --tools and --system need "
                            "the chat format; this model was trained on input-output data (--format multi-turn to force)")
     with stdout_to_stderr():
@@ -299,12 +298,12 @@ def run(args: argparse.Namespace) -> int:
                            f"{model.config.seq_length} / Error: --max-new-tokens must be below the model's context "
                            f"length {model.config.seq_length}")
     gen_kwargs = generation_kwargs(args)
-    fresh = initial_history(args.system, [tool.schema] if tool else None)
+    fresh = initial_history(args.system, [tool.schema for tool in tools.values()])
 
     if args.prompt is not None:
         if not args.prompt.strip():
             raise ChatGLMError("错误：--prompt 为空 / Error: --prompt is empty")
-        answer_turn(fmt, model, tokenizer, args.prompt, list(fresh), gen_kwargs, max_prompt_tokens, tool,
+        answer_turn(fmt, model, tokenizer, args.prompt, list(fresh), gen_kwargs, max_prompt_tokens, tools,
                     Display(stream=True, verbose=args.verbose))
         return 0
 
@@ -337,7 +336,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         try:
             answer, history = answer_turn(fmt, model, tokenizer, query, history, gen_kwargs, max_prompt_tokens,
-                                          tool, display)
+                                          tools, display)
         except ChatGLMError as exc:
             failed_turns += 1
             print(exc, file=sys.stderr, flush=True)

@@ -14,6 +14,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/setup_env.sh"
 DEMO="$ROOT/finetune_chatmodel_demo"
 TABLE="$ROOT/data_processing/data.csv"
+# The Pokédex tool plug-in (docs/tools.md); it answers from the table $POKEDEX_TABLE names.
+POKEDEX="$ROOT/data_processing/pokedex_tool.py"
+export POKEDEX_TABLE="$TABLE"
 OUT="${TOOL_DEMO_OUT:-$ROOT/tool_demo_out}"
 if [ "${TOOL_DEMO_FAST:-0}" = 1 ]; then
     : "${SEEDS:=0}" "${STEPS:=300}" "${SYNTHETIC:=3000}" "${SAVE_EVERY:=100}"
@@ -34,7 +37,7 @@ stage() { printf '\n[%s/6] %s  (%ds)\n' "$1" "$2" $((SECONDS - START)); }
 evaluate() {  # MODEL OUTPUT_PREFIX [evaluate.py flags...]: the summary JSON line into OUTPUT_PREFIX.json
     local model=$1 prefix=$2; shift 2
     OMP_NUM_THREADS=$THREADS python "$DEMO/evaluate.py" --data "$OUT/data/heldout.jsonl" --model "$model" \
-        --tools "$TABLE" --max-new-tokens 96 --batch-size 16 --output "$prefix.predictions.jsonl" "$@" \
+        --tools "$POKEDEX" --max-new-tokens 96 --batch-size 16 --output "$prefix.predictions.jsonl" "$@" \
         2> "$prefix.log" | tail -1 > "$prefix.json" || { tail -5 "$prefix.log"; exit 1; }
 }
 
@@ -93,9 +96,9 @@ fi
 
 stage 6 "inference.py --tools：问三只留出的宝可梦 / ask three held-out Pokémon"
 for name in $(head -3 "$OUT/data/heldout_names.txt"); do
-    truth=$(cd "$DEMO" && python -c "import sys, pokedex; r = pokedex.load_table(sys.argv[2]).by_name()[sys.argv[1]]; print('、'.join(r.types))" "$name" "$TABLE")
+    truth=$(cd "$ROOT/data_processing" && python -c "import sys, pokedex; r = pokedex.load_table(sys.argv[2]).by_name()[sys.argv[1]]; print('、'.join(r.types))" "$name" "$TABLE")
     echo "问 / Q: ${name}是什么属性的？  （事实 / truth: ${truth}）"
-    python "$DEMO/inference.py" --model "$OUT/s${SEED_LIST[0]}" --tools "$TABLE" --prompt "${name}是什么属性的？" \
+    python "$DEMO/inference.py" --model "$OUT/s${SEED_LIST[0]}" --tools "$POKEDEX" --prompt "${name}是什么属性的？" \
         --greedy --max-new-tokens 96 2>/dev/null | sed 's/^/    /'
     echo "  不提供工具 / without the tool:"
     python "$DEMO/inference.py" --model "$OUT/s${SEED_LIST[0]}" --prompt "${name}是什么属性的？" \

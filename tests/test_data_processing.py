@@ -1,7 +1,8 @@
-"""The Pokémon data pipeline: the table and the tool (finetune_chatmodel_demo/pokedex.py), the dialogues
+"""The Pokémon data pipeline: the table and the tool (data_processing/pokedex.py, pokedex_tool.py), the dialogues
 (data_processing/dialogues.py) and the two command lines, called in-process; one real subprocess run per script."""
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import format_tool_poke as ftp_cli
 import pokedex
 from chatglm3 import ChatGLMError
 from chatglm3.data.reader import check_conversation
-from pokedex import PokedexTool, TableError, load_table, lookup_pokemon
+from chatglm3.serving.tool_loop import execute
+from chatglm3.tools import load_tool_files
+from pokedex import TableError, load_table, lookup_pokemon
 from pokemon_types import TYPES, UnknownTypeError, clean_text, effectiveness, split_types, weaknesses
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,23 +168,63 @@ def test_lookup_pokemon_gives_the_row_facts():
     assert missing["姓名"] == "不存在兽" and "错误" in missing and "属性" not in missing
 
 
+# The schema the tool-calling training samples (and the models trained on them) have offered since before the
+# plug-ins: the plug-in's, derived from pokedex_lookup's signature, must be this, key order included (it is rendered
+# into the system prompt as JSON).
+TRAINED_SCHEMA = {
+    "name": "pokedex_lookup",
+    "description": "查询宝可梦图鉴，返回这只宝可梦的属性、弱点、特性和简介",
+    "parameters": {
+        "type": "object",
+        "properties": {"name": {"type": "string", "description": "宝可梦的中文名字，例如 皮卡丘"}},
+        "required": ["name"],
+    },
+}
+PLUGIN = REPO / "data_processing" / "pokedex_tool.py"
+
+
+def test_the_pokedex_plugin_offers_the_schema_models_were_trained_with():
+    tools = load_tool_files([PLUGIN])
+    assert list(tools.tools) == ["pokedex_lookup"]
+    for schema in (tools.tools["pokedex_lookup"].schema, pokedex.POKEDEX_TOOL):
+        assert json.dumps(schema, ensure_ascii=False) == json.dumps(TRAINED_SCHEMA, ensure_ascii=False)
+    assert [m.__name__ for m in tools.metrics] == ["type_answer_metrics"]
+
+
 def test_pokedex_tool_answers_as_the_training_samples_and_never_raises():
-    tool = PokedexTool(str(BUNDLED))
-    assert tool.name == "pokedex_lookup" and tool.schema == pokedex.POKEDEX_TOOL
-    answer = tool({"name": "pokedex_lookup", "parameters": {"name": "皮卡丘"}})
-    assert json.loads(answer) == lookup_pokemon(tool.table, "皮卡丘") and "\\u" not in answer
-    assert "没有找到" in json.loads(tool({"name": "pokedex_lookup", "parameters": {"name": "不存在兽"}}))["错误"]
-    assert "没有名为 'weather'" in json.loads(tool({"name": "weather", "parameters": {"city": "北京"}}))["错误"]
+    tools = load_tool_files([PLUGIN]).tools
+
+    def call(name, parameters):
+        return execute({"name": name, "parameters": parameters}, tools).observation
+
+    answer = call("pokedex_lookup", {"name": "皮卡丘"})
+    assert json.loads(answer) == lookup_pokemon(load_table(BUNDLED), "皮卡丘") and "\\u" not in answer
+    assert "没有找到" in json.loads(call("pokedex_lookup", {"name": "不存在兽"}))["错误"]
+    assert "没有名为 'weather'" in json.loads(call("weather", {"city": "北京"}))["错误"]
     for parameters in [{}, {"name": 25}, {"name": "皮卡丘", "extra": 1}, "皮卡丘", {"name": {1, 2}}]:
-        assert json.loads(tool({"name": "pokedex_lookup", "parameters": parameters}))["错误"].startswith("参数应为 name")
-    assert "错误" in json.loads(tool("pokedex_lookup(name='皮卡丘')"))
+        assert json.loads(call("pokedex_lookup", parameters))["错误"].startswith("参数应为 name")
 
 
-def test_pokedex_tool_bad_table_is_a_chatglm_error(tmp_path):
+def test_pokedex_plugin_reads_the_table_its_variable_names_and_a_bad_one_is_one_line(tmp_path):
+    own = write(tmp_path / "own.csv", HEADER + "皮卡丘,水,,,\n")
     bad = write(tmp_path / "nocol.csv", "姓名,类别\n皮卡丘,电\n")
-    with pytest.raises(TableError) as e:
-        PokedexTool(str(bad))
-    assert isinstance(e.value, ChatGLMError) and "nocol.csv" in str(e.value) and "line 1" in str(e.value)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from chatglm3.tools import load_tool_files; "
+            "from chatglm3.serving.tool_loop import execute; "
+            "tools = load_tool_files([sys.argv[2]]).tools; "
+            "print(execute({'name': 'pokedex_lookup', 'parameters': {'name': '皮卡丘'}}, tools).observation)")
+    env = {**os.environ, "POKEDEX_TABLE": str(own)}
+    run = subprocess.run([sys.executable, "-c", code, str(REPO / "finetune_chatmodel_demo"), str(PLUGIN)],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout)["属性"] == ["水"]
+    # A bad table stops the plug-in loading, in one line naming the table and line (before any model would load).
+    run = subprocess.run([sys.executable, str(REPO / "finetune_chatmodel_demo" / "inference.py"), "--model", "nowhere",
+                          "--tools", str(PLUGIN)], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "POKEDEX_TABLE": str(bad)})
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "nocol.csv" in lines[0] and "line 1" in lines[0], run.stderr
+    with pytest.raises(TableError):
+        load_table(bad)
 
 
 def test_tool_samples(tmp_path, cli):

@@ -335,3 +335,36 @@ def test_tool_alpaca_instances_that_cannot_be_converted_are_listed(tmp_path):
     assert len(samples) == 1 and samples[0]["tools"] == [record["NLDocumentation"]]
     assert [s.split(": ")[:2] for s in skipped] == [[f"{source}:2", "Instances[1]"], [f"{source}:2", "Instances[2]"]]
     assert "Final Thought" in skipped[1]
+
+
+# --- the folder alone: no data pipeline, no Pokémon; a tool plug-in from outside ---------------------------------
+@pytest.mark.slow
+def test_the_folder_copied_alone_trains_chats_with_a_plugin_tool_evaluates_and_exports(tmp_path):
+    """Only finetune_chatmodel_demo/ (no data_processing/ beside it, nothing installed on PYTHONPATH): build a tiny
+    model, train a few steps on the example tool data, chat with the example plug-in (examples/tools/), evaluate
+    tool use with it, export."""
+    demo = tmp_path / "ChatGLM3" / "finetune_chatmodel_demo"
+    shutil.copytree(DEMO, demo, ignore=shutil.ignore_patterns("__pycache__", "output", "formatted_data"))
+    assert sorted(p.name for p in demo.parent.iterdir()) == ["finetune_chatmodel_demo"]
+    assert not [p for p in demo.rglob("*.py") if p.stem in ("pokedex", "pokemon_types", "quiz_types", "pokedex_tool")]
+    tools = tmp_path / "my_tools"
+    shutil.copytree(REPO / "examples" / "tools", tools)
+    data, plugin = tools / "convert_length.jsonl", tools / "convert_length.py"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("HF_")}
+    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+
+    ok(run([sys.executable, "scripts/build_tiny_model.py", "--corpus", str(data), "--out", "tiny", "--layers", "1",
+            "--hidden", "32", "--heads", "2", "--kv-groups", "1", "--vocab-size", "400"], demo, env))
+    ok(run([sys.executable, "finetune.py", "--model_name_or_path", "tiny", "--train_file", str(data), "--output_dir",
+            "output/run", "--max_steps", "3", "--max_seq_length", "512", "--use_cpu", "--report_to", "none",
+            "--disable_tqdm", "true"], demo, env))
+    chat = ok(run([sys.executable, "inference.py", "--model", "output/run", "--tools", str(plugin), "--prompt",
+                   "3 千米是多少米？", "--greedy", "--max-new-tokens", "8"], demo, env))
+    assert "工具 / Tools: convert_length" in chat.stderr and chat.stdout.startswith("ChatGLM：")
+    scored = ok(run([sys.executable, "evaluate.py", "--data", str(data), "--model", "output/run", "--tools",
+                     str(plugin), "--max-new-tokens", "8", "--output", "eval.jsonl"], demo, env))
+    summary = json.loads(scored.stdout.strip().splitlines()[-1])
+    assert {"tool_call_rate", "tool_args_exact", "stopped_share"} <= set(summary) and "answer_types_correct" not in summary
+    assert len((demo / "eval.jsonl").read_text(encoding="utf-8").splitlines()) == 9  # one line per user turn
+    ok(run([sys.executable, "scripts/export.py", "--model", "output/run", "--output", "exported"], demo, env))
+    assert (demo / "exported" / "config.json").is_file() and (demo / "exported" / "tokenizer.model").is_file()

@@ -21,6 +21,7 @@ import data_processing as dp_cli
 import evaluate
 import format_tool_poke as ftp_cli
 import inference
+import quiz_types
 from chatglm3 import ChatGLMError, json_files
 from chatglm3.output_files import write_all_atomic
 from test_hardening import _script_main, assert_one_line_error, cli, snapshot  # noqa: F401  (cli: a fixture)
@@ -29,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "finetune_chatmodel_demo"
 DEEP = "[" * 100_000 + "]" * 100_000  # a RecursionError in json.loads without the depth check
 PLOT, EXPORT = _script_main("plot_loss"), _script_main("export")
-ALPACA, QUIZ = _script_main("format_tool_alpaca"), _script_main("quiz_types")
+ALPACA, QUIZ = _script_main("format_tool_alpaca"), quiz_types.main
 EV, FTP, DP, INF = evaluate.main, ftp_cli.main, dp_cli.main, inference.main
 
 
@@ -238,6 +239,7 @@ def test_tokenized_text_with_a_lone_surrogate_is_one_clear_error(real_tokenizer)
 def test_hand_written_tool_observations_of_any_shape_are_context_not_a_crash(tmp_path):
     """evaluate.py --tools reads expected calls from the dev set: an observation that is deep JSON text, or whose
     types and name are numbers, is no type question (it used to be a RecursionError or a TypeError)."""
+    import pokedex_tool
     import tool_eval
 
     samples = [{"conversations": [{"role": "user", "content": "查"},
@@ -249,8 +251,9 @@ def test_hand_written_tool_observations_of_any_shape_are_context_not_a_crash(tmp
     data.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
     items = tool_eval.load_items(data)
     assert items[0].expected[0]["observation"] == DEEP  # text, as written
-    assert [tool_eval._is_type_question(i) for i in items] == [False, False, False]
-    assert tool_eval.types_named("电属性", [3, None, "皮卡丘"]) == {"电"}
+    records = [{"expected_calls": i.expected, "reference": i.reference} for i in items]
+    assert [pokedex_tool.is_type_question(r) for r in records] == [False, False, False]
+    assert pokedex_tool.types_named("电属性", [3, None, "皮卡丘"]) == {"电"}
 
 
 def test_training_reads_turns_in_the_servers_order_only(tiny_model, tmp_path):

@@ -12,11 +12,14 @@ import inference
 from chatglm3 import ChatGLMError, ChatGLMTokenizer
 from chatglm3.model.conversation import encode_message, prompt_ids, tool_system_message
 from chatglm3.checkpoint.loading import load_model_and_tokenizer
-from pokedex import POKEDEX_TOOL, PokedexTool
+from chatglm3.serving.tool_loop import execute
+from chatglm3.tools import load_tool_files
+from pokedex import POKEDEX_TOOL
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "finetune_chatmodel_demo" / "inference.py"
 BUNDLED_TABLE = REPO / "data_processing" / "data.csv"
+POKEDEX_PLUGIN = REPO / "data_processing" / "pokedex_tool.py"
 
 
 def run_script(*args, stdin=""):
@@ -61,7 +64,7 @@ def test_piped_turns_answer_each_line_keep_history_and_survive_bad_lines(tiny, t
 def test_prompt_mode_reads_the_ptuning_config_and_offers_the_tool(tiny, shared, tokenizer, capsys):
     pt = shared / "parity" / "tiny-ptuning"
     code = inference.main(["--model", str(tiny), "--pt-checkpoint", str(pt), "--prompt", "皮卡丘是什么属性？",
-                           "--max-new-tokens", "5", "--greedy", "--tools", str(BUNDLED_TABLE), "--verbose"])
+                           "--max-new-tokens", "5", "--greedy", "--tools", str(POKEDEX_PLUGIN), "--verbose"])
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "pre_seq_len 4" in err
@@ -117,7 +120,7 @@ def test_bad_model_flags_give_a_clear_error(tiny, shared, tmp_path, capsys):
         assert "CUDA" in error("--model", tiny, "--device", "cuda")
     assert "empty" in error("--model", tiny, "--prompt", "  ")
     assert "top-p" in error("--model", tiny, "--top-p", 0)
-    assert "not found" in error("--model", tiny, "--tools", tmp_path / "missing.csv")
+    assert "not found" in error("--model", tiny, "--tools", tmp_path / "missing.py")
 
 
 def test_tokenizer_that_does_not_fit_the_model_is_an_error(tiny_model, shared, capsys):
@@ -178,19 +181,28 @@ def test_initial_history_puts_the_tool_system_message_first(tokenizer):
 
 @pytest.fixture(scope="module")
 def pokedex():
-    return PokedexTool(str(BUNDLED_TABLE))
+    return load_tool_files([POKEDEX_PLUGIN]).tools
 
 
-def _tool_calling_model(shared):
-    """The reference tiny model rewired into a bigram machine that always answers
-    "pokedex_lookup\\n tool_call(name='皮卡丘')" then <|observation|>: every layer's output projection is zeroed,
-    so each position's logits depend on its own token only, and the output layer maps each token of that reply to
-    the next one. (The second "_" is the byte token <0x5F>, so that no token repeats.)"""
+def _tool_calling_model(shared, call_text=None):
+    """The reference tiny model rewired into a bigram machine that always answers a tool call then <|observation|>
+    (by default "pokedex_lookup\\n tool_call(name='皮卡丘')"; `call_text`: another call, tokenized as the tokenizer
+    does): every layer's output projection is zeroed, so each position's logits depend on its own token only, and
+    the output layer maps each token of that reply to the next one. (A repeated "_" is the byte token <0x5F>, so
+    that no token repeats.)"""
     model, tokenizer = load_model_and_tokenizer(str(shared / "parity" / "tiny-chatglm3"), device="cpu")
-    program = [tokenizer.get_command("<|assistant|>"), 281, 9066, 914, 30962, 5072, 455, 13, 2583,
-               tokenizer.convert_tokens_to_ids("<0x5F>"), 10372, 30946, 2323, 6521, 55350, 55259, 56729, 3387,
-               tokenizer.get_command("<|observation|>")]
-    assert tokenizer.decode(program[1:-1]).replace(" ", "") == "pokedex_lookup\ntool_call(name='皮卡丘')"
+    if call_text is None:
+        call_text = "pokedex_lookup\ntool_call(name='皮卡丘')"
+        reply = [281, 9066, 914, 30962, 5072, 455, 13, 2583, tokenizer.convert_tokens_to_ids("<0x5F>"), 10372, 30946,
+                 2323, 6521, 55350, 55259, 56729, 3387]
+    else:
+        reply = tokenizer.tokenizer.encode(call_text)
+        underscore = tokenizer.convert_tokens_to_ids("_")
+        reply[reply.index(underscore) + 1:] = [tokenizer.convert_tokens_to_ids("<0x5F>") if t == underscore else t
+                                               for t in reply[reply.index(underscore) + 1:]]
+    program = [tokenizer.get_command("<|assistant|>"), *reply, tokenizer.get_command("<|observation|>")]
+    assert len(set(program)) == len(program), "a repeated token: the bigram machine cannot say this"
+    assert tokenizer.decode(program[1:-1]).replace(" ", "") == call_text.replace(" ", "")
     with torch.no_grad():
         for layer in model.transformer.encoder.layers:
             layer.self_attention.dense.weight.zero_()
@@ -208,17 +220,16 @@ def _tool_calling_model(shared):
 
 def test_tool_loop_answers_the_call_and_bounds_the_rounds(shared, pokedex, capsys):
     model, tokenizer = _tool_calling_model(shared)
-    history = inference.initial_history(None, [pokedex.schema])
+    history = inference.initial_history(None, [tool.schema for tool in pokedex.values()])
     display = inference.Display(stream=False, verbose=True)
     with pytest.raises(ChatGLMError, match="more than 1 times"):
         inference.chat_turn(model, tokenizer, "皮卡丘是什么属性？", history, {"max_new_tokens": 30, "do_sample": False},
-                            max_prompt_tokens=400, tool=pokedex, display=display, max_tool_rounds=1)
+                            max_prompt_tokens=400, tools=pokedex, display=display, max_tool_rounds=1)
     err = capsys.readouterr().err
     first, second = debug_ids(err)
     assert first == prompt_ids(tokenizer, history, "皮卡丘是什么属性？")
     # The second round sees the call and the observation from the table, and again asks for a reply.
-    observation = json.dumps(json.loads(pokedex({"name": "pokedex_lookup", "parameters": {"name": "皮卡丘"}})),
-                             ensure_ascii=False)
+    observation = execute({"name": "pokedex_lookup", "parameters": {"name": "皮卡丘"}}, pokedex).observation
     tail = encode_message(tokenizer, "observation", "", observation) + [tokenizer.get_command("<|assistant|>")]
     assert second[:len(first)] == first and second[-len(tail):] == tail
     assert "pokedex_lookup" in err and "皮卡丘" in err  # the call and its observation are shown (stderr when piped)

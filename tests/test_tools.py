@@ -6,21 +6,25 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import pytest
 
 import build_tool_data
+import pokedex_tool
 import tool_data
 import tool_eval
-from chatglm3 import ChatGLMTokenizer
+from chatglm3 import ChatGLMError, ChatGLMTokenizer, register_tool
 from chatglm3.model.conversation import encode_messages, encode_sample, sample_to_messages, stop_token_ids
 from chatglm3.data.reader import check_conversation
 from build_tiny_model import build_tiny_model
-from chatglm3.serving.tool_loop import MAX_ERROR_OBSERVATIONS, ToolTurn, is_error_observation
-from pokedex import POKEDEX_TOOL, PokedexTool, load_table
+from chatglm3.serving.tool_loop import MAX_ERROR_OBSERVATIONS, ToolTurn, execute, is_error_observation
+from chatglm3.tools import load_tool_files, run_metrics, tool_of
+from pokedex import POKEDEX_TOOL, load_table
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = REPO / "data_processing" / "data.csv"
+PLUGIN = REPO / "data_processing" / "pokedex_tool.py"
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +44,13 @@ def training(table, held_out):
 
 @pytest.fixture(scope="module")
 def pokedex():
-    return PokedexTool(str(TABLE))
+    """The Pokédex plug-in's tools, {name: Tool}, as inference.py and evaluate.py --tools load them."""
+    return load_tool_files([PLUGIN]).tools
+
+
+def lookup(tools, name):
+    """The observation the loop feeds back for pokedex_lookup(name=...)."""
+    return execute({"name": "pokedex_lookup", "parameters": {"name": name}}, tools).observation
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +68,7 @@ def test_held_out_pokemon_are_in_no_training_sample(table, held_out, training):
         check_conversation(sample, f"sample {i}")
 
 
-def test_training_set_holds_every_kind_of_sample(table, training):
+def test_training_set_holds_every_kind_of_sample(table, training, pokedex):
     real = {row.name for row in table.rows}
     tool_samples = [s for s in training if "tools" in s]
     calls = [[m for m in s["conversations"] if m["role"] == "tool"] for s in tool_samples]
@@ -73,7 +83,7 @@ def test_training_set_holds_every_kind_of_sample(table, training):
     for sample, cs in zip(tool_samples, calls):  # every observation is what the tool answers for that name
         for c in cs:
             if c["parameters"]["name"] in real:
-                assert c["observation"] == json.loads(PokedexTool(str(TABLE))({"name": c["name"], "parameters": c["parameters"]}))
+                assert c["observation"] == json.loads(lookup(pokedex, c["parameters"]["name"]))
 
 
 def test_synthetic_pokemon_follow_the_type_chart(table, held_out):
@@ -140,7 +150,7 @@ def test_tool_loop_prompts_equal_training_ids_multi_turn_multi_call(which, reque
     sample = _real_sample(table)
     assert sum(m["role"] == "tool" for m in sample["conversations"]) == 3
     assert sum(m["role"] == "user" for m in sample["conversations"]) > 3  # follow-ups without a call
-    turns = _replay(tokenizer, sample, {pokedex.name: pokedex})
+    turns = _replay(tokenizer, sample, pokedex)
     assert [len(t.calls) for t in turns if t.calls] == [1, 1, 1] and all(c.ok for t in turns for c in t.calls)
     assert [t.answer for t in turns] == [m["content"] for m, n in zip(sample["conversations"], sample["conversations"][1:] + [None])
                                          if m["role"] == "assistant" and (n is None or n["role"] == "user")]
@@ -149,10 +159,12 @@ def test_tool_loop_prompts_equal_training_ids_multi_turn_multi_call(which, reque
 def test_bad_calls_are_failed_calls_with_error_observations(tmp_path, pokedex):
     marker = tmp_path / "pwned"
 
-    def broken(call):
+    @register_tool
+    def broken(name: Annotated[str, "名字", True]):
+        """总是出错"""
         raise RuntimeError("table offline")
 
-    tools = {pokedex.name: pokedex, "broken": broken}
+    tools = {**pokedex, "broken": tool_of(broken)}
     turn = ToolTurn([], "皮卡丘是什么属性？", tools)
     replies = [
         f"pokedex_lookup\n```python\ntool_call(name=__import__('os').system('touch {marker}'))\n```",  # not a literal
@@ -175,7 +187,7 @@ def test_bad_calls_are_failed_calls_with_error_observations(tmp_path, pokedex):
 
 
 def test_calls_beyond_the_limit_give_the_turn_up(pokedex):
-    turn = ToolTurn([], "皮卡丘是什么属性？", {pokedex.name: pokedex}, max_calls=2)
+    turn = ToolTurn([], "皮卡丘是什么属性？", pokedex, max_calls=2)
     call = "pokedex_lookup\n```python\ntool_call(name='皮卡丘')\n```"
     assert turn.feed_text(call, True).ok and turn.feed_text(call, True).ok and not turn.done
     assert turn.feed_text(call, True) is None and turn.given_up and len(turn.calls) == 2
@@ -189,7 +201,7 @@ def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_ou
     items = tool_eval.load_items(path)
     expecting = [i for i in items if i.expected]
     assert len(expecting) == 3 * len(held_out) and len(items) - len(expecting) == 2 * len(held_out)
-    tools = {pokedex.name: pokedex}
+    tools = pokedex
     turns = []
     for k, item in enumerate(items):  # a scripted "model": right on even items, wrong in various ways on odd ones
         turn = ToolTurn(list(item.history), item.query, tools)
@@ -203,7 +215,8 @@ def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_ou
             if not turn.done:
                 turn.feed_text("好的。", True)
         turns.append(turn)
-    m = tool_eval.tool_metrics(items, turns)
+    m = {**tool_eval.tool_metrics(items, turns),
+         **run_metrics([pokedex_tool.type_answer_metrics], [tool_eval.turn_record(i, t) for i, t in zip(items, turns)])}
     even = [k % 2 == 0 for k, i in enumerate(items) if i.expected]
     assert m["tool_call_rate"] == 1.0 and m["tool_name_accuracy"] == 1.0
     assert m["tool_args_exact"] == round(sum(even) / len(even), 4)
@@ -217,8 +230,8 @@ def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_ou
 
 
 def test_types_named_ignores_the_pokemon_name():
-    assert tool_eval.types_named("海刺龙是水属性的宝可梦。", ["海刺龙"]) == {"水"}
-    assert tool_eval.types_named("超梦是超能力属性的宝可梦。", ["超梦"]) == {"超能力"}
+    assert pokedex_tool.types_named("海刺龙是水属性的宝可梦。", ["海刺龙"]) == {"水"}
+    assert pokedex_tool.types_named("超梦是超能力属性的宝可梦。", ["超梦"]) == {"超能力"}
 
 
 def test_hidden_tools_ask_the_same_questions_without_the_tool(tmp_path, table, held_out):
@@ -260,7 +273,7 @@ def test_evaluate_tools_runs_the_real_loop(calling_model_dir, tmp_path, table, c
     import evaluate
 
     data, predictions = _eval_file(tmp_path / "eval.jsonl", table), tmp_path / "pred.jsonl"
-    args = ["--data", str(data), "--model", str(calling_model_dir), "--tools", str(TABLE), "--max-new-tokens", "30",
+    args = ["--data", str(data), "--model", str(calling_model_dir), "--tools", str(PLUGIN), "--max-new-tokens", "30",
             "--output", str(predictions)]
     assert evaluate.main(args) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -284,9 +297,13 @@ def test_evaluate_tools_bad_input_is_one_line(tmp_path, table, tiny_model, capsy
     import evaluate
 
     data = _eval_file(tmp_path / "eval.jsonl", table)
-    assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--tools", str(tmp_path / "no.csv")]) == 2
+    assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--tools", str(tmp_path / "no.py")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "no.csv" in err and "\n" not in err and "Traceback" not in err
+    assert "no.py" in err and "\n" not in err and "Traceback" not in err
+    # A table given as it used to be: one line pointing to tool files.
+    assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--tools", str(TABLE)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "data.csv" in err and ".py" in err and "docs/tools.md" in err and "\n" not in err
     assert evaluate.main(["--data", str(data), "--model", str(tiny_model), "--hide-tools"]) == 2
     assert "--tools" in capsys.readouterr().err
 
@@ -340,3 +357,145 @@ def test_build_tool_data_cli(tmp_path, tiny_model):
     table.write_bytes((REPO / "data_processing" / "data.csv").read_bytes())
     assert build_tool_data.main(["--out-dir", str(tmp_path), "--table", str(table)]) == 1
     assert table.read_bytes() == (REPO / "data_processing" / "data.csv").read_bytes()
+
+
+# --- tool plug-ins: the schema from the signature, bad tool files, the worked example ------------------------------
+EXAMPLE = REPO / "examples" / "tools" / "convert_length.py"
+DEMO = REPO / "finetune_chatmodel_demo"
+
+
+def test_the_schema_comes_from_the_signature_in_the_training_datas_form():
+    @register_tool
+    def plan_trip(city: Annotated[str, "城市名", True],
+                  days: Annotated[int, "天数"],
+                  budget: Annotated[float, "预算（元）", False] = 0.0,
+                  tags: Annotated[list[str], "标签"] = (),
+                  span: Annotated[tuple[int, int], "日期范围"] = (1, 2),
+                  options: Annotated[dict, "其他选项", False] = None,
+                  *, hurry: Annotated[bool, "是否赶时间", True]):
+        """安排一次旅行。
+
+        第二段说明也是描述的一部分。"""
+        return {"city": city, "span": span}
+
+    tool = tool_of(plan_trip)
+    assert tool.schema == {
+        "name": "plan_trip", "description": "安排一次旅行。\n\n第二段说明也是描述的一部分。",
+        "parameters": {"type": "object", "properties": {
+            "city": {"type": "string", "description": "城市名"}, "days": {"type": "integer", "description": "天数"},
+            "budget": {"type": "number", "description": "预算（元）"}, "tags": {"type": "array", "description": "标签"},
+            "span": {"type": "array", "description": "日期范围"}, "options": {"type": "object", "description": "其他选项"},
+            "hurry": {"type": "boolean", "description": "是否赶时间"}},
+            "required": ["city", "days", "hurry"]}}  # required left out: required unless it has a default
+    assert plan_trip("北京", 2, hurry=True) == {"city": "北京", "span": (1, 2)}  # still a plain function
+    tools = {"plan_trip": tool}
+    ok = execute({"name": "plan_trip", "parameters": {"city": "北京", "days": 3, "span": [3, 5], "hurry": False}}, tools)
+    assert ok.ok and json.loads(ok.observation) == {"city": "北京", "span": [3, 5]}  # a tuple parameter gets a tuple
+    for bad in ({"city": "北京", "hurry": False}, {"city": "北京", "days": True, "hurry": False},
+                {"city": "北京", "days": 3, "hurry": False, "extra": 1}, {"city": 3, "days": 3, "hurry": False}):
+        result = execute({"name": "plan_trip", "parameters": bad}, tools)
+        assert not result.ok and json.loads(result.observation)["错误"].startswith("参数应为 city（string：城市名）")
+    assert "budget（number，可不填：预算（元））" in result.observation
+
+
+BAD_TOOL_FILES = {  # name: (source, what the line names besides the file, the line it names)
+    "import fails": ("import json\nimport no_such_module_for_tools\n", "no_such_module_for_tools", 2),
+    "syntax error": ("from chatglm3 import register_tool\n\ndef f(:\n    pass\n", "SyntaxError", 3),
+    "raises at import": ("from chatglm3 import register_tool\nVALUE = 1 / 0\n", "ZeroDivisionError", 2),
+    "no annotation": ('from chatglm3 import register_tool\n\n@register_tool\ndef get_time(zone):\n    """时间"""\n',
+                      "Annotated", 3),
+    "annotation without description": ('from chatglm3 import register_tool\n\n@register_tool\n'
+                                       'def get_time(zone: str):\n    """时间"""\n', "'zone'", 3),
+    "two tools with one name": ('from typing import Annotated\nfrom chatglm3 import register_tool\n\n@register_tool\n'
+                                'def f(x: Annotated[str, "x", True]):\n    """一"""\n\n@register_tool\n'
+                                'def f(x: Annotated[str, "x", True]):\n    """二"""\n', "'f'", 8),
+    "no tools": ("from chatglm3 import register_tool\n\ndef helper():\n    pass\n", "no tool", None),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(BAD_TOOL_FILES))
+def test_a_bad_tool_file_is_one_line_naming_it(case, tmp_path, tiny_model, table):
+    source, fragment, line = BAD_TOOL_FILES[case]
+    path = tmp_path / "my_tools.py"
+    path.write_text(source, encoding="utf-8")
+    script = "inference.py" if sorted(BAD_TOOL_FILES).index(case) % 2 else "evaluate.py"  # both, in turn
+    flags = ["--prompt", "你好"] if script == "inference.py" else ["--data", str(_eval_file(tmp_path / "d.jsonl", table))]
+    run = subprocess.run([sys.executable, str(DEMO / script), "--model", str(tiny_model), *flags, "--tools", str(path)],
+                         capture_output=True, text=True, timeout=300)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(lines) == 1 and "Traceback" not in run.stderr, run.stderr
+    assert str(path) in lines[0] and fragment in lines[0] and lines[0].startswith("错误："), lines[0]
+    if line is not None:
+        assert f"line {line}" in lines[0], lines[0]
+    assert "ChatGLM：" not in run.stdout  # the model never answered: the file is checked first
+
+
+def test_tool_files_that_are_no_python_files_or_clash_are_refused(tmp_path):
+    with pytest.raises(ChatGLMError, match="not found"):
+        load_tool_files([tmp_path / "missing.py"])
+    with pytest.raises(ChatGLMError, match=r"\.py.*docs/tools.md"):
+        load_tool_files([TABLE])
+    twin = tmp_path / "twin.py"
+    twin.write_text("from pokedex import pokedex_lookup\n", encoding="utf-8")  # a tool imported from a module
+    assert list(load_tool_files([twin]).tools) == ["pokedex_lookup"]
+    with pytest.raises(ChatGLMError, match="pokedex_lookup"):
+        load_tool_files([PLUGIN, twin])  # the same name from two files
+    both = load_tool_files([EXAMPLE, PLUGIN])
+    assert list(both.tools) == ["convert_length", "pokedex_lookup"] and len(both.metrics) == 1
+
+
+@pytest.fixture(scope="module")
+def length_model_dir(shared, tmp_path_factory):
+    """The reference tiny model rewired to always answer with the call convert_length(value=3, unit='km')."""
+    from test_inference import _tool_calling_model
+
+    model, tokenizer = _tool_calling_model(shared, "convert_length\ntool_call(value=3, unit='km')")
+    out = tmp_path_factory.mktemp("length-model")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+@pytest.mark.slow
+def test_the_worked_example_a_non_pokemon_plugin_runs_through_the_loop(length_model_dir, tmp_path):
+    """docs/tools.md's example: inference.py and evaluate.py with examples/tools/convert_length.py, the calls
+    executed by the plug-in through the tool loop."""
+    run = subprocess.run([sys.executable, str(DEMO / "inference.py"), "--model", str(length_model_dir), "--tools",
+                          str(EXAMPLE), "--prompt", "3 千米是多少米？", "--greedy", "--max-new-tokens", "30"],
+                         capture_output=True, text=True, timeout=300)
+    observation = '[工具结果 / observation] {"米": 3000.0, "英尺": 9842.5197, "英里": 1.8641}'
+    assert '[调用工具 / tool call] {"name": "convert_length", "parameters": {"value": 3, "unit": "km"}}' in run.stdout
+    assert observation in run.stdout, run.stdout
+    # It only ever calls: the second round's prompt overflows the 256-token context, and the turn ends in one line.
+    assert run.returncode == 2 and "prompt too long" in run.stderr.strip().splitlines()[-1]
+    assert "工具 / Tools: convert_length" in run.stderr
+
+    # evaluate.py: the generic tool metrics for any plug-in (no metric function: no type keys).
+    data = tmp_path / "length.jsonl"
+    call = {"role": "tool", "name": "convert_length", "parameters": {"value": 3, "unit": "km"},
+            "observation": {"米": 3000.0, "英尺": 9842.5197, "英里": 1.8641}}
+    samples = [{"tools": [tool_of(load_tool_files([EXAMPLE]).tools["convert_length"].function).schema],
+                "conversations": [{"role": "user", "content": question}, {**call, "parameters": parameters},
+                                  {"role": "assistant", "content": "是 3000 米。"}]}
+               for question, parameters in (("3 千米是多少米？", {"value": 3, "unit": "km"}),
+                                            ("5 英里是多少米？", {"value": 5, "unit": "mi"}))]
+    data.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples), encoding="utf-8")
+    run = subprocess.run([sys.executable, str(DEMO / "evaluate.py"), "--data", str(data), "--model",
+                          str(length_model_dir), "--tools", str(EXAMPLE), "--max-new-tokens", "30", "--output",
+                          str(tmp_path / "pred.jsonl")], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["tool_call_rate"] == 1.0 and summary["tool_name_accuracy"] == 1.0
+    assert summary["tool_args_exact"] == 0.5 and "answer_types_correct" not in summary
+
+
+def test_the_example_training_data_is_what_the_example_plugin_offers_and_answers():
+    tool = load_tool_files([EXAMPLE]).tools["convert_length"]
+    samples = [json.loads(line) for line in EXAMPLE.with_suffix(".jsonl").read_text(encoding="utf-8").splitlines()]
+    for i, sample in enumerate(samples):
+        check_conversation(sample, f"sample {i}")
+        assert json.dumps(sample["tools"], ensure_ascii=False) == json.dumps([tool.schema], ensure_ascii=False)
+        for call in (m for m in sample["conversations"] if m["role"] == "tool"):
+            assert tool.argument_problem(call["parameters"]) is None
+            assert call["observation"] == tool.run(call["parameters"])

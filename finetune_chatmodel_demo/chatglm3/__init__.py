@@ -6,11 +6,12 @@ from chatglm3.checkpoint.loading import load_model_and_tokenizer, load_ptuning_c
 from chatglm3.model.modeling import ChatGLMForConditionalGeneration, ChatGLMModel
 from chatglm3.model import tokenizer
 from chatglm3.model.tokenizer import ChatGLMTokenizer
+from chatglm3.tools import register_tool
 
 __all__ = [
     "ChatGLMConfig", "ChatGLMTokenizer", "ChatGLMForConditionalGeneration", "ChatGLMModel", "ChatGLMError",
     "load_model_and_tokenizer", "load_ptuning_checkpoint", "read_ptuning_config", "parse_tool_call",
-    "process_response",
+    "process_response", "register_tool",
 ]
 
 

@@ -1,10 +1,11 @@
 """The tool loop, written once: a user turn in which the model may call tools before it answers.
 
 The model's reply is read by conversation.process_response. A tool call is executed with exactly the arguments
-the model wrote, by the tool of that name in `tools` (nothing else is ever run; the call syntax is parsed as
-literals only), and what the tool returns is fed back as an observation turn. A call that fails (it does not
-parse, names no offered tool, the tool raises, or the tool answers with an error) is fed back as an error
-observation {"错误": ...}. A turn is given up at a call beyond MAX_CALLS (stops call loops) or a failed call
+the model wrote, by the tool of that name in `tools` (chatglm3.tools.Tool: a registered function of a tool file;
+nothing else is ever run; the call syntax is parsed as literals only), and what the tool returns is fed back as an
+observation turn. A call that fails (it does not parse, names no offered tool, its arguments do not fit the
+function's signature, the tool raises, or the tool answers with an error) is fed back as an error observation
+{"错误": ...}. A turn is given up at a call beyond MAX_CALLS (stops call loops) or a failed call
 beyond MAX_ERROR_OBSERVATIONS (at most that many error observations are fed back).
 
 `ToolTurn` is one turn's state; inference.py drives one turn with streamed generation, `run_turns` drives many
@@ -12,16 +13,15 @@ at once with batched generation (evaluate.py).
 """
 import json
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from chatglm3.serving.batch_replies import generate_texts
 from chatglm3.model.conversation import process_response, prompt_ids
+from chatglm3.tools import Tool
 
 MAX_ERROR_OBSERVATIONS = 2  # error observations fed back per user turn before it is given up
 MAX_CALLS = 3  # calls answered per user turn (stops call loops)
 ERROR_KEY = "错误"  # an observation {"错误": ...} reports a failed call (model-facing, so Chinese, as the data)
-
-Tool = Callable[[dict], str]
 
 
 def error_observation(message: str) -> str:
@@ -51,8 +51,12 @@ def execute(call: dict, tools: Dict[str, Tool]) -> CallResult:
     if name not in tools:
         offered = "、".join(tools) or "无"
         return CallResult(call, error_observation(f"没有名为 {name!r} 的工具，可用的工具：{offered}"), False)
+    tool = tools[name]
+    problem = tool.argument_problem(call["parameters"])
+    if problem is not None:
+        return CallResult(call, error_observation(problem), False)
     try:
-        observation = tools[name](call)
+        observation = tool.run(call["parameters"])
     except Exception as exc:  # a tool's bug must not end the conversation: the model is told, the loop goes on
         return CallResult(call, error_observation(f"工具 {name} 出错：{type(exc).__name__}: {exc}"), False)
     if not isinstance(observation, str):

@@ -2,15 +2,17 @@
 Quiz a fine-tuned model: ask the type of every Pokémon named in a conversation file and report the share of
 answers that name all of its true types (from the Pokémon table), plus a few answers beside the facts.
 
-    python scripts/quiz_types.py --model output/full --data formatted_data/train.jsonl --table ../data_processing/data.csv
+    python data_processing/quiz_types.py --model finetune_chatmodel_demo/output/full \
+        --data finetune_chatmodel_demo/formatted_data/train.jsonl --table data_processing/data.csv
 """
 import argparse
 import json
 import sys
 from pathlib import Path
 
-DEMO = Path(__file__).resolve().parents[1]
-import _bootstrap  # noqa: E402,F401  (puts the drop-in folder first on sys.path)
+HERE = Path(__file__).resolve().parent
+# The model flags are inference.py's (the drop-in folder's cli.py), so that every command loads models alike.
+sys.path.append(str(HERE.parent / "finetune_chatmodel_demo"))
 
 from chatglm3 import ChatGLMError  # noqa: E402
 from chatglm3.serving.batch_replies import generate_replies  # noqa: E402
@@ -46,7 +48,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--data", required=True, type=Path, help="训练对话 JSON/JSONL，决定考哪些宝可梦 / conversations naming the Pokémon to quiz")
-    p.add_argument("--table", default=str(DEMO.parent / "data_processing" / "data.csv"), help="宝可梦表格（标准答案）/ Pokémon table with the true types")
+    p.add_argument("--table", default=str(HERE / "data.csv"), help="宝可梦表格（标准答案）/ Pokémon table with the true types")
     p.add_argument("--show", type=int, default=5, help="打印几条问答 / answers to print beside the facts")
     p.add_argument("--json", action="store_true", help="最后一行输出 JSON 摘要 / print a JSON summary as the last line")
     a = p.parse_args(argv)

@@ -5,23 +5,25 @@ A table has one row per Pokémon with the columns 姓名,属性,弱点,特征,�
 description; other header names accepted, see COLUMN_ALIASES). `load_table` reads UTF-8 (with or without BOM) or
 GBK/GB18030, checks every row and records every problem with its line (`PokemonTable.issues`, summed up by
 `format_report`); a problem with the file as a whole is a TableError naming the file and line.
-`lookup_pokemon` is the observation the tool-calling training samples carry, and `PokedexTool` answers the
-model's `pokedex_lookup` calls with exactly that observation.
+`lookup_pokemon` is the observation the tool-calling training samples carry, and `pokedex_lookup` (a tool in
+chatglm3's plug-in convention, offered by the plug-in file pokedex_tool.py) answers the model's calls with exactly
+that observation, from the table $POKEDEX_TABLE names (default: data.csv beside this file).
 """
 import csv
 import io
-import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
-from chatglm3 import json_files
+from chatglm3 import json_files, register_tool
 from chatglm3.errors import ChatGLMError
-from chatglm3.serving.tool_loop import error_observation
+from chatglm3.tools import tool_of
 from pokemon_types import UnknownTypeError, clean_text, split_types, weaknesses
 
 __all__ = ["split_types", "weaknesses", "clean_text", "TableError", "PokemonRow", "PokemonTable", "read_text",
-           "load_table", "format_report", "lookup_pokemon", "POKEDEX_TOOL", "PokedexTool"]
+           "load_table", "format_report", "lookup_pokemon", "tool_table", "pokedex_lookup", "POKEDEX_TOOL"]
 
 # Column roles and their default header names (the original project's schema).
 COLUMNS = {"name": "姓名", "types": "属性", "weaknesses": "弱点", "ability": "特征", "description": "数据"}
@@ -397,36 +399,27 @@ def format_report(table):
 
 # ---------------------------------------------------------------------------------------------- the tool
 
-POKEDEX_TOOL = {
-    "name": "pokedex_lookup",
-    # Model-facing text (it goes into the system prompt), so Chinese only.
-    "description": "查询宝可梦图鉴，返回这只宝可梦的属性、弱点、特性和简介",
-    "parameters": {
-        "type": "object",
-        "properties": {"name": {"type": "string", "description": "宝可梦的中文名字，例如 皮卡丘"}},
-        "required": ["name"],
-    },
-}
+TABLE_ENV = "POKEDEX_TABLE"  # the table pokedex_lookup answers from (default: data.csv beside this file)
+DEFAULT_TABLE = Path(__file__).resolve().with_name("data.csv")
+_tool_tables = {}
 
 
-class PokedexTool:
-    """Answers `pokedex_lookup` calls from a Pokémon table with the observations the tool-calling training samples
-    hold (lookup_pokemon). A bad table raises TableError (a ChatGLMError) naming the file and line."""
-    schema = POKEDEX_TOOL
-    name = POKEDEX_TOOL["name"]
+def tool_table():
+    """The table pokedex_lookup answers from: $POKEDEX_TABLE, else data.csv beside this file; read once. A bad
+    table raises TableError (a ChatGLMError) naming the file and line."""
+    path = os.environ.get(TABLE_ENV) or str(DEFAULT_TABLE)
+    if path not in _tool_tables:
+        _tool_tables[path] = load_table(path)
+    return _tool_tables[path]
 
-    def __init__(self, csv_path):
-        self.table = load_table(csv_path)
 
-    def __call__(self, call):
-        """The observation (JSON text) for a tool call {"name": ..., "parameters": {...}}; never raises.
-        Mistakes become an error observation (model-facing, so in Chinese, as in the training data)."""
-        name = call.get("name") if isinstance(call, dict) else None
-        parameters = call.get("parameters") if isinstance(call, dict) else None
-        if name != self.name:
-            return error_observation(f"没有名为 {name!r} 的工具，可用的工具：{self.name}")
-        if not isinstance(parameters, dict) or set(parameters) != {"name"} or not isinstance(parameters["name"], str):
-            shown = json.dumps(parameters, ensure_ascii=False, default=repr)
-            return error_observation(f"参数应为 name（宝可梦的中文名字），收到：{shown}")
-        return json.dumps(lookup_pokemon(self.table, parameters["name"]), ensure_ascii=False)
+@register_tool
+def pokedex_lookup(name: Annotated[str, "宝可梦的中文名字，例如 皮卡丘", True]) -> dict:
+    """查询宝可梦图鉴，返回这只宝可梦的属性、弱点、特性和简介"""
+    # Model-facing text (the docstring and the description go into the system prompt), so Chinese only.
+    return lookup_pokemon(tool_table(), name)
 
+
+# The tool as the tool-calling training samples offer it: the schema derived from the signature above, the one
+# the plug-in (pokedex_tool.py) offers at inference.
+POKEDEX_TOOL = tool_of(pokedex_lookup).schema
