@@ -135,7 +135,8 @@ class Trainer(PrefixTrainer):
     """PrefixTrainer that draws several training files by weight, afresh each epoch (WeightedEpochSampler)."""
 
     def _get_train_sampler(self, *args, **kwargs):
-        dataset = (args[0] if args else kwargs.get("train_dataset")) or self.train_dataset
+        dataset = args[0] if args else kwargs.get("train_dataset")
+        dataset = self.train_dataset if dataset is None else dataset
         if isinstance(dataset, preprocess_utils.MixedDataset):
             return preprocess_utils.WeightedEpochSampler(dataset, self.args.seed)
         return super()._get_train_sampler(*args, **kwargs)

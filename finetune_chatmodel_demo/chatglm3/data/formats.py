@@ -178,7 +178,7 @@ def _openai_tools(record: dict, where: str) -> list:
 
 
 def _from_openai(record: dict, where: str) -> dict:
-    sample = {TOOLS_KEY: _openai_tools(record, where)} if record.get("tools") is not None else {}
+    sample = {TOOLS_KEY: _openai_tools(record, where)} if record.get("tools") not in (None, []) else {}
     turns, pending = [], {}  # pending: tool call id -> the tool turn waiting for its result
     for i, message in enumerate(_list(record, "messages", where)):
         field = f"messages[{i}]"
