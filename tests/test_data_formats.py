@@ -144,9 +144,16 @@ def test_detection_per_sample_and_per_file(tmp_path):
     mixed = write_jsonl(tmp_path / "mixed.jsonl", [ALPACA, ALPACA, OPENAI])
     with pytest.raises(DataFormatError, match=r"mixed\.jsonl:3: .*openai.*line 1 is alpaca"):
         load_conversations(mixed)
-    unknown = write_jsonl(tmp_path / "unknown.jsonl", [ALPACA, {"question": "?", "answer": "!"}])
-    with pytest.raises(DataFormatError, match=r"unknown\.jsonl:2: .*fits no known format"):
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"question": "?", "answer": "!"}, {"q": 1}])
+    with pytest.raises(DataFormatError, match=r"unknown\.jsonl:1: .*fits no known format"):
         load_conversations(unknown)
+    # A sample in no format, in a file of a known one, is checked as that format: the field it lacks is named.
+    partly = write_jsonl(tmp_path / "partly.jsonl", [ALPACA, {"instruction": "a", "answer": "!"}])
+    with pytest.raises(DataFormatError, match=r"partly\.jsonl:2: output: .*must be a string, got nothing"):
+        load_conversations(partly)
+    io = write_jsonl(tmp_path / "io.jsonl", [{"prompt": "a", "response": "b"}])
+    with pytest.raises(DataFormatError, match=r"io\.jsonl:1: .*is input-output data"):
+        load_conversations(io)
     # A forced format that does not fit: the sample's own fields are named.
     alpaca = write_jsonl(tmp_path / "alpaca.jsonl", [ALPACA])
     with pytest.raises(DataFormatError, match=r"alpaca\.jsonl:1: messages: .*must be a list"):

@@ -142,7 +142,8 @@ GOOD = json.dumps(SAMPLES[0], ensure_ascii=False)
 
 @pytest.mark.parametrize("bad_line, message", [
     ('{"conversations": [', "invalid JSON"),
-    ('{"messages": []}', 'missing the "conversations" list'),
+    ('{"messages": []}', "this sample is in the openai format but line 1 is chatglm3"),
+    ('{"dialogue": []}', 'missing the "conversations" list'),
     ('{"conversations": "hi"}', '"conversations" must be a non-empty list'),
     ('{"conversations": []}', "empty list"),
     ('[1, 2]', "a sample must be a JSON object"),

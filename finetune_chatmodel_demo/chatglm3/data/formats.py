@@ -10,7 +10,8 @@
 - "alpaca": {"instruction", "input", "output", "system", "history": [[query, answer], ...]}: the user's turn is
   instruction, then "\\n" and input when there is one (as LLaMA-Factory joins them).
 
-A file holds one format: `detect_file` finds it from its first sample, and every other sample must agree.
+A file holds one format: `detect_file` finds it from its first sample in a known format; a sample in another one is
+an error, and one in none is converted and checked as the file's format (which names what is wrong with it).
 
 Tool calls become ChatGLM3's "tool" turn (an assistant tool call and the observation that answers it). Several calls
 in one assistant message become consecutive tool turns, each with its own result, in the order of the calls (an
@@ -63,19 +64,15 @@ def detect(record, multi_turn: bool = True) -> str | None:
 
 
 def detect_file(records: list, path: str, multi_turn: bool = True) -> str:
-    """The one format of a file's (line, sample) pairs: the first sample's, which every other sample must share."""
+    """The one format of a file's (line, sample) pairs: that of its first sample in a known format. A sample in
+    another known format is an error; one that fits none is left to the conversion and the checks, which name
+    what is wrong with it. When none fits, the file is taken as ours if its first sample looks like ours (not an
+object, or with ChatGLM3's keys), so the checks name the problem; otherwise that sample fits no format."""
     fmt, first = None, None
     for line, record in records:
         found = detect(record, multi_turn)
         if found is None:
-            raise FormatError(
-                f"{path}:{line}: 认不出数据格式：应为 ChatGLM3（conversations 的 role/content{'' if multi_turn else '，或 prompt/response'}）、"
-                "OpenAI（messages）、ShareGPT（conversations 的 from/value）或 Alpaca（instruction/output）/ the sample fits "
-                f"no known format: ChatGLM3 (conversations of role/content{'' if multi_turn else ', or prompt/response'}), "
-                "OpenAI (messages), ShareGPT (conversations of from/value) or Alpaca (instruction/output)"
-                + ("; {prompt, response} is input-output data (--train_format input-output)" if multi_turn and
-                   isinstance(record, dict) and "prompt" in record else "")
-            )
+            continue
         if fmt is None:
             fmt, first = found, line
         elif found != fmt:
@@ -84,6 +81,17 @@ def detect_file(records: list, path: str, multi_turn: bool = True) -> str:
                 f"scripts/convert_data.py 分别转换后再合并）/ this sample is in the {found} format but line {first} is "
                 f"{fmt}: a file holds one format (convert the files separately with scripts/convert_data.py)"
             )
+    line, record = records[0] if records else (None, None)
+    ours = ("conversations",) if multi_turn else ("prompt", "response")
+    if fmt is None and isinstance(record, dict) and not any(key in record for key in ours):
+        raise FormatError(
+            f"{path}:{line}: 认不出数据格式：应为 ChatGLM3（conversations 的 role/content{'' if multi_turn else '，或 prompt/response'}）、"
+            "OpenAI（messages）、ShareGPT（conversations 的 from/value）或 Alpaca（instruction/output）/ the sample fits "
+            f"no known format: ChatGLM3 (conversations of role/content{'' if multi_turn else ', or prompt/response'}), "
+            "OpenAI (messages), ShareGPT (conversations of from/value) or Alpaca (instruction/output)"
+            + ("; {prompt, response} is input-output data (--train_format input-output)" if multi_turn and
+               isinstance(record, dict) and "prompt" in record else "")
+        )
     return fmt or "chatglm3"
 
 
