@@ -178,6 +178,11 @@ BAD_SAMPLES = {
     "openai call without result": (_openai(_call("{}"), {"role": "assistant", "content": "晴"}), "messages[2]", "no tool result"),
     "openai result for no call": (_openai(_call("{}"), {"role": "tool", "tool_call_id": "zz", "content": "晴"}),
                                   "messages[2].tool_call_id", "answers no tool call"),
+    "openai duplicate call id": (_openai({"role": "assistant", "tool_calls": [
+        {"id": "c1", "function": {"name": "w", "arguments": "{}"}}, {"id": "c1", "function": {"name": "w", "arguments": "{}"}}]}),
+        "messages[1].tool_calls[1].id", "no other call has"),
+    "openai call id not a string": (_openai(_call("{}", call_id=[1]), {"role": "tool", "tool_call_id": [1], "content": "晴"}),
+                                    "messages[1].tool_calls[0].id", "got [1]"),
     "openai unknown role": (_openai({"role": "narrator", "content": "…"}), "messages[1].role", "unknown role 'narrator'"),
     "openai order": ({"messages": [{"role": "assistant", "content": "先说"}]}, "conversations[0]", "must follow a user"),
     "sharegpt observation first": ({"conversations": [{"from": "human", "value": "?"}, {"from": "observation", "value": "晴"}]},
@@ -185,6 +190,8 @@ BAD_SAMPLES = {
     "sharegpt call without observation": ({"conversations": [{"from": "human", "value": "?"}, {
         "from": "function_call", "value": "{\"name\": \"w\", \"arguments\": {}}"}, {"from": "gpt", "value": "晴"}]},
         "conversations[2]", "followed by its observation"),
+    "sharegpt from not a string": ({"conversations": [{"from": "human", "value": "?"}, {"from": ["gpt"], "value": "!"}]},
+                                   "conversations[1].from", "unknown role ['gpt']"),
     "sharegpt unknown from": ({"conversations": [{"from": "bard", "value": "?"}]}, "conversations[0].from", "unknown role 'bard'"),
     "alpaca history not pairs": ({"instruction": "a", "output": "b", "history": [["only one"]]}, "history[0]", "[query, answer]"),
     "alpaca output not a string": ({"instruction": "a", "output": 3}, "output", "must be a string"),

@@ -67,7 +67,7 @@ def detect_file(records: list, path: str, multi_turn: bool = True) -> str:
     """The one format of a file's (line, sample) pairs: that of its first sample in a known format. A sample in
     another known format is an error; one that fits none is left to the conversion and the checks, which name
     what is wrong with it. When none fits, the file is taken as ours if its first sample looks like ours (not an
-object, or with ChatGLM3's keys), so the checks name the problem; otherwise that sample fits no format."""
+    object, or with ChatGLM3's keys), so the checks name the problem; otherwise that sample fits no format."""
     fmt, first = None, None
     for line, record in records:
         found = detect(record, multi_turn)
@@ -198,7 +198,7 @@ def _from_openai(record: dict, where: str) -> dict:
                        f"the tool call {next(iter(pending))} before it has no tool result message")
         if role == "tool":
             call_id = message.get("tool_call_id", next(iter(pending), None))
-            if call_id not in pending:
+            if not isinstance(call_id, str) or call_id not in pending:
                 raise _bad(where, f"{field}.tool_call_id", f"没有对应的工具调用（{call_id!r}）", f"answers no tool call ({call_id!r})")
             pending.pop(call_id)["observation"] = _openai_text(message, where, field)
         elif role in ("system", "user", "assistant"):
@@ -216,8 +216,11 @@ def _from_openai(record: dict, where: str) -> dict:
                     raise _bad(where, here, "应为 {\"type\": \"function\", \"function\": {\"name\", \"arguments\"}}",
                                "must be {\"type\": \"function\", \"function\": {\"name\", \"arguments\"}}")
                 turn = _tool_turn(function.get("name"), function.get("arguments", "{}"), None, where, f"{here}.function")
+                call_id = call.get("id", f"#{j}")  # without ids, results answer the calls in order
+                if not isinstance(call_id, str) or call_id in pending:
+                    raise _bad(where, f"{here}.id", f"应为不重复的字符串，实际是 {call_id!r}", f"must be a string no other call has, got {call_id!r}")
                 turns.append(turn)
-                pending[call.get("id", f"#{j}")] = turn
+                pending[call_id] = turn
             if message.get("weight") == 0:  # OpenAI's fine-tuning files: weight 0 = a reply not learnt
                 for turn in turns[start:]:
                     turn["loss"] = False
@@ -245,7 +248,7 @@ def _from_sharegpt(record: dict, where: str) -> dict:
         field = f"{CONVERSATION_KEY}[{i}]"
         if not isinstance(message, dict):
             raise _bad(where, field, f"应为 JSON 对象，实际是 {type_name(message)}", f"must be a JSON object, got {type_name(message)}")
-        role = _SHAREGPT_ROLES.get(message.get("from"))
+        role = _SHAREGPT_ROLES.get(message["from"]) if isinstance(message.get("from"), str) else None
         value = _string(message, "value", where, f"{field}.value")
         if role is None:
             raise _bad(where, f"{field}.from", f"未知角色 {message.get('from')!r}（system、human、gpt、function_call、observation）",
