@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from chatglm3 import limits
-from chatglm3.data import reader
+from chatglm3.data import formats, reader
 
 
 class ArgumentsError(ValueError):
@@ -105,7 +105,7 @@ class DataTrainingArguments:
     data_format: str = field(
         default="auto",
         metadata={"help": "数据文件的格式，auto 按文件自动识别 / Format of the data files; auto detects it per file "
-                          "(docs/data.md).", "choices": ["auto", "chatglm3", "openai", "sharegpt", "alpaca"]},
+                          "(docs/data.md).", "choices": list(formats.CHOICES)},
     )
     validation_file: Optional[str] = field(
         default=None,
