@@ -257,3 +257,18 @@ def test_convert_data_refuses_bad_input_in_one_line_and_writes_nothing(tmp_path)
     assert good.read_bytes() == before
     result = run_convert(good, tmp_path / "x.jsonl", "--data_format", "yaml")
     assert result.returncode == 2 and "yaml" in result.stderr
+
+
+def test_the_format_scripts_read_every_format(tmp_path):
+    """data_processing/format_tool_poke.py --path reads through the same reader: an OpenAI file comes out as ChatGLM3
+    JSONL, a file mixing formats is one line."""
+    script = CONVERT.parents[2] / "data_processing" / "format_tool_poke.py"
+    source = write_jsonl(tmp_path / "openai.jsonl", [OPENAI])
+    result = subprocess.run([sys.executable, str(script), "--path", str(source), "--output", str(tmp_path / "out.jsonl")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "out.jsonl").read_text(encoding="utf-8")) == OPENAI_AS_CHATGLM3
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", [OPENAI, ALPACA])
+    result = subprocess.run([sys.executable, str(script), "--path", str(mixed), "--output", str(tmp_path / "m.jsonl")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "Traceback" not in result.stderr and f"{mixed}:2:" in result.stderr
