@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from chatglm3 import limits
+from chatglm3.data import formats, reader
 
 
 class ArgumentsError(ValueError):
@@ -92,7 +93,19 @@ class ModelArguments:
 @dataclass
 class DataTrainingArguments:
     train_file: str = field(
-        metadata={"help": "训练数据（JSONL 或 JSON 列表）/ Training data (JSONL or a JSON list)."}
+        metadata={"help": "训练数据（JSONL 或 JSON 列表）；多个文件用逗号分隔，按 --train_weights 每轮抽样 / Training data "
+                          "(JSONL or a JSON list); several files comma-separated, sampled each epoch by --train_weights."}
+    )
+    train_weights: Optional[str] = field(
+        default=None,
+        metadata={"help": "各训练文件的权重，逗号分隔，如 3,1：文件 k 占每轮样本的 w_k / sum(w)，每轮样本数为各文件之和；不设则每个文件"
+                          "每轮用一遍 / Weights of the training files, comma-separated, e.g. 3,1: file k makes w_k / sum(w) of "
+                          "each epoch, whose size is all files' samples together; unset: each file once per epoch (docs/data.md)."},
+    )
+    data_format: str = field(
+        default="auto",
+        metadata={"help": "数据文件的格式，auto 按文件自动识别 / Format of the data files; auto detects it per file "
+                          "(docs/data.md).", "choices": list(formats.CHOICES)},
     )
     validation_file: Optional[str] = field(
         default=None,
@@ -192,6 +205,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataTrainingArguments
             "错误：--ptuning_checkpoint 需要同时设置 --pre_seq_len / "
             "Error: --ptuning_checkpoint needs --pre_seq_len as well"
         )
+    train_files(data_args)  # the weights match the files
     if data_args.packing and data_args.pad_to_max_length:
         raise ArgumentsError(
             "错误：--packing 与 --pad_to_max_length 不能同时使用 / "
@@ -216,3 +230,11 @@ def check_lora_arguments(model_args: ModelArguments) -> None:
             "错误：LoRA（--lora_rank）与 P-Tuning v2（--pre_seq_len）只能选一种 / "
             "Error: LoRA (--lora_rank) and P-Tuning v2 (--pre_seq_len) cannot be combined: choose one"
         )
+
+
+def train_files(data_args: DataTrainingArguments) -> tuple:
+    """(files, weights or None) of --train_file and --train_weights; one line when they do not match."""
+    files = reader.split_files(data_args.train_file)
+    weights = reader.parse_weights(data_args.train_weights, len(files), "--train_weights (DATASET_WEIGHTS)",
+                                   "--train_file (DATASET_PATH)")
+    return files, weights

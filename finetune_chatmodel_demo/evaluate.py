@@ -24,6 +24,7 @@ import torch
 from chatglm3 import ChatGLMError
 from chatglm3.serving.batch_replies import generate_replies
 from chatglm3.model.conversation import prompt_ids, sample_to_messages
+from chatglm3.data import formats
 from chatglm3.data.reader import load_conversations, load_input_output
 from chatglm3.json_files import dumps
 from chatglm3.checkpoint.loading import input_files
@@ -45,10 +46,10 @@ class EvalSample:
     reference: str
 
 
-def load_samples(path: str, max_samples: Optional[int] = None) -> List[EvalSample]:
+def load_samples(path: str, max_samples: Optional[int] = None, data_format: str = "auto") -> List[EvalSample]:
     """One EvalSample per reply training learns (an assistant message with loss; tool calls are context, not
     scored) that has something before it; bad files and samples raise DataFormatError naming file:line."""
-    records = load_conversations(path)
+    records = load_conversations(path, data_format)
     samples, no_context = [], 0
     for sample, location in zip(records, records.locations):
         messages = sample_to_messages(sample)
@@ -72,9 +73,9 @@ def load_samples(path: str, max_samples: Optional[int] = None) -> List[EvalSampl
     return samples
 
 
-def input_output_samples(path: str, max_samples: Optional[int] = None) -> List[EvalSample]:
+def input_output_samples(path: str, max_samples: Optional[int] = None, data_format: str = "auto") -> List[EvalSample]:
     """An input-output model's data ({"prompt", "response"}): each prompt alone, its response as the reference."""
-    records = load_input_output(path)
+    records = load_input_output(path, data_format)
     samples = [EvalSample(location, 0, [{"role": "user", "content": record["prompt"]}], record["response"])
                for record, location in zip(records, records.locations)]
     return samples[:max_samples] if max_samples else samples
@@ -90,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True,
                         help="验证集：JSONL（每行一个对话）或 JSON 列表，如 data_processing.py 的 --dev-output / dev set: "
                              "JSONL (one conversation a line) or a JSON list, e.g. data_processing.py's --dev-output")
+    parser.add_argument("--data-format", "--data_format", dest="data_format", default="auto", choices=formats.CHOICES,
+                        help="--data 的格式，默认自动识别 / format of --data (default: detected; docs/data.md)")
     add_model_args(parser)
     add_format_arg(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="每批生成的样本数 / prompts per batch (8)")
@@ -168,7 +171,7 @@ def evaluate(args: argparse.Namespace) -> Dict:
     if args.tools:
         return evaluate_tools(args)
     fmt = prompt_format(args)  # input-output models: the raw prompt, as trained
-    samples = (input_output_samples if fmt == "input-output" else load_samples)(args.data, args.max_samples)
+    samples = (input_output_samples if fmt == "input-output" else load_samples)(args.data, args.max_samples, args.data_format)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_from_args(args)

@@ -2,7 +2,9 @@
 """Fine-tune ChatGLM3-6B on multi-turn dialogue: P-Tuning v2 (`--pre_seq_len N`), LoRA (`--lora_rank R`) or full
 fine-tuning.
 
-Same flags as upstream's finetune_chatmodel_demo/finetune.py, plus `--validation_file`, `--packing` and the LoRA flags.
+Same flags as upstream's finetune_chatmodel_demo/finetune.py, plus `--validation_file`, `--packing`, the LoRA flags,
+`--data_format` (OpenAI, ShareGPT or Alpaca files read as they are) and several `--train_file`s mixed by
+`--train_weights` (docs/data.md).
 Examples (the launchers in scripts/ fill these in from environment variables):
 
     python finetune.py --model_name_or_path chatglm3-6b --train_file formatted_data/pokemon_conversations.jsonl \\
@@ -39,7 +41,7 @@ from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed  #
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 
 from arguments import (ArgumentsError, DataTrainingArguments, ModelArguments, check_arguments,  # noqa: E402
-                       check_training_arguments)
+                       check_training_arguments, train_files)
 import launching  # noqa: E402
 from arguments import no_effect_notes  # noqa: E402
 from launching import TRAINER_STATE_NAME, find_last_checkpoint  # noqa: E402
@@ -114,14 +116,27 @@ def resolve_resume(training_args):
     return path
 
 
-def read_data(path, limit, data_args, tokenizer, training_args):
-    """A data file loaded, checked and tokenized once (None without a path); errors name file:line."""
-    if path is None:
+def read_data(paths, limit, data_args, tokenizer, training_args, weights=None):
+    """Data files loaded, checked and tokenized once (None without a path); errors name file:line. Several files
+    (or weights) make a MixedDataset, sampled by weight each epoch."""
+    if paths is None:
         return None
-    return preprocess_utils.build_dataset(
-        path, tokenizer, data_args.train_format, data_args.max_seq_length, data_args.max_source_length,
-        data_args.max_target_length, limit=limit, packing=data_args.packing, verbose=training_args.process_index == 0,
+    return preprocess_utils.build_training_set(
+        paths, tokenizer, weights, train_format=data_args.train_format, max_seq_length=data_args.max_seq_length,
+        max_source_length=data_args.max_source_length, max_target_length=data_args.max_target_length, limit=limit,
+        packing=data_args.packing, verbose=training_args.process_index == 0, data_format=data_args.data_format,
     )
+
+
+class Trainer(PrefixTrainer):
+    """PrefixTrainer that draws several training files by weight, afresh each epoch (WeightedEpochSampler)."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        dataset = args[0] if args else kwargs.get("train_dataset")
+        dataset = self.train_dataset if dataset is None else dataset
+        if isinstance(dataset, preprocess_utils.MixedDataset):
+            return preprocess_utils.WeightedEpochSampler(dataset, self.args.seed)
+        return super()._get_train_sampler(*args, **kwargs)
 
 
 def setup_logging(training_args):
@@ -267,7 +282,8 @@ def make_collator(data_args, tokenizer, train_dataset):
 def train(model_args, data_args, training_args):
     check_arguments(model_args, data_args)
     check_training_arguments(training_args)
-    safe_io.check_inputs({"--train_file": data_args.train_file, "--validation_file": data_args.validation_file})
+    files, _ = train_files(data_args)
+    safe_io.check_inputs([("--train_file", path) for path in files] + [("--validation_file", data_args.validation_file)])
     safe_io.check_output_dir("--output_dir", training_args.output_dir, {
         "--model_name_or_path": model_args.model_name_or_path, "--tokenizer_name": model_args.tokenizer_name,
         "--ptuning_checkpoint": model_args.ptuning_checkpoint})
@@ -293,8 +309,10 @@ def run(model_args, data_args, training_args):
     model_args.model_name_or_path, model_args.tokenizer_name = plan.model_dir, plan.tokenizer_dir  # local folders from here on
     tokenizer = loading.load_tokenizer(plan.tokenizer_dir)
     # Data first: a bad file fails in seconds, before gigabytes of weights are read.
-    train_dataset = read_data(data_args.train_file, data_args.max_train_samples, data_args, tokenizer, training_args)
-    eval_dataset = read_data(data_args.validation_file, data_args.max_eval_samples, data_args, tokenizer, training_args)
+    files, weights = train_files(data_args)
+    train_dataset = read_data(files, data_args.max_train_samples, data_args, tokenizer, training_args, weights)
+    validation = None if data_args.validation_file is None else [data_args.validation_file]
+    eval_dataset = read_data(validation, data_args.max_eval_samples, data_args, tokenizer, training_args)
     if data_args.sanity_check and training_args.process_index == 0:
         sanity_check(train_dataset[0], tokenizer)
     model = load_model(plan, model_args, tokenizer, training_args, gradient_checkpointing)
@@ -302,7 +320,7 @@ def run(model_args, data_args, training_args):
     train_format.record(model, tokenizer, data_args.train_format)
     full = model_args.pre_seq_len is None and model_args.lora_rank is None
 
-    trainer = PrefixTrainer(
+    trainer = Trainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=make_collator(data_args, tokenizer, train_dataset), processing_class=tokenizer,
         save_prefix_only=model_args.pre_seq_len is not None,

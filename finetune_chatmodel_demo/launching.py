@@ -10,6 +10,7 @@
   msvcrt on Windows, released by the OS when the process dies, even after kill -9). finetune.py takes it for the
   run's life, whoever starts it; the launcher only tries it (`check_free`) to refuse in a second, before any
   process starts, and leaves it to its training;
+- the training files: DATASET_PATH (one file, or several comma-separated) and DATASET_WEIGHTS (one weight each);
 - the numbers of a launch: NUM_GPUS (at most the visible GPUs, or the CPU cores), NNODES, NODE_RANK, MASTER_PORT
   and every numeric finetune.py flag the launcher passes (LR, LORA_ALPHA, ...; chatglm3.limits), named by its
   variable; a DeepSpeed config's numbers;
@@ -30,6 +31,7 @@ from typing import List, Optional
 from filelock import FileLock, Timeout
 
 from chatglm3 import json_files, limits
+from chatglm3.data import reader
 from chatglm3.errors import ChatGLMError
 from chatglm3.checkpoint.torch_files import TRAINER_STATE_NAME, CorruptFileError, verify_checkpoint
 
@@ -293,9 +295,14 @@ def check_inputs(argv: List[str]) -> None:
     check_numbers(argv)
     check_deepspeed_config(flag_value(argv, "--deepspeed"), "DS_CONFIG (--deepspeed)")
     train_file = flag_value(argv, "--train_file")
-    if train_file is not None and not Path(train_file).is_file():
-        raise LaunchError(f"错误：找不到训练数据 {Path(train_file).absolute()}（DATASET_PATH）/ Error: training data "
-                          f"{Path(train_file).absolute()} not found (DATASET_PATH): run the format script first")
+    files = reader.split_files(train_file) if train_file is not None else []
+    for path in files:
+        if not Path(path).is_file():
+            raise LaunchError(f"错误：找不到训练数据 {Path(path).absolute()}（DATASET_PATH）/ Error: training data "
+                              f"{Path(path).absolute()} not found (DATASET_PATH): run the format script first")
+    # DATASET_PATH=a.jsonl,b.jsonl with DATASET_WEIGHTS=3,1: one positive weight per file
+    reader.parse_weights(flag_value(argv, "--train_weights"), len(files), "DATASET_WEIGHTS (--train_weights)",
+                         "DATASET_PATH (--train_file)")
     model = flag_value(argv, "--model_name_or_path")
     if model is not None:
         hub.resolve(model, revision=flag_value(argv, "--model_revision"), cache_dir=flag_value(argv, "--cache_dir"),

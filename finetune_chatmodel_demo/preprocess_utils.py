@@ -5,11 +5,15 @@ padded or packed into batches.
 Datasets tokenize once, at construction; each item is {"input_ids": [...], "labels": [...]} without padding, and
 labels are aligned with input_ids (the model shifts them): label i is token i when token i-1 belongs to a
 loss-bearing reply, else -100.
+
+Several training files (MixedDataset) are sampled by weight afresh each epoch (WeightedEpochSampler).
 """
+import math
 from bisect import bisect_left, insort
 
+import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 
 from chatglm3.model.conversation import IGNORE_INDEX, encode_sample
 from chatglm3.data.reader import (DataFormatError, INPUT_OUTPUT_KEYS, Records, as_records, check_conversation,
@@ -105,14 +109,17 @@ class InputOutputDataset(_TokenizedDataset):
 
 
 def build_dataset(path, tokenizer, train_format="multi-turn", max_seq_length=None, max_source_length=None,
-                  max_target_length=None, limit=None, packing=False, verbose=True):
+                  max_target_length=None, limit=None, packing=False, verbose=True, data_format="auto"):
     """Load, check and tokenize a data file in `train_format` ("multi-turn" or "input-output"), once: only its
-    first `limit` samples if given, packed into rows of max_seq_length tokens if `packing`."""
+    first `limit` samples if given, packed into rows of max_seq_length tokens if `packing`. `data_format`: the
+    file's format, "auto" or one of chatglm3.data.formats.FORMATS (converted to ours as it is read)."""
     if train_format not in ("multi-turn", "input-output"):
         raise DataFormatError(f"未知数据格式 {train_format!r}，应为 multi-turn 或 input-output / unknown train format {train_format!r}, expected multi-turn or input-output")
     if train_format == "input-output" and (max_source_length is None or max_target_length is None):
         raise DataFormatError("input-output 格式需要 max_source_length 和 max_target_length / the input-output format needs max_source_length and max_target_length")
-    records = (load_conversations if train_format == "multi-turn" else load_input_output)(path)
+    records = (load_conversations if train_format == "multi-turn" else load_input_output)(path, data_format)
+    if verbose and records.data_format != "chatglm3":
+        print(f"{path}: {records.data_format} 格式，已转换为 ChatGLM3 格式 / {records.data_format} format, converted to ChatGLM3's")
     if limit is not None and limit < len(records):
         if verbose:
             print(f"只使用 {path} 的前 {limit} 条样本 / Using the first {limit} samples of {path}")
@@ -122,6 +129,91 @@ def build_dataset(path, tokenizer, train_format="multi-turn", max_seq_length=Non
     else:
         dataset = InputOutputDataset(records, tokenizer, max_source_length, max_target_length, verbose=verbose)
     return PackedDataset(dataset, dataset.max_seq_length, verbose=verbose) if packing else dataset
+
+
+# --- several files, sampled by weight --------------------------------------------------------------------------------
+class MixedDataset(Dataset):
+    """Several tokenized datasets (one per training file) as one: item i is item i of their concatenation, and
+    `counts[k]` says how many items file k gives each epoch (WeightedEpochSampler draws them).
+
+    Weight: file k gives round(w_k / sum(w) * N) items per epoch, N being the items of all files together (its
+    samples, or its packed rows with --packing): the share of each epoch drawn from it. Without weights each file
+    gives all its items once (plain concatenation). A file asked for more items than it has repeats (each pass in a
+    new order); fewer: a different subset each epoch."""
+
+    def __init__(self, parts, names, weights=None, verbose=True):
+        self.parts, self.names = list(parts), list(names)
+        sizes = [len(part) for part in self.parts]
+        total = sum(sizes)
+        weights = sizes if weights is None else weights
+        self.counts = [max(1, round(w / sum(weights) * total)) for w in weights]
+        self.offsets = [sum(sizes[:k]) for k in range(len(sizes))]
+        limits = [part.max_seq_length for part in self.parts]
+        self.max_seq_length = None if None in limits else max(limits)  # None: no limit
+        self.summary_lines = [
+            f"  {name}: 每轮 {count} 条（文件共 {size} 条，权重 {w:g}，占 {count / sum(self.counts):.1%}）/ {count} per epoch "
+            f"(of {size} in the file, weight {w:g}, {count / sum(self.counts):.1%})"
+            for name, size, count, w in zip(self.names, sizes, self.counts, weights)
+        ]
+        if verbose:
+            print(self.summary())
+
+    def summary(self) -> str:
+        return (f"混合训练数据：每轮 {len(self)} 条，各文件用的条数 / mixed training data: {len(self)} items per epoch, "
+                "items used per file:\n" + "\n".join(self.summary_lines))
+
+    @property
+    def lengths(self) -> list[int]:
+        return [length for part in self.parts for length in part.lengths]
+
+    def __len__(self):
+        """Items per epoch (what the Trainer counts epochs by)."""
+        return sum(self.counts)
+
+    def __getitem__(self, i) -> dict:
+        k = bisect_left(self.offsets, i + 1) - 1
+        return self.parts[k][i - self.offsets[k]]
+
+
+class WeightedEpochSampler(Sampler):
+    """Each epoch, `dataset.counts[k]` items of file k (MixedDataset), in a shuffled order; deterministic for a
+    seed and an epoch (the Trainer calls set_epoch), so every process of a distributed run draws the same."""
+
+    def __init__(self, dataset: MixedDataset, seed: int = 0):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def indices(self) -> list[int]:
+        chosen = []
+        for k, (part, count) in enumerate(zip(self.dataset.parts, self.dataset.counts)):
+            # Its own generator per file and epoch: one file's draw does not change when another file changes.
+            rng = np.random.default_rng([self.seed, self.epoch, 0, k])
+            passes = [rng.permutation(len(part)) for _ in range(math.ceil(count / len(part)))]
+            chosen += (np.concatenate(passes)[:count] + self.dataset.offsets[k]).tolist()
+        order = np.random.default_rng([self.seed, self.epoch, 1]).permutation(len(chosen))
+        return [chosen[j] for j in order]
+
+    def __iter__(self):
+        return iter(self.indices())
+
+
+def build_training_set(paths, tokenizer, weights=None, **kwargs):
+    """build_dataset for one training file (as it always was), a MixedDataset of one per file for several
+    (`weights`: one per file, see MixedDataset; None: each file once per epoch)."""
+    if len(paths) == 1 and weights is None:
+        return build_dataset(paths[0], tokenizer, **kwargs)
+    verbose = kwargs.get("verbose", True)
+    parts = []
+    for path in paths:
+        if verbose:
+            print(f"训练文件 / training file {path}:")
+        parts.append(build_dataset(path, tokenizer, **kwargs))
+    return MixedDataset(parts, [str(path) for path in paths], weights, verbose=verbose)
 
 
 # --- packing -------------------------------------------------------------------------------------------------------

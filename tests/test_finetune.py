@@ -227,3 +227,54 @@ def test_resuming_with_another_prefix_length_is_one_line(tiny_model, good_jsonl,
     capsys.readouterr()
     fails_cleanly(capsys, base_args(tiny_model, good_jsonl, out, "--pre_seq_len", "8", "--max_steps", "2", "--resume_from_checkpoint", "true"),
                   str(out / "checkpoint-1"), "pre_seq_len")
+
+
+# ---- several training files -------------------------------------------------------------------------------------
+def _labelled_files(tmp_path, sizes: dict) -> dict:
+    """One JSONL file per label, its samples' user turns naming the file ("甲3"), so a batch says where it came from."""
+    files = {}
+    for label, size in sizes.items():
+        files[label] = tmp_path / f"{label}.jsonl"
+        files[label].write_text("".join(json.dumps({"conversations": [
+            {"role": "user", "content": f"{label}{i}"}, {"role": "assistant", "content": "好"}]}, ensure_ascii=False) + "\n"
+            for i in range(size)), encoding="utf-8")
+    return files
+
+
+def test_several_training_files_are_drawn_by_weight_each_epoch_through_the_trainer(tiny_model, tmp_path, capsys):
+    from chatglm3.checkpoint.loading import load_tokenizer
+    from preprocess_utils import WeightedEpochSampler
+    from transformers import Seq2SeqTrainingArguments
+
+    files = _labelled_files(tmp_path, {"甲": 30, "乙": 6})
+    args = base_args(tiny_model, f"{files['甲']},{files['乙']}", tmp_path / "out", "--train_weights", "1,1")
+    model_args, data_args, _ = finetune.parse_args([str(a) for a in args])
+    tokenizer = load_tokenizer(str(tiny_model))
+    training_args = Seq2SeqTrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=1, use_cpu=True,
+                                             report_to="none", seed=7, dataloader_num_workers=0)
+    files_, weights = finetune.train_files(data_args)
+    dataset = finetune.read_data(files_, None, data_args, tokenizer, training_args, weights)
+    assert "甲.jsonl: 每轮 18 条" in capsys.readouterr().out
+    from chatglm3 import ChatGLMForConditionalGeneration
+    trainer = finetune.Trainer(model=ChatGLMForConditionalGeneration.from_pretrained(tiny_model), args=training_args,
+                               train_dataset=dataset, data_collator=finetune.make_collator(data_args, tokenizer, dataset))
+    assert isinstance(trainer._get_train_sampler(), WeightedEpochSampler)
+    loader = trainer.get_train_dataloader()  # accelerate's wrapping, as the Trainer iterates it
+    file_of = {tuple(dataset[i]["input_ids"]): "甲" if i < 30 else "乙" for i in range(36)}
+    assert len(file_of) == 36
+    seen = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        drawn = [file_of[tuple(batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist())] for batch in loader]
+        assert (drawn.count("甲"), drawn.count("乙")) == (18, 18)  # equal weights: half each, the small file repeated
+        seen.append(drawn)
+    assert seen[0] != seen[1]
+
+
+def test_train_weights_must_match_the_files(tiny_model, tmp_path, capsys):
+    files = _labelled_files(tmp_path, {"甲": 3, "乙": 3})
+    both = f"{files['甲']},{files['乙']}"
+    fails_cleanly(capsys, base_args(tiny_model, both, tmp_path / "out", "--train_weights", "3"), "--train_weights", "1 weights", "2 files")
+    fails_cleanly(capsys, base_args(tiny_model, both, tmp_path / "out", "--train_weights", "3,inf"), "--train_weights (DATASET_WEIGHTS)[2]", "inf")
+    fails_cleanly(capsys, base_args(tiny_model, f"{both},{tmp_path / 'nope.jsonl'}", tmp_path / "out"), "nope.jsonl")
+    assert not (tmp_path / "out").exists()

@@ -277,3 +277,32 @@ def test_rerunning_a_launcher_continues_its_killed_run(tiny_model, pokemon_jsonl
     assert f"Continuing the unfinished run {run}" in second.stdout
     assert list((demo / "output").iterdir()) == [run]
     assert json.loads((run / "trainer_state.json").read_text())["global_step"] == 4
+
+
+@pytest.mark.parametrize("script", ["finetune_lora.sh", "finetune_ds_multiturn.sh"])
+def test_dataset_path_takes_several_files_with_checked_weights(tiny_model, pokemon_jsonl, tmp_path, script):
+    other = tmp_path / "other.jsonl"
+    other.write_text(pokemon_jsonl.read_text(encoding="utf-8"), encoding="utf-8")
+    both = f"{pokemon_jsonl},{other}"
+    for weights, fragments in {"3": ("DATASET_WEIGHTS", "1 weights", "2 files"), "3,0": ("DATASET_WEIGHTS (--train_weights)[2]", "> 0"),
+                               "3,nan": ("DATASET_WEIGHTS", "nan"), "a,1": ("DATASET_WEIGHTS (--train_weights)[1]", "'a'")}.items():
+        result = launch(script, tmp_path, BASE_MODEL_PATH=tiny_model, DATASET_PATH=both, DATASET_WEIGHTS=weights,
+                        OUTPUT_DIR=tmp_path / "out")
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip()
+        assert len(line.splitlines()) == 1 and all(f in line for f in fragments), (weights, line)
+    missing = launch(script, tmp_path, BASE_MODEL_PATH=tiny_model, DATASET_PATH=f"{pokemon_jsonl},{tmp_path / 'nope.jsonl'}")
+    assert missing.returncode == 2 and str(tmp_path / "nope.jsonl") in missing.stderr and "DATASET_PATH" in missing.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_launcher_trains_on_two_weighted_files(tiny_model, pokemon_jsonl, tmp_path):
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(pokemon_jsonl.read_text(encoding="utf-8").splitlines()[:8]) + "\n", encoding="utf-8")
+    result = ok(launch("finetune_ps_pt_m.sh", tmp_path, BASE_MODEL_PATH=tiny_model, DATASET_PATH=f"{pokemon_jsonl},{other}",
+                       DATASET_WEIGHTS="1,1", OUTPUT_DIR=tmp_path / "out", MAX_STEP=2, PRE_SEQ_LEN=4, MAX_SEQ_LEN=256,
+                       DEV_BATCH_SIZE=2, GRAD_ACCUMULATION_STEPS=1, SAVE_INTERVAL=2, LOG_INTERVAL=1))
+    # 48 + 8 samples per epoch, half from each file: the 8-sample file four times over (the log says so per file).
+    assert "pokemon.jsonl: 每轮 28 条" in result.stdout and "other.jsonl: 每轮 28 条（文件共 8 条" in result.stdout
+    assert "--train_weights 1,1" in result.stdout
+    assert (tmp_path / "out" / "pytorch_model.bin").is_file()

@@ -343,3 +343,36 @@ def test_lora_with_deepspeed_zero2_on_two_processes(tiny_model, pokemon_jsonl, t
     for folder in (out / "checkpoint-6", out):
         check_adapter_folder(folder, adapter_keys(2))
     load_model_and_tokenizer(str(tiny_model), adapter=str(out), device="cpu")
+
+
+# ---- adapter_config.json for older PEFT ----------------------------------------------------------------------------
+# PEFT 0.10.0's LoraConfig fields (peft/config.py + peft/tuners/lora/config.py of peft==0.10.0, read from its wheel):
+# 0.10 passes every field of adapter_config.json to LoraConfig(**fields) and refuses any other.
+PEFT_0_10_LORA_FIELDS = {
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern",
+    "revision", "target_modules", "task_type", "use_dora", "use_rslora",
+}
+
+
+def test_adapter_config_holds_only_what_peft_0_10_knows_and_current_peft_loads_it(tiny, adapter):
+    from peft import LoraConfig, PeftConfig
+
+    assert lora.PEFT_0_10_FIELDS == PEFT_0_10_LORA_FIELDS
+    fields = json.loads((adapter / lora.ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    assert set(fields) == PEFT_0_10_LORA_FIELDS  # none of ours differs from a newer field's default
+    assert (fields["r"], fields["lora_alpha"], fields["lora_dropout"], fields["target_modules"], fields["task_type"],
+            fields["peft_type"], fields["inference_mode"]) == (8, 32, 0.1, ["query_key_value"], "CAUSAL_LM", "LORA", True)
+    # Current PEFT reads it to the configuration it was made with (every field left out is at its default) ...
+    config = PeftConfig.from_pretrained(str(adapter))
+    assert isinstance(config, LoraConfig) and config.r == 8 and config.target_modules == {"query_key_value"}
+    made = LoraConfig(task_type="CAUSAL_LM", r=8, target_modules=["query_key_value"], lora_alpha=32, lora_dropout=0.1,
+                      inference_mode=True, base_model_name_or_path=fields["base_model_name_or_path"]).to_dict()
+    assert config.to_dict() == made
+    # ... and the trimming keeps a newer field that is not at its default (older PEFT could not honour it anyway).
+    newer = sorted(set(LoraConfig().to_dict()) - PEFT_0_10_LORA_FIELDS)
+    assert newer, "current PEFT has fields 0.10 lacks (else there is nothing to trim)"
+    kept = lora.portable_config({**fields, newer[0]: "not the default", "no_such_default": 1})
+    assert set(kept) == PEFT_0_10_LORA_FIELDS | {newer[0], "no_such_default"}
+    assert set(lora.portable_config({**LoraConfig().to_dict(), "r": 4})) == PEFT_0_10_LORA_FIELDS

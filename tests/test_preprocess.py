@@ -14,9 +14,12 @@ from preprocess_utils import (
     DataCollatorForChatGLM,
     DataCollatorForPacking,
     InputOutputDataset,
+    MixedDataset,
     MultiTurnDataset,
     PackedDataset,
+    WeightedEpochSampler,
     build_dataset,
+    build_training_set,
     pack_samples,
 )
 
@@ -139,7 +142,8 @@ GOOD = json.dumps(SAMPLES[0], ensure_ascii=False)
 
 @pytest.mark.parametrize("bad_line, message", [
     ('{"conversations": [', "invalid JSON"),
-    ('{"messages": []}', 'missing the "conversations" list'),
+    ('{"messages": []}', "this sample is in the openai format but line 1 is chatglm3"),
+    ('{"dialogue": []}', 'missing the "conversations" list'),
     ('{"conversations": "hi"}', '"conversations" must be a non-empty list'),
     ('{"conversations": []}', "empty list"),
     ('[1, 2]', "a sample must be a JSON object"),
@@ -334,3 +338,61 @@ def test_packing_rejects_what_it_cannot_pack(tiny, capsys):
     assert f"{len(SAMPLES)} samples -> 1 rows" in capsys.readouterr().out
     with pytest.raises(ValueError, match="PackedDataset"):
         DataCollatorForPacking(tiny)([dataset[0]])
+
+
+# --- several training files, sampled by weight ---------------------------------------------------------------------
+def _part(tiny, label: str, size: int) -> MultiTurnDataset:
+    samples = [conversation(("user", f"{label}{i}"), ("assistant", f"第{i}号")) for i in range(size)]
+    return MultiTurnDataset(samples, tiny, None, verbose=False)
+
+
+def _drawn(sampler, dataset) -> list:
+    """How many items of each file one epoch of `sampler` draws."""
+    indices = list(sampler)
+    assert len(indices) == len(sampler) == len(dataset)
+    return [sum(start <= i < start + len(part) for i in indices) for start, part in zip(dataset.offsets, dataset.parts)]
+
+
+def test_mixed_epochs_follow_the_weights_and_the_seed(tiny, capsys):
+    mixed = MixedDataset([_part(tiny, "甲", 40), _part(tiny, "乙", 10)], ["a.jsonl", "b.jsonl"], [3, 1])
+    printed = capsys.readouterr().out
+    assert "a.jsonl: 每轮 38 条" in printed and "b.jsonl: 每轮 12 条" in printed and "(of 10 in the file, weight 1, 24.0%)" in printed
+    # Weight 3:1 of an epoch of 50 items (the files' total): 37.5 -> 38 and 12.5 -> 12.
+    assert mixed.counts == [38, 12] and len(mixed) == 50
+    sampler = WeightedEpochSampler(mixed, seed=7)
+    epochs = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        assert _drawn(sampler, mixed) == [38, 12]
+        indices = list(sampler)
+        first = [i for i in indices if i < 40]
+        assert len(set(first)) == 38  # fewer than the file holds: no sample twice
+        second = [i - 40 for i in indices if i >= 40]
+        assert sorted(set(second)) == list(range(10))  # more: the whole file, then a part of it again
+        epochs.append(indices)
+    assert len({tuple(e) for e in epochs}) == 4  # each epoch its own draw
+    assert set().union(*({i for i in e if i < 40} for e in epochs)) == set(range(40))  # other samples in other epochs
+    again = WeightedEpochSampler(mixed, seed=7)
+    again.set_epoch(2)
+    assert list(again) == epochs[2]  # deterministic per seed and epoch (every process of a run draws the same)
+    other = WeightedEpochSampler(mixed, seed=8)
+    other.set_epoch(2)
+    assert list(other) != epochs[2]
+    assert mixed[45]["input_ids"] == mixed.parts[1][5]["input_ids"]
+
+
+def test_several_files_without_weights_are_each_used_once_per_epoch(tiny):
+    mixed = MixedDataset([_part(tiny, "甲", 7), _part(tiny, "乙", 3)], ["a", "b"], verbose=False)
+    assert mixed.counts == [7, 3]
+    assert sorted(WeightedEpochSampler(mixed)) == list(range(10))
+
+    # One file without weights is the file's own dataset, exactly as before.
+
+
+def test_one_training_file_is_its_own_dataset(tiny, tmp_path):
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(conversation(("user", "你好"), ("assistant", "好"))) + "\n", encoding="utf-8")
+    single = build_training_set([path], tiny, verbose=False)
+    assert type(single) is MultiTurnDataset and len(single) == 1
+    weighted = build_training_set([path], tiny, [2.0], verbose=False)
+    assert isinstance(weighted, MixedDataset) and weighted.counts == [1]

@@ -32,6 +32,8 @@ DATASET_PATH=${DATASET_PATH:-$DEMO_DIR/formatted_data/pokemon_conversations.json
 OUTPUT_DIR=${OUTPUT_DIR:-$DEMO_DIR/output/${RUN_NAME}-${DATESTR}-${PRE_SEQ_LEN}-${LR}}
 # This project's additions / 本项目的补充
 VALIDATION_PATH=${VALIDATION_PATH:-}                 # eval loss on this file every SAVE_INTERVAL steps
+DATASET_WEIGHTS=${DATASET_WEIGHTS:-}                 # DATASET_PATH=a.jsonl,b.jsonl 时各文件的权重，如 3,1 / one weight per file
+DATA_FORMAT=${DATA_FORMAT:-}                         # auto|chatglm3|openai|sharegpt|alpaca（默认按文件识别 / default: detected)
 PACKING=${PACKING:-0}                                # 1: several samples per row
 GRADIENT_CHECKPOINTING=${GRADIENT_CHECKPOINTING:-1}  # 0: faster, more memory
 QUANTIZATION_BIT=${QUANTIZATION_BIT:-}                 # 4 或 8：量化冻结的基座（bitsandbytes，CPU/GPU）/ 4 or 8: quantize the frozen base
@@ -55,6 +57,8 @@ python "$DEMO_DIR/scripts/launch.py" --num-gpus "$NUM_GPUS" --datestr "$DATESTR"
     --resume_from_checkpoint "$RESUME" \
     --gradient_checkpointing "$GRADIENT_CHECKPOINTING" \
     --packing "$PACKING" \
+    ${DATASET_WEIGHTS:+--train_weights "$DATASET_WEIGHTS"} \
+    ${DATA_FORMAT:+--data_format "$DATA_FORMAT"} \
     ${VALIDATION_PATH:+--validation_file "$VALIDATION_PATH" --per_device_eval_batch_size "$DEV_BATCH_SIZE"} \
     ${QUANTIZATION_BIT:+--quantization_bit "$QUANTIZATION_BIT"} \
     $EXTRA_ARGS

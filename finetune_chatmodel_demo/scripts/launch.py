@@ -13,7 +13,8 @@ folder, starts finetune.py in as many processes as asked, keeps the log.
   else fp32. fp16 needs a GPU.
 - Every number is checked before anything starts (NUM_GPUS at most the visible GPUs or CPU cores, NNODES,
   NODE_RANK, MASTER_PORT, and the numeric finetune.py flags, named by their variable: LR, LORA_ALPHA, MAX_STEP, ...),
-  and DS_CONFIG's settings.
+  and DS_CONFIG's settings; DATASET_PATH may name several files, comma-separated, with DATASET_WEIGHTS (one
+  positive weight each, `--train_weights`): every file must exist and the weights match them.
 - `--output_dir` is locked for the run's life by finetune.py (a second run with the same folder, launched or
   not, is refused; the launcher refuses it before starting anything); when its name holds
   --datestr (the launchers' timestamped default) and `--resume_from_checkpoint` is true, the newest unfinished run

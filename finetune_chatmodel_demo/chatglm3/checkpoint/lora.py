@@ -5,7 +5,13 @@ Adapters are PEFT's own format (adapter_config.json + adapter_model.safetensors,
 model keeps upstream's module names (transformer.encoder.layers.N.self_attention.query_key_value), so the tensor
 names equal those of an adapter PEFT makes on upstream's remote-code model: adapters from upstream's finetune_demo
 load here, and ours load there. PEFT is imported only when LoRA is used (it takes seconds to import).
+
+adapter_config.json is written for PEFT 0.10 and later (`portable_config`): current PEFT writes every field it
+knows, and PEFT 0.10 refuses a field it does not (LoraConfig(**fields) raises TypeError), so only the fields 0.10
+knows are kept, plus any newer one whose value differs from its default (which older PEFT could not honour anyway).
+A field left out takes its default when read back: current PEFT loads the file to the same configuration.
 """
+import json
 import warnings
 from pathlib import Path
 
@@ -20,6 +26,14 @@ ADAPTER_CONFIG = "adapter_config.json"
 DEFAULT_ALPHA = 32
 DEFAULT_DROPOUT = 0.1
 DEFAULT_TARGET = "query_key_value"
+# The fields of PEFT 0.10.0's LoraConfig (peft/config.py's PeftConfigMixin and PeftConfig, and
+# peft/tuners/lora/config.py), the oldest PEFT that must read our adapters.
+PEFT_0_10_FIELDS = frozenset({
+    "alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "fan_in_fan_out", "inference_mode",
+    "init_lora_weights", "layer_replication", "layers_pattern", "layers_to_transform", "loftq_config", "lora_alpha",
+    "lora_dropout", "megatron_config", "megatron_core", "modules_to_save", "peft_type", "r", "rank_pattern",
+    "revision", "target_modules", "task_type", "use_dora", "use_rslora",
+})
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -42,17 +56,42 @@ def check_targets(model: nn.Module, targets: list[str]) -> None:
         )
 
 
+def portable_config(fields: dict) -> dict:
+    """An adapter_config.json's fields as PEFT 0.10 reads them (see the module doc): those 0.10 knows, and newer
+    ones that differ from current PEFT's defaults."""
+    from peft import LoraConfig
+
+    defaults = json.loads(json.dumps(LoraConfig().to_dict(), default=list))  # as written: sets become lists
+    missing = object()
+    return {key: value for key, value in fields.items()
+            if key in PEFT_0_10_FIELDS or defaults.get(key, missing) != value}
+
+
+def _portable_lora_config(**kwargs):
+    """A LoraConfig whose save_pretrained writes portable_config's fields (PEFT writes the file; we trim it)."""
+    from peft import LoraConfig
+
+    class PortableLoraConfig(LoraConfig):
+        def save_pretrained(self, save_directory, **save_kwargs):
+            super().save_pretrained(save_directory, **save_kwargs)
+            path = Path(save_directory) / ADAPTER_CONFIG
+            fields = portable_config(json.loads(path.read_text(encoding="utf-8")))
+            path.write_text(json.dumps(fields, indent=2, sort_keys=True), encoding="utf-8")
+
+    return PortableLoraConfig(**kwargs)
+
+
 def add_lora(model, rank: int, alpha=None, dropout=None, targets=None, base_path=None):
     """`model` wrapped by PEFT for training: LoRA layers on `targets` (comma-separated layer names), everything
     else frozen; None = upstream's values. `base_path` is recorded in adapter_config.json
     (base_model_name_or_path), where upstream's loaders look for the base."""
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
     targets = parse_targets(DEFAULT_TARGET if targets is None else targets)
     check_targets(model, targets)
     if base_path is not None:
         model.name_or_path = str(Path(base_path).resolve())
-    config = LoraConfig(
+    config = _portable_lora_config(
         task_type="CAUSAL_LM", r=rank, target_modules=targets,
         lora_alpha=DEFAULT_ALPHA if alpha is None else alpha,
         lora_dropout=DEFAULT_DROPOUT if dropout is None else dropout,

@@ -2,12 +2,16 @@
 "file:line" so every error and every skipped sample can be named.
 
 Two sample formats, as upstream: multi-turn (see chatglm3.model.conversation) and input-output {"prompt", "response"}.
+A file may also be written in OpenAI's, ShareGPT's or Alpaca's format (chatglm3.data.formats converts it as it is
+read; `data_format` "auto" detects it per file).
 """
 import json
+import os
 import re
 
-from chatglm3 import json_files
+from chatglm3 import json_files, limits
 from chatglm3.model.conversation import CONVERSATION_KEY, SAMPLE_ROLES, TOOLS_KEY, role_order_error
+from chatglm3.data import formats
 from chatglm3.errors import ChatGLMError
 from chatglm3.json_files import type_name as _type_name
 
@@ -19,11 +23,13 @@ class DataFormatError(ChatGLMError):
 
 
 class Records(list):
-    """Samples read from a file; `locations[i]` is "file:line" of sample i, used in later messages."""
+    """Samples read from a file; `locations[i]` is "file:line" of sample i, used in later messages; `data_format`:
+    the format the file was written in (chatglm3.data.formats), its samples converted to ours."""
 
-    def __init__(self, samples, locations):
+    def __init__(self, samples, locations, data_format: str = "chatglm3"):
         super().__init__(samples)
         self.locations = list(locations)
+        self.data_format = data_format
 
 
 def _not_a_string(record: dict, key: str) -> str:
@@ -153,24 +159,35 @@ def check_input_output(sample, where: str) -> None:
             raise DataFormatError(f"{where}: {_not_a_string(sample, key)}")
 
 
-def _load(path, check) -> Records:
+def _load(path, check, convert, data_format: str) -> Records:
+    if data_format not in formats.CHOICES:
+        raise DataFormatError(f"错误：未知数据格式 {data_format!r}，应为 {' / '.join(formats.CHOICES)} 之一 / Error: unknown data "
+                              f"format {data_format!r}, expected one of {', '.join(formats.CHOICES)}")
     records = read_json_records(path)
     if not records:
         raise DataFormatError(f"错误：{path} 中没有样本 / Error: {path} holds no samples")
-    locations = [f"{path}:{line}" for line, _ in records]
-    for where, (_, sample) in zip(locations, records):
+    multi_turn = check is check_conversation
+    try:
+        fmt = formats.detect_file(records, str(path), multi_turn) if data_format == "auto" else data_format
+        locations = [f"{path}:{line}" for line, _ in records]
+        samples = [convert(sample, fmt, where) for where, (_, sample) in zip(locations, records)]
+    except formats.FormatError as e:
+        raise DataFormatError(str(e)) from None
+    for where, sample in zip(locations, samples):
         check(sample, where)
-    return Records([sample for _, sample in records], locations)
+    return Records(samples, locations, fmt)
 
 
-def load_conversations(path) -> Records:
-    """Multi-turn samples from a JSON list or JSONL file, every sample checked; errors name file:line."""
-    return _load(path, check_conversation)
+def load_conversations(path, data_format: str = "auto") -> Records:
+    """Multi-turn samples from a JSON list or JSONL file, every sample checked; errors name file:line.
+    `data_format`: "auto" (detected from the file) or one of chatglm3.data.formats.FORMATS."""
+    return _load(path, check_conversation, formats.to_chatglm3, data_format)
 
 
-def load_input_output(path) -> Records:
-    """{"prompt", "response"} samples from a JSON list or JSONL file, every sample checked."""
-    return _load(path, check_input_output)
+def load_input_output(path, data_format: str = "auto") -> Records:
+    """{"prompt", "response"} samples (or Alpaca's, see chatglm3.data.formats) from a JSON list or JSONL file,
+    every sample checked."""
+    return _load(path, check_input_output, formats.to_input_output, data_format)
 
 
 def as_records(samples, check) -> Records:
@@ -181,3 +198,28 @@ def as_records(samples, check) -> Records:
     for sample, where in zip(samples, locations):
         check(sample, where)
     return Records(samples, locations)
+
+
+# --- several training files ----------------------------------------------------------------------------------------
+def split_files(value: str) -> list[str]:
+    """`a.jsonl,b.jsonl` -> the files (spaces around the commas dropped); a path that exists as it is stays one file
+    (a file name with a comma keeps working)."""
+    if os.path.exists(value) or "," not in value:
+        return [value]
+    files = [part.strip() for part in value.split(",")]
+    if not all(files):
+        raise DataFormatError(f"错误：{value!r} 中有空的文件名（多余的逗号？）/ Error: {value!r} has an empty file name (a stray comma?)")
+    return files
+
+
+def parse_weights(value, count: int, label: str, files_label: str) -> list[float] | None:
+    """`3,1` -> [3.0, 1.0]: one positive finite number per file (chatglm3.limits); None or "" -> None. `label`
+    and `files_label` name the flag or variable in the error."""
+    if value is None or str(value).strip() == "":
+        return None
+    parts = [part.strip() for part in str(value).split(",")]
+    if len(parts) != count:
+        raise DataFormatError(f"错误：{label} 有 {len(parts)} 个权重，而 {files_label} 有 {count} 个文件；每个文件一个权重 / "
+                              f"Error: {label} has {len(parts)} weights but {files_label} names {count} files: give one "
+                              "weight per file")
+    return [limits.POSITIVE.check(f"{label}[{i + 1}]", part) for i, part in enumerate(parts)]
