@@ -16,9 +16,9 @@ import re
 
 import torch
 
-from chatglm3.model import conversation
+from chatglm3.checkpoint.native import write_weight_files
 from chatglm3.errors import ChatGLMError
-from chatglm3.output_files import share_weight_files
+from chatglm3.model import conversation
 
 # ChatGLM3 key -> GLM key, "{}" standing for the layer number (litgpt's style). None: not stored (GLM computes
 # the rotary frequencies from rope_theta); query_key_value is split by QKV_SPLIT.
@@ -194,14 +194,11 @@ def save(model, tokenizer, out, max_shard_size="2GB") -> None:
     """Writes `model` (ChatGLMForConditionalGeneration) and `tokenizer` (ChatGLMTokenizer) to the folder `out` as
     a GlmForCausalLM checkpoint: config.json, generation_config.json, safetensors shards with their index,
     tokenizer.json, tokenizer_config.json and the chat template."""
-    from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
     config = model.config
     stop_ids = conversation.stop_token_ids(tokenizer)
-    tensors = convert_state_dict(model.state_dict(), config)
-    save_torch_state_dict(tensors, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    share_weight_files(out)
+    write_weight_files(convert_state_dict(model.state_dict(), config), out, max_shard_size)
     dtype = model.get_input_embeddings().weight.dtype
     _write_json(out / "config.json", glm_config(config, stop_ids, dtype))
     GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(out)
