@@ -270,7 +270,7 @@ def make_collator(data_args, tokenizer, train_dataset):
 def train(model_args, data_args, training_args):
     check_arguments(model_args, data_args)
     check_training_arguments(training_args)
-    safe_io.check_inputs({"--train_file": data_args.train_file, "--validation_file": data_args.validation_file})
+    safe_io.refuse_device_inputs({"--train_file": data_args.train_file, "--validation_file": data_args.validation_file})
     safe_io.check_output_dir("--output_dir", training_args.output_dir, {
         "--model_name_or_path": model_args.model_name_or_path, "--tokenizer_name": model_args.tokenizer_name,
         "--ptuning_checkpoint": model_args.ptuning_checkpoint})
@@ -307,7 +307,7 @@ def run(model_args, data_args, training_args):
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=make_collator(data_args, tokenizer, train_dataset), processing_class=tokenizer,
         save_prefix_only=model_args.pre_seq_len is not None,
-        carry_from=model_args.model_name_or_path if full else None,  # upstream's tools open a full checkpoint
+        upstream_files_from=model_args.model_name_or_path if full else None,  # upstream's tools open a full checkpoint
     )
     # DeepSpeed reads its checkpoints with torch.load(weights_only=False): every load goes through the allow-list.
     with safe_load.only_safe_torch_load():

@@ -28,7 +28,7 @@ from transformers.trainer_callback import ProgressCallback
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
-from chatglm3.checkpoint.upstream_files import carry_upstream_files
+from chatglm3.checkpoint.upstream_files import copy_upstream_files
 from chatglm3.checkpoint.native import PREFIX_KEY
 from chatglm3.errors import ChatGLMError
 from chatglm3.checkpoint.loading import load_ptuning_checkpoint
@@ -75,9 +75,10 @@ class TrainingProgress(ProgressCallback):
 
 
 class PrefixTrainer(Seq2SeqTrainer):
-    def __init__(self, *args, save_prefix_only: bool = False, carry_from: Optional[str] = None, **kwargs):
+    def __init__(self, *args, save_prefix_only: bool = False, upstream_files_from: Optional[str] = None,
+                 **kwargs):
         self.save_prefix_only = save_prefix_only
-        self.carry_from = carry_from  # the base model folder whose full checkpoints get its code files etc.
+        self.upstream_files_from = upstream_files_from  # the base folder whose code files etc. full checkpoints get
         super().__init__(*args, **kwargs)
         if self.pop_callback(ProgressCallback) is not None:  # not with --disable_tqdm, nor in a notebook
             self.add_callback(TrainingProgress())
@@ -168,8 +169,8 @@ class PrefixTrainer(Seq2SeqTrainer):
             model.config.use_cache = use_cache
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        if self.carry_from is not None:
-            carry_upstream_files(self.carry_from, output_dir)
+        if self.upstream_files_from is not None:
+            copy_upstream_files(self.upstream_files_from, output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
