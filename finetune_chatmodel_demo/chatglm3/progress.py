@@ -36,8 +36,9 @@ def _is_terminal(stream) -> bool:
 
 class Progress:
     """`update(n)` as steps finish, `close()` at the end (or use it as a context manager); `write(line)` prints a
-    line without breaking the bar. `desc` names what is counted ("训练步 / training steps"), `unit` the bar's rate. `initial`: steps already done before this run (a resumed training), left out of
-    the rate. `disable`: nothing at all (the other processes of a distributed run)."""
+    line without breaking the bar. `desc` names what is counted ("训练步 / training steps"), `unit` is the bar's
+    rate unit. `initial`: steps done before this run (a resumed training), left out of the rate. `disable`:
+    nothing at all (a caller that wants no progress)."""
 
     def __init__(self, total: Optional[int], desc: str, unit: str = "step", initial: int = 0,
                  file: Optional[TextIO] = None, disable: bool = False):

@@ -16,6 +16,7 @@ import re
 
 import torch
 
+from chatglm3 import compat
 from chatglm3.checkpoint.native import write_weight_files
 from chatglm3.errors import ChatGLMError
 from chatglm3.model import conversation
@@ -88,8 +89,7 @@ def convert_state_dict(state_dict: dict, config) -> dict:
 
 
 def glm_config(config, stop_ids: list[int], dtype: torch.dtype) -> dict:
-    """config.json of the GlmForCausalLM model. The rotary settings are written both ways: `rope_parameters`
-    (transformers >= 5) and the top-level `rope_theta` / `partial_rotary_factor` that transformers 4.x reads."""
+    """config.json of the GlmForCausalLM model, readable by transformers 4.x and 5 (compat.rope_config)."""
     rope_theta = 10000.0 * config.rope_ratio
     return {
         "architectures": ["GlmForCausalLM"],
@@ -106,9 +106,7 @@ def glm_config(config, stop_ids: list[int], dtype: torch.dtype) -> dict:
         "attention_dropout": config.attention_dropout,
         "rms_norm_eps": config.layernorm_epsilon,
         "max_position_embeddings": config.seq_length,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5},
-        "rope_theta": rope_theta,
-        "partial_rotary_factor": 0.5,
+        **compat.rope_config(rope_theta, partial_rotary_factor=0.5),
         "tie_word_embeddings": False,
         "eos_token_id": stop_ids,
         "pad_token_id": config.pad_token_id,

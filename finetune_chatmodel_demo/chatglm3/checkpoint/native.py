@@ -160,9 +160,8 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
     # Overrides (e.g. pre_seq_len from a flag) are held to config.json's rules, before anything is built.
     overrides = sorted(set(kwargs) - IGNORED_KWARGS)
     check_config_dict(config.to_dict(), f"{path / 'config.json'}" + (f" + {', '.join(overrides)}" if overrides else ""))
-    # Callers pass torch_dtype (transformers 4 habit) or dtype (transformers 5). "auto", as in transformers, is the
-    # dtype config.json records, float32 when it records none.
-    target_dtype = dtype or torch_dtype
+    # "auto", as in transformers, is the dtype config.json records, float32 when it records none.
+    target_dtype = compat.requested_dtype(dtype, torch_dtype)
     if target_dtype == "auto":
         target_dtype = compat.config_dtype(config_dict)
     target_dtype = parse_dtype(target_dtype) or torch.float32
