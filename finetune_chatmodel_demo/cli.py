@@ -11,8 +11,6 @@ from chatglm3.checkpoint import loading
 from chatglm3.data import train_format
 from chatglm3.model.generation import SAMPLE_TEMPERATURE, SAMPLE_TOP_P
 
-TOP_P = limits.Limit(float, low=0, low_open=True, high=1)  # (0, 1]
-
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     # No abbreviations: "--pt" would otherwise pass for --pt-checkpoint or --pt-pre-seq-len, whichever is unique.
@@ -72,7 +70,7 @@ def check_generation_args(args: argparse.Namespace) -> None:
     """The generation flags in range (limits' one line naming the flag)."""
     limits.AT_LEAST_1.check("--max-new-tokens", args.max_new_tokens)
     limits.POSITIVE.check("--temperature", args.temperature)
-    TOP_P.check("--top-p", args.top_p)
+    limits.TOP_P.check("--top-p", args.top_p)
     if args.seed is not None:
         limits.SEED.check("--seed", args.seed)
 

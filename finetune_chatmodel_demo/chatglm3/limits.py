@@ -2,11 +2,10 @@
 kind (integer or real), finite, within its range; otherwise one line naming where it came from.
 
 `Limit(int, low=1)` and the like describe a range; `Limit.check(label, value)` takes the value as typed (a string)
-or as parsed (a number) and returns the number or raises `NumberError`; `Limit.argument_type()` is the same check
-as an argparse `type=` (argparse names the flag). `FLAG_LIMITS` holds the ranges of
-finetune.py's numeric flags, its own and transformers' (the launchers pass their variables as these flags, and
-scripts/launch.py checks them under the variable's name before anything starts); `check_flags` applies them to
-parsed arguments.
+or as parsed (a number) and returns the number or raises `NumberError`; `Limit.argument_type()` is the same
+check as an argparse `type=` (argparse names the flag). `FLAG_LIMITS` holds the ranges of finetune.py's numeric
+flags, its own and transformers' (the launchers pass their variables as these flags, and scripts/launch.py checks
+them under the variable's name before anything starts); `check_flags` applies them to parsed arguments.
 """
 import argparse
 import math
@@ -111,6 +110,7 @@ NON_NEGATIVE = Limit(float, low=0)
 POSITIVE = Limit(float, low=0, low_open=True)
 FRACTION = Limit(float, low=0, high=1, high_open=True)          # [0, 1)
 UNIT = Limit(float, low=0, high=1)                              # [0, 1]
+TOP_P = Limit(float, low=0, low_open=True, high=1)              # (0, 1]
 SEED = Limit(int, low=0, high=2**32 - 1)                        # numpy's seed range
 PORT = Limit(int, low=1, high=65535)
 TIMEOUT_SECONDS = Limit(float, low=0, low_open=True, high=3600)  # (0, 3600]: a timeout of up to an hour
