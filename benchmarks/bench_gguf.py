@@ -27,7 +27,7 @@ from _common import ChatGLMError, fail, progress  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from chatglm3.checkpoint import gguf as gguf_export  # noqa: E402
+from chatglm3.checkpoint import gguf  # noqa: E402
 from chatglm3.model.conversation import prompt_ids  # noqa: E402
 from chatglm3.checkpoint.export import export  # noqa: E402
 from chatglm3.model.generation import generate_stream  # noqa: E402
@@ -60,18 +60,18 @@ def parse_args(argv=None):
     if args.new_tokens < 2 or args.repeats < 1 or args.threads < 1:
         fail("错误：--new-tokens >= 2、--repeats >= 1、--threads >= 1 / Error: --new-tokens must be >= 2, --repeats and --threads >= 1")
     types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
-    unknown = [t for t in types if t not in gguf_export.GGUF_TYPES]
+    unknown = [t for t in types if t not in gguf.GGUF_TYPES]
     if unknown or not types:
-        fail(f"错误：--types 里的 {', '.join(unknown) or '（空）'} 不是 GGUF 类型（可选 {', '.join(gguf_export.GGUF_TYPES)}）/ "
-             f"Error: --types {args.types!r}: not GGUF types (one of {', '.join(gguf_export.GGUF_TYPES)})")
-    args.types = [gguf_export.parse_type(t) for t in types]
+        fail(f"错误：--types 里的 {', '.join(unknown) or '（空）'} 不是 GGUF 类型（可选 {', '.join(gguf.GGUF_TYPES)}）/ "
+             f"Error: --types {args.types!r}: not GGUF types (one of {', '.join(gguf.GGUF_TYPES)})")
+    args.types = [gguf.parse_type(t) for t in types]
     return args
 
 
 def gguf_file(model: Path, work: Path, gguf_type: str, reuse: bool):
     """(path, seconds to write it or None when reused)."""
     out = work / f"{model.name}-gguf-{gguf_type}"
-    path = out / gguf_export.file_name(out, gguf_type)
+    path = out / gguf.file_name(out, gguf_type)
     if reuse and path.is_file():
         return path, None
     start = time.perf_counter()

@@ -331,7 +331,7 @@ def child_model_row(args, row: Row) -> dict:
     greedy reply of --new-tokens tokens that never stops early (chatglm3.model.generation.generate_stream, the loop of
     model.chat and inference.py)."""
     import torch
-    from cli import add_model_args, load_from_args
+    from chatglm3.cli import add_model_args, load_from_args
 
     from chatglm3.model.conversation import prompt_ids
     from chatglm3.model.generation import generate_stream

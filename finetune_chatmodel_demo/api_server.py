@@ -3,7 +3,7 @@
 
   python api_server.py --model THUDM/chatglm3-6b [--pt-checkpoint DIR] [--host 127.0.0.1] [--port 8000] [--api-key KEY]
 
-The model flags are every script's (cli.py: a base model, a full fine-tuning checkpoint, or a base with a
+The model flags are every script's (chatglm3/cli.py: a base model, a full fine-tuning checkpoint, or a base with a
 P-Tuning v2 checkpoint), loaded through the project's one loading path. Serves `GET /v1/models`,
 `POST /v1/chat/completions` (streaming, tools) and a chat page at `/`. Requests that arrive together are decoded
 together (--max-batch); at most --max-queue wait, more are answered 503. Tool calls are returned to the client,
@@ -11,43 +11,16 @@ never executed. The address is bound before the model loads, so a port in use is
 """
 import argparse
 import ipaddress
-import math
 import os
 import socket
 import sys
 from pathlib import Path
 
-from chatglm3 import ChatGLMError
+from chatglm3 import ChatGLMError, limits
 
-from cli import add_model_args, load_from_args
+from chatglm3.cli import add_model_args, load_from_args
 
 PAGE = Path(__file__).resolve().parent / "static" / "chat.html"
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"须是正整数 / must be a positive integer: {text!r}")
-    return value
-
-
-def port_number(text: str) -> int:
-    if not text.isdecimal() or not 1 <= int(text) <= 65535:
-        raise argparse.ArgumentTypeError(f"须是 1 到 65535 的端口号 / must be a port number from 1 to 65535: {text!r}")
-    return int(text)
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 3600:
-        raise argparse.ArgumentTypeError(f"须是 0 到 3600 之间的秒数 / must be seconds between 0 and 3600: {text!r}")
-    return value
 
 
 def ipaddress_is_loopback(host: str) -> bool:
@@ -98,7 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     server = parser.add_argument_group("服务 / server")
     server.add_argument("--host", default="127.0.0.1",
                         help="监听地址，默认仅本机 / address to listen on (default: 127.0.0.1, this machine only)")
-    server.add_argument("--port", type=port_number, default=8000, help="端口 / port (default: 8000)")
+    server.add_argument("--port", type=limits.PORT.argument_type(), default=8000, help="端口 / port (default: 8000)")
     server.add_argument("--api-key", default=os.environ.get("API_KEY"),
                         help="要求 Authorization: Bearer KEY（默认读取环境变量 API_KEY；须是非空的可见 ASCII 字符）/ "
                              "require this bearer key (default: $API_KEY; visible ASCII, not empty; none: no key "
@@ -111,18 +84,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     server.add_argument("--served-model-name", default=None,
                         help="客户端使用的模型名，默认为 --model 的目录名 / the model name clients use "
                              "(default: the last part of --model)")
-    limits = parser.add_argument_group("限制 / limits")
-    limits.add_argument("--max-batch", type=positive_int, default=8,
+    bounds = parser.add_argument_group("限制 / limits")
+    bounds.add_argument("--max-batch", type=limits.AT_LEAST_1.argument_type(), default=8,
                         help="同时解码的请求数 / requests decoded together (default: 8)")
-    limits.add_argument("--max-queue", type=positive_int, default=16,
+    bounds.add_argument("--max-queue", type=limits.AT_LEAST_1.argument_type(), default=16,
                         help="排队请求数上限，超出返回 503 / requests waiting at most; more get 503 (default: 16)")
-    limits.add_argument("--max-tokens", type=positive_int, default=2048,
+    bounds.add_argument("--max-tokens", type=limits.AT_LEAST_1.argument_type(), default=2048,
                         help="单个请求最多生成的 token 数 / most new tokens one request may ask for (default: 2048)")
-    limits.add_argument("--max-messages", type=positive_int, default=128,
+    bounds.add_argument("--max-messages", type=limits.AT_LEAST_1.argument_type(), default=128,
                         help="单个请求的消息数上限 / most messages in one request (default: 128)")
-    limits.add_argument("--max-request-bytes", type=positive_int, default=1 << 20,
+    bounds.add_argument("--max-request-bytes", type=limits.AT_LEAST_1.argument_type(), default=1 << 20,
                         help="请求体字节数上限 / largest request body in bytes (default: 1048576)")
-    limits.add_argument("--body-timeout", type=seconds, default=30.0,
+    bounds.add_argument("--body-timeout", type=limits.TIMEOUT_SECONDS.argument_type(), default=30.0,
                         help="请求体须在这么多秒内传完，否则 408 / seconds a request body may take to arrive; "
                              "408 beyond (default: 30)")
     return parser.parse_args(argv)
@@ -149,10 +122,10 @@ def main(argv=None) -> int:
         return 2
     engine = Engine(model, stop_token_ids(tokenizer), max_batch=args.max_batch, max_queue=args.max_queue)
     name = args.served_model_name or Path(args.model).resolve().name  # (`--model .` names the folder, not "")
-    limits = Limits(max_request_bytes=args.max_request_bytes, max_messages=args.max_messages, max_tokens=args.max_tokens,
-                    body_timeout_s=args.body_timeout)
+    request_limits = Limits(max_request_bytes=args.max_request_bytes, max_messages=args.max_messages,
+                            max_tokens=args.max_tokens, body_timeout_s=args.body_timeout)
     hosts = allowed_hosts(args)
-    app = create_app(engine, tokenizer, name, model.config.seq_length, limits, api_key=args.api_key, page=PAGE,
+    app = create_app(engine, tokenizer, name, model.config.seq_length, request_limits, api_key=args.api_key, page=PAGE,
                      allowed_hosts=hosts)
     if args.api_key is None and not ipaddress_is_loopback(args.host):
         print(f"警告：{args.host} 对外可见却没有 --api-key；只接受 Host 为 {', '.join(hosts or ['*'])} 的请求（--allowed-hosts "

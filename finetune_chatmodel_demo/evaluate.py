@@ -31,7 +31,8 @@ from chatglm3.checkpoint.loading import input_files
 from chatglm3.output_files import check_outputs, write_atomic
 from chatglm3.data.train_format import raw_prompt_ids
 from chatglm3.tools import load_tool_files, run_metrics
-from cli import add_format_arg, add_model_args, load_from_args, prompt_format
+from chatglm3.cli import (add_format_arg, add_generation_args, add_model_args, check_generation_args, generation_kwargs,
+                 load_from_args, prompt_format)
 from metrics import METRIC_KEYS, compute_metrics, score_pair
 from tool_eval import TOOL_METRIC_KEYS, answer_items, load_items, tool_metrics, turn_record
 
@@ -96,14 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_format_arg(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="每批生成的样本数 / prompts per batch (8)")
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="每条回复最多生成的 token 数 / most new tokens (128)")
     parser.add_argument("--max-samples", type=int, default=None, help="最多评测多少条回复 / score at most N replies")
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help=f"预测结果 JSONL（与参考答案并列）/ predictions beside references, JSONL ({DEFAULT_OUTPUT})")
-    parser.add_argument("--do-sample", action="store_true", help="采样而非贪心解码 / sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, default=0.8, help="采样温度，配合 --do-sample / temperature (0.8)")
-    parser.add_argument("--top-p", type=float, default=0.8, help="top-p，配合 --do-sample / top-p (0.8)")
-    parser.add_argument("--seed", type=int, default=None, help="随机种子 / random seed")
+    add_generation_args(parser, max_new_tokens=128)
     parser.add_argument("--tools", nargs="+", default=None, metavar="FILE.py",
                         help="评测工具调用：每个用户问题都走真实的工具循环，调用由这些工具文件（@register_tool，见 docs/tools.md）"
                              "执行，汇总里加上 tool_* 指标 / measure tool use: every user turn goes through the real "
@@ -117,23 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    for flag, value in (("--batch-size", args.batch_size), ("--max-new-tokens", args.max_new_tokens),
-                        ("--max-samples", args.max_samples)):
+    for flag, value in (("--batch-size", args.batch_size), ("--max-samples", args.max_samples)):
         if value is not None and value < 1:
             raise ChatGLMError(f"错误：{flag} 必须 ≥ 1（收到 {value}）/ Error: {flag} must be at least 1 (got {value})")
+    check_generation_args(args)
     if args.hide_tools and not args.tools:
         raise ChatGLMError("错误：--hide-tools 需要 --tools / Error: --hide-tools needs --tools")
     # Before generation: --output may not replace the dev set, the table or a model file, nor be a directory.
     inputs = [("--data", args.data), *(("--tools", path) for path in args.tools or ()),
               *input_files(args.model, args.tokenizer, args.pt_checkpoint, args.adapter)]
     check_outputs(inputs=inputs, outputs={"--output": args.output})
-
-
-def generation_kwargs(args: argparse.Namespace) -> Dict:
-    gen_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample}
-    if args.do_sample:
-        gen_kwargs.update(temperature=args.temperature, top_p=args.top_p)
-    return gen_kwargs
 
 
 def write_predictions(path: str, records: List[Dict]) -> None:

@@ -33,8 +33,8 @@ import warnings
 
 import torch  # noqa: E402
 # chatglm3 before transformers' training classes, which import bitsandbytes: chatglm3.checkpoint.quantization quiets it first.
-from chatglm3 import ChatGLMError, compat, output_files as safe_io  # noqa: E402
-from chatglm3.checkpoint import loading, lora, memory, quantization, torch_files as safe_load  # noqa: E402
+from chatglm3 import ChatGLMError, compat, output_files  # noqa: E402
+from chatglm3.checkpoint import loading, lora, memory, quantization, torch_files  # noqa: E402
 from chatglm3.data import train_format  # noqa: E402
 import transformers  # noqa: E402
 from transformers import HfArgumentParser, Seq2SeqTrainingArguments, set_seed  # noqa: E402
@@ -112,7 +112,7 @@ def resolve_resume(training_args):
             f"用 true 表示 --output_dir 中最新的检查点 / Error: --resume_from_checkpoint {value} is not a complete "
             "training checkpoint (no trainer_state.json); pass true to use the newest one in --output_dir"
         )
-    safe_load.verify_checkpoint(path)
+    torch_files.verify_checkpoint(path)
     return path
 
 
@@ -283,8 +283,9 @@ def train(model_args, data_args, training_args):
     check_arguments(model_args, data_args)
     check_training_arguments(training_args)
     files, _ = train_files(data_args)
-    safe_io.check_inputs([("--train_file", path) for path in files] + [("--validation_file", data_args.validation_file)])
-    safe_io.check_output_dir("--output_dir", training_args.output_dir, {
+    output_files.refuse_device_inputs([("--train_file", path) for path in files]
+                                      + [("--validation_file", data_args.validation_file)])
+    output_files.check_output_dir("--output_dir", training_args.output_dir, {
         "--model_name_or_path": model_args.model_name_or_path, "--tokenizer_name": model_args.tokenizer_name,
         "--ptuning_checkpoint": model_args.ptuning_checkpoint})
     # One live run per output folder, however it was started (a launcher only checks; its training holds it).
@@ -324,12 +325,12 @@ def run(model_args, data_args, training_args):
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=make_collator(data_args, tokenizer, train_dataset), processing_class=tokenizer,
         save_prefix_only=model_args.pre_seq_len is not None,
-        carry_from=model_args.model_name_or_path if full else None,  # upstream's tools open a full checkpoint
+        upstream_files_from=model_args.model_name_or_path if full else None,  # upstream's tools open a full checkpoint
     )
     # DeepSpeed reads its checkpoints with torch.load(weights_only=False): every load goes through the allow-list.
-    with safe_load.only_safe_torch_load():
+    with torch_files.only_safe_torch_load():
         trainer.train(resume_from_checkpoint=resume)
-    with safe_io.reported_write_errors(training_args.output_dir, ("；检查点不受影响", "; the checkpoints are intact")):
+    with output_files.reported_write_errors(training_args.output_dir, ("；检查点不受影响", "; the checkpoints are intact")):
         trainer.save_model()
         trainer.save_state()
     main_print(training_args, f"训练完成，模型保存在 / Training finished, model saved to {os.path.abspath(training_args.output_dir)}")

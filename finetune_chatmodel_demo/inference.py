@@ -52,7 +52,8 @@ with stdout_to_stderr() if __name__ == "__main__" else contextlib.nullcontext():
     from chatglm3.json_files import check_unicode
     from chatglm3.data.train_format import raw_prompt_ids
     from chatglm3.tools import Tool, load_tool_files
-    from cli import add_format_arg, add_model_args, load_from_args, prompt_format
+    from chatglm3.cli import (add_format_arg, add_generation_args, add_model_args, check_generation_args, generation_kwargs,
+                     load_from_args, prompt_format)
 
 ANSWER_PREFIX = "ChatGLM："
 USER_PROMPT = "用户 / User："
@@ -221,14 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_model_args(parser)
     add_format_arg(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=512,
-                        help="每次回答最多生成的 token 数 / most new tokens per answer (default 512)")
+    add_generation_args(parser, max_new_tokens=512)
     parser.add_argument("--system", default=None, help="系统提示词 / system prompt")
     parser.add_argument("--prompt", default=None, help="只回答这一个问题然后退出 / answer this one prompt and exit")
-    parser.add_argument("--temperature", type=float, default=0.8, help="采样温度 / sampling temperature (0.8)")
-    parser.add_argument("--top-p", type=float, default=0.8, help="nucleus 采样阈值 / top-p (0.8)")
-    parser.add_argument("--greedy", action="store_true", help="贪心解码，不采样 / greedy decoding, no sampling")
-    parser.add_argument("--seed", type=int, default=None, help="随机种子 / random seed")
     parser.add_argument("--tools", nargs="+", default=None, metavar="FILE.py",
                         help="提供这些工具文件里的工具（@register_tool 装饰的函数，见 docs/tools.md）/ offer the tools of "
                              "these tool files (functions decorated with @register_tool, see docs/tools.md)")
@@ -261,21 +257,7 @@ def read_line(interactive: bool, number: int) -> Optional[str]:
 def check_args(args: argparse.Namespace) -> None:
     for flag, text in (("--prompt", args.prompt), ("--system", args.system)):
         check_unicode(text, flag)  # invalid UTF-8 on the command line arrives as lone surrogates
-    if args.max_new_tokens < 1:
-        raise ChatGLMError(f"错误：--max-new-tokens 必须 ≥ 1（收到 {args.max_new_tokens}）/ "
-                           f"Error: --max-new-tokens must be at least 1 (got {args.max_new_tokens})")
-    if not args.greedy and args.temperature <= 0:
-        raise ChatGLMError(f"错误：--temperature 必须 > 0，或使用 --greedy / "
-                           f"Error: --temperature must be > 0 (got {args.temperature}); use --greedy instead")
-    if not 0 < args.top_p <= 1:
-        raise ChatGLMError(f"错误：--top-p 必须在 (0, 1] 内 / Error: --top-p must be in (0, 1] (got {args.top_p})")
-
-
-def generation_kwargs(args: argparse.Namespace) -> Dict:
-    if args.greedy:
-        return {"max_new_tokens": args.max_new_tokens, "do_sample": False}
-    return {"max_new_tokens": args.max_new_tokens, "do_sample": True,
-            "temperature": args.temperature, "top_p": args.top_p}
+    check_generation_args(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -287,7 +287,7 @@ def choose_output_dir(argv: List[str], datestr: str) -> Path:
     return output_dir
 
 
-def check_inputs(argv: List[str]) -> None:
+def check_before_launch(argv: List[str]) -> None:
     """Fail in a second, before any process starts, on a number out of range, a bad DS_CONFIG, a missing data
     file or model (a Hub id is fetched here, once, instead of by every process)."""
     from chatglm3 import hub

@@ -9,6 +9,8 @@
 - Resuming a prefix-only checkpoint loads the prefix strictly, with chatglm3.checkpoint.loading's P-Tuning loader (the
   Trainer's default would load it non-strictly and warn about every frozen tensor).
 - Logs tokens per second: all real (non-padding) tokens and labelled tokens, summed over all processes.
+- Progress (steps done of --max_steps, time left) through chatglm3.progress: a bar on a terminal, a plain line
+  every 30 s in a log file (CHATGLM3_PROGRESS_SECONDS), where transformers' bar would write a redraw per step.
 - A loss or gradient that is not finite stops the run after that optimizer step, before anything is logged or
   saved (the Trainer would log the NaN as the average of earlier losses and carry on); weights that are not finite
   are never saved. Under fp16 loss scaling an overflowing gradient is expected (the step is skipped by design),
@@ -22,13 +24,16 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 from transformers import Seq2SeqTrainer
+from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
-from chatglm3.checkpoint.upstream_files import carry_upstream_files
+from chatglm3.checkpoint.upstream_files import copy_upstream_files
 from chatglm3.checkpoint.native import PREFIX_KEY
 from chatglm3.errors import ChatGLMError
 from chatglm3.checkpoint.loading import load_ptuning_checkpoint
 from chatglm3.output_files import reported_write_errors, share_weight_files
+from chatglm3.progress import Progress
 
 logger = logging.get_logger(__name__)
 
@@ -54,11 +59,29 @@ def prefix_state_dict(model, state_dict: Optional[Dict[str, torch.Tensor]] = Non
     return prefix
 
 
+class TrainingProgress(ProgressCallback):
+    """transformers' progress callback (which also prints each log dict) with chatglm3.progress's bar or lines."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # (a resumed run starts at its checkpoint's step)
+            self.training_bar = Progress(state.max_steps, "训练步 / training steps", initial=state.global_step)
+        self.current_step = state.global_step
+
+    def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs):
+        if state.is_world_process_zero and has_length(eval_dataloader):
+            if self.prediction_bar is None:
+                self.prediction_bar = Progress(len(eval_dataloader), "验证批次 / evaluation batches", unit="batch")
+            self.prediction_bar.update(1)
+
+
 class PrefixTrainer(Seq2SeqTrainer):
-    def __init__(self, *args, save_prefix_only: bool = False, carry_from: Optional[str] = None, **kwargs):
+    def __init__(self, *args, save_prefix_only: bool = False, upstream_files_from: Optional[str] = None,
+                 **kwargs):
         self.save_prefix_only = save_prefix_only
-        self.carry_from = carry_from  # the base model folder whose code files etc. full checkpoints carry
+        self.upstream_files_from = upstream_files_from  # the base folder whose code files etc. full checkpoints get
         super().__init__(*args, **kwargs)
+        if self.pop_callback(ProgressCallback) is not None:  # not with --disable_tqdm, nor in a notebook
+            self.add_callback(TrainingProgress())
         self._tokens = torch.zeros(2, dtype=torch.float64)  # [all real tokens, labelled tokens] since last log
         self._last_log_time: Optional[float] = None
         self._bad_loss: Optional[torch.Tensor] = None  # whether a loss since the last optimizer step was not finite
@@ -146,8 +169,8 @@ class PrefixTrainer(Seq2SeqTrainer):
             model.config.use_cache = use_cache
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
-        if self.carry_from is not None:
-            carry_upstream_files(self.carry_from, output_dir)
+        if self.upstream_files_from is not None:
+            copy_upstream_files(self.upstream_files_from, output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

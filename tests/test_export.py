@@ -188,7 +188,7 @@ def test_tokenizer_json_matches_sentencepiece_on_real_and_random_text(real_token
     rng = random.Random(0)
     alphabet = list("  \t\n▁abcXYZ019.,!?()'\"-_{}:皮卡丘的属性是电。，？《》😀é") + ["tool_call", "```python"]
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))) for _ in range(2000)]
-    for ours in (real_tokenizer, load_tokenizer(tiny_model)):  # the real vocabulary and a tiny.py-trained one
+    for ours in (real_tokenizer, load_tokenizer(tiny_model)):  # the real vocabulary and a build_tiny_model.py-trained one
         tokenizer = hf_glm.build_tokenizer(ours)
         mismatches = [t for t in texts if tokenizer.encode(t, add_special_tokens=False).ids != ours.tokenizer.encode(t)]
         assert mismatches == []

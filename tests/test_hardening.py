@@ -28,7 +28,7 @@ import finetune
 import format_tool_poke as ftp_cli
 import inference
 from chatglm3.model import conversation
-from chatglm3.checkpoint import memory, torch_files as safe_load
+from chatglm3.checkpoint import memory, torch_files
 from test_finetune import pokemon_jsonl  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -581,6 +581,6 @@ def test_allow_list_loads_the_files_of_a_real_deepspeed_checkpoint(runs):
 
     for run in ("ds", "pt"):
         for checkpoint in (runs / run / "checkpoint-2", runs / run / "checkpoint-4"):
-            safe_load.verify_checkpoint(checkpoint)
+            torch_files.verify_checkpoint(checkpoint)
             for file in checkpoint.rglob("*.pt*"):
-                safe_load.torch_load(file)
+                torch_files.torch_load(file)

@@ -295,16 +295,16 @@ def test_several_outputs_are_written_all_or_nothing(tmp_path):
 def test_a_failure_on_the_last_output_leaves_the_first_as_it_was(tmp_path, cli, monkeypatch):
     """data_processing.py with three outputs; writing the third fails (a full disk, injected where the bytes are
     written): the earlier --output keeps its old content, nothing else appears, one line names the error."""
-    import chatglm3.output_files as safe_io
+    from chatglm3 import output_files
 
-    real = safe_io._write_temporary
+    real = output_files._write_temporary
 
     def disk_full_for_the_report(path, data):
         if Path(path).name == "r.json":
             raise OSError(28, "No space left on device", str(path))
         return real(path, data)
 
-    monkeypatch.setattr(safe_io, "_write_temporary", disk_full_for_the_report)
+    monkeypatch.setattr(output_files, "_write_temporary", disk_full_for_the_report)
     (tmp_path / "c.json").write_text("old", encoding="utf-8")
     code, out, err = cli(DP, ["--input", REPO / "data_processing" / "data.csv", "--output", tmp_path / "c.json",
                               "--dev-ratio", "0.2", "--dev-output", tmp_path / "d.json", "--report", tmp_path / "r.json"])

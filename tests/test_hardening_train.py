@@ -20,7 +20,7 @@ import finetune
 import inference
 import launching
 from chatglm3 import limits
-from chatglm3.checkpoint import torch_files as safe_load
+from chatglm3.checkpoint import torch_files
 from test_finetune import pokemon_jsonl  # noqa: F401  (a fixture)
 from test_hardening import assert_one_line_error, cli, snapshot  # noqa: F401  (cli is a fixture)
 
@@ -256,8 +256,8 @@ def test_resume_skips_a_checkpoint_with_any_damaged_file(tmp_path, capsys, case)
     assert launching.find_last_checkpoint(tmp_path) == tmp_path / "checkpoint-2"
     out = capsys.readouterr().out
     assert_one_line_error(out, "Skipping", str(newest / name))
-    with pytest.raises(safe_load.CorruptFileError):
-        safe_load.verify_checkpoint(newest)
+    with pytest.raises(torch_files.CorruptFileError):
+        torch_files.verify_checkpoint(newest)
 
 
 def _train(*args, cwd, env=None, timeout=600) -> subprocess.CompletedProcess:

@@ -75,10 +75,10 @@ def test_dtype_rule_reads_the_checkpoint_on_cpu():
 
 def test_the_plan_reads_each_name_and_config_once(tiny_model, monkeypatch):
     from chatglm3 import hub
-    from chatglm3.checkpoint import native as checkpoint
+    from chatglm3.checkpoint import native
 
     calls = {"resolve": 0, "config": 0}
-    real_resolve, real_config = hub.resolve, checkpoint.read_config
+    real_resolve, real_config = hub.resolve, native.read_config
 
     def counting(name):
         def wrapper(*args, **kwargs):

@@ -80,6 +80,38 @@ def test_quiz_types_reports_a_figure(tiny_model, tmp_path, capsys):
     assert "missing.jsonl" in error(capsys, quiz_types.main, "--model", tiny_model, "--data", tmp_path / "missing.jsonl")
 
 
+@pytest.mark.parametrize("script", ["inference", "evaluate"])
+def test_every_script_decodes_greedily_unless_do_sample(script, capsys):
+    """One default (cli.add_generation_args): greedy; --do-sample draws with upstream's 0.8/0.8; --greedy (the
+    default, kept for the commands written with it) and --do-sample exclude each other."""
+    import importlib
+
+    from chatglm3.cli import generation_kwargs
+
+    parser = importlib.import_module(script).build_parser()
+    argv = ["--model", "M"] + (["--data", "d.jsonl"] if script == "evaluate" else [])
+    assert generation_kwargs(parser.parse_args(argv))["do_sample"] is False
+    assert generation_kwargs(parser.parse_args(argv + ["--greedy"]))["do_sample"] is False
+    assert generation_kwargs(parser.parse_args(argv + ["--do-sample"])) == {
+        "max_new_tokens": parser.get_default("max_new_tokens"), "do_sample": True, "temperature": 0.8, "top_p": 0.8}
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv + ["--do-sample", "--greedy"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_inference_answers_repeat_by_default_and_differ_by_seed_when_sampling(tiny_model, capsys):
+    import inference
+
+    def answer(*flags):
+        assert inference.main(["--model", str(tiny_model), "--prompt", "皮卡丘", "--max-new-tokens", "12", *flags]) == 0
+        return capsys.readouterr().out
+
+    assert answer() == answer() == answer("--greedy")
+    assert answer("--do-sample", "--seed", "1") == answer("--do-sample", "--seed", "1") != answer("--do-sample", "--seed", "2")
+    assert "--temperature" in error(capsys, quiz_types.main, "--model", tiny_model, "--data", DATA / "data.csv",
+                                    "--do-sample", "--temperature", "0")
+
+
 def test_tool_report_mean_and_its_bad_input(tmp_path):
     """scripts/tool_report.py (the tool demo's summary): the mean of the last summary line of each seed; an empty
     summary (a failed evaluation), an --out that is an input (or a hard link to one) or a folder, or a curve of a

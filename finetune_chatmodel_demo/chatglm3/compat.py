@@ -1,5 +1,8 @@
-"""Every difference between the transformers releases this project supports (>= 4.51; tested 4.51.3 and 5.24),
-each with the releases it is for. Nothing else in the package or in finetune.py looks at the version."""
+"""Every difference between the transformers releases this project supports (>= 4.51; tested 4.51.3 and 5.24)
+that the code must handle, each with the releases it is for: names of config fields, keyword arguments and
+flags that a release renamed. The package and finetune.py call these instead of testing the version (none of them
+reads transformers.__version__); code that avoids a changing transformers API altogether (the model's plain
+output class, its own generation loop) says so where it does."""
 import json
 import warnings
 from pathlib import Path
@@ -9,6 +12,20 @@ def config_dtype(config: dict):
     """The weights' dtype recorded in a config.json: `dtype` (written by transformers >= 5) or `torch_dtype`
     (transformers 4.x and the official THUDM files); None when neither."""
     return config.get("dtype") or config.get("torch_dtype")
+
+
+def requested_dtype(dtype=None, torch_dtype=None):
+    """The dtype a from_pretrained caller asked for: `dtype` (transformers >= 5) or `torch_dtype` (4.x, and
+    users' habit)."""
+    return dtype or torch_dtype
+
+
+def rope_config(rope_theta: float, partial_rotary_factor: float) -> dict:
+    """A GLM config.json's rotary settings for every release: `rope_parameters` (read by transformers >= 5) and
+    the top-level `rope_theta` / `partial_rotary_factor` (read by 4.x)."""
+    return {"rope_parameters": {"rope_type": "default", "rope_theta": rope_theta,
+                                "partial_rotary_factor": partial_rotary_factor},
+            "rope_theta": rope_theta, "partial_rotary_factor": partial_rotary_factor}
 
 
 def record_dtype(config_file: Path, dtype):

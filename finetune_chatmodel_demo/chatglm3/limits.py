@@ -2,11 +2,12 @@
 kind (integer or real), finite, within its range; otherwise one line naming where it came from.
 
 `Limit(int, low=1)` and the like describe a range; `Limit.check(label, value)` takes the value as typed (a string)
-or as parsed (a number) and returns the number or raises `NumberError`. `FLAG_LIMITS` holds the ranges of
-finetune.py's numeric flags, its own and transformers' (the launchers pass their variables as these flags, and
-scripts/launch.py checks them under the variable's name before anything starts); `check_flags` applies them to
-parsed arguments.
+or as parsed (a number) and returns the number or raises `NumberError`; `Limit.argument_type()` is the same
+check as an argparse `type=` (argparse names the flag). `FLAG_LIMITS` holds the ranges of finetune.py's numeric
+flags, its own and transformers' (the launchers pass their variables as these flags, and scripts/launch.py checks
+them under the variable's name before anything starts); `check_flags` applies them to parsed arguments.
 """
+import argparse
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -74,16 +75,32 @@ class Limit:
             return False
         return high is None or (number < high if self.high_open else number <= high)
 
-    def check(self, label: str, value):
-        """`value` (a string as typed, or a number) as a number of this kind in range; NumberError naming
-        `label` otherwise."""
+    def parse(self, value):
+        """`value` (a string as typed, or a number) as a number of this kind in range, else None."""
         try:
             number = self._parse(value)
         except (ValueError, OverflowError):
-            number = None
-        if number is None or not self.ok(number):
+            return None
+        return number if self.ok(number) else None
+
+    def check(self, label: str, value):
+        """`value` (a string as typed, or a number) as a number of this kind in range; NumberError naming
+        `label` otherwise."""
+        number = self.parse(value)
+        if number is None:
             zh, en = self.describe()
             raise NumberError(f"错误：{label} 必须是{zh}，收到 {value!r} / Error: {label} must be {en}, got {value!r}")
+        return number
+
+    def argument_type(self):
+        """This check as argparse's `type=`: argparse reports a bad value in one line naming the flag."""
+        def number(text: str):
+            value = self.parse(text)
+            if value is None:
+                zh, en = self.describe()
+                raise argparse.ArgumentTypeError(f"须是{zh} / must be {en}, got {text!r}")
+            return value
+
         return number
 
 
@@ -93,8 +110,10 @@ NON_NEGATIVE = Limit(float, low=0)
 POSITIVE = Limit(float, low=0, low_open=True)
 FRACTION = Limit(float, low=0, high=1, high_open=True)          # [0, 1)
 UNIT = Limit(float, low=0, high=1)                              # [0, 1]
+TOP_P = Limit(float, low=0, low_open=True, high=1)              # (0, 1]
 SEED = Limit(int, low=0, high=2**32 - 1)                        # numpy's seed range
 PORT = Limit(int, low=1, high=65535)
+TIMEOUT_SECONDS = Limit(float, low=0, low_open=True, high=3600)  # (0, 3600]: a timeout of up to an hour
 
 # finetune.py's numeric flags (dataclass field names). transformers' own: the values that would fail deep inside
 # the Trainer or PyTorch, or pass silently (a --max_steps 0 trains for --num_train_epochs instead).

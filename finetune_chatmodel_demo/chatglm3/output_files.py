@@ -2,7 +2,7 @@
 
 `check_outputs` runs before any work: an output may not be one of the inputs or another output (same resolved
 path, or same file through a link: inode and device), and must be a regular file or a new path whose nearest
-existing parent is a directory. `check_inputs` refuses a device as an input (/dev/zero would be read forever); a
+existing parent is a directory. `refuse_device_inputs` refuses a device as an input (/dev/zero would be read forever); a
 pipe is fine (`--path <(zcat data.json.gz)`). `write_atomic` writes through a temporary file in the same
 directory and renames it over the target, so a failure (a full disk) leaves the old file as it was;
 `write_all_atomic` does so for a script's several outputs at once, renaming only when every one was written.
@@ -53,7 +53,7 @@ def _paths(named) -> list:
     return [(label, Path(path)) for label, path in pairs if path is not None]
 
 
-def check_inputs(inputs) -> None:
+def refuse_device_inputs(inputs) -> None:
     """Refuse an input that is a device. `inputs`: {flag: path} or (flag, path) pairs; None paths are skipped."""
     for label, path in _paths(inputs):
         if path.exists() and (path.is_char_device() or path.is_block_device()):
@@ -65,7 +65,7 @@ def check_outputs(inputs=None, outputs=None) -> None:
     """Refuse (ChatGLMError, one line naming both flags) an output that is an input or another output, or that
     cannot be a file, and a device as input. `inputs`, `outputs`: {flag: path} or (flag, path) pairs, the flag
     being what the user typed; None paths are skipped."""
-    check_inputs(inputs)
+    refuse_device_inputs(inputs)
     inputs, outputs = _paths(inputs), _paths(outputs)
     seen = []
     for label, path in outputs:

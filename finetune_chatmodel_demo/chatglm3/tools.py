@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from chatglm3.errors import ChatGLMError
-from chatglm3.output_files import check_inputs
+from chatglm3.output_files import refuse_device_inputs
 
 _TOOL_ATTR = "__chatglm3_tool__"
 _METRICS_ATTR = "__chatglm3_metrics__"
@@ -230,7 +230,7 @@ def load_tool_files(paths) -> ToolFiles:
     found = ToolFiles()
     for index, given in enumerate(paths):
         path = Path(given).resolve()
-        check_inputs({"--tools": given})  # a device would be read for ever
+        refuse_device_inputs({"--tools": given})  # a device would be read for ever
         if not path.is_file():
             raise ToolFileError(f"错误：找不到工具文件 {given} / Error: tool file {given} not found")
         if path.suffix != ".py":

@@ -56,7 +56,7 @@ def main(argv=None) -> int:
         gpus = launching.visible_gpus()
         processes = launching.process_count(args.num_gpus, gpus)
         nnodes, node_rank, master_port = launching.node_settings(env)
-        launching.check_inputs(train_args)
+        launching.check_before_launch(train_args)
         output_dir = launching.choose_output_dir(train_args, args.datestr)
         train_args = launching.with_flag_value(train_args, "--output_dir", str(output_dir))
         # Every node of a multi-machine run may share the folder; the first one's training holds the lock.

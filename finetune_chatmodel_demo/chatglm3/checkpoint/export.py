@@ -6,14 +6,13 @@ import os
 import shutil
 from pathlib import Path
 
-from chatglm3.checkpoint import gguf as gguf_export, hf_glm, lora
-
-from chatglm3.data import train_format
+from chatglm3.checkpoint import gguf, hf_glm, lora
+from chatglm3.checkpoint.loading import load_model_and_tokenizer, read_ptuning_config
 from chatglm3.checkpoint.native import parse_dtype, read_config
 from chatglm3.compat import config_dtype
-from chatglm3.model.configuration import ChatGLMConfig
+from chatglm3.data import train_format
 from chatglm3.errors import ChatGLMError
-from chatglm3.checkpoint.loading import load_model_and_tokenizer, read_ptuning_config
+from chatglm3.model.configuration import ChatGLMConfig
 
 FORMATS = ("chatglm", "hf-glm", "gguf")
 PTUNING_CANNOT_MERGE = (
@@ -32,7 +31,7 @@ def _check_folder(path: Path, zh: str, en: str) -> None:
         raise ChatGLMError(f"{path}: 这是 P-Tuning v2 检查点 / this is a P-Tuning v2 checkpoint. {PTUNING_CANNOT_MERGE}")
 
 
-def check_inputs(model_dir: Path, adapter_dir, out: Path, force: bool, tokenizer_dir=None) -> None:
+def check_export_folders(model_dir: Path, adapter_dir, out: Path, force: bool, tokenizer_dir=None) -> None:
     """Everything that can be told before loading: folders exist, none is P-Tuning, the output is free."""
     _check_folder(model_dir, "模型", "model")
     if (model_dir / ADAPTER_CONFIG).is_file():
@@ -59,7 +58,7 @@ def merge_lora(model, adapter_dir: Path):
 
 def write_model(model, tokenizer, folder: Path, fmt: str, max_shard_size, gguf_type=None, name="model") -> None:
     if fmt == "gguf":
-        gguf_export.write(model, tokenizer, folder, gguf_type, name)
+        gguf.write(model, tokenizer, folder, gguf_type, name)
         return
     if fmt == "hf-glm":
         hf_glm.save(model, tokenizer, folder, max_shard_size=max_shard_size)
@@ -80,16 +79,16 @@ def export(model_dir, out, fmt: str = "chatglm", adapter_dir=None, dtype=None, f
     model_dir, out = Path(model_dir), Path(out)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     if fmt == "gguf":
-        gguf_type = gguf_export.parse_type(gguf_type)
+        gguf_type = gguf.parse_type(gguf_type)
         if any(read_ptuning_config(d).get("pre_seq_len") for d in filter(None, (model_dir, adapter_dir)) if d.is_dir()):
             raise ChatGLMError(f"{adapter_dir or model_dir}: 这是 P-Tuning v2 检查点 / this is a P-Tuning v2 checkpoint. "
-                               f"{gguf_export.PTUNING_NOT_GGUF}")
-    check_inputs(model_dir, adapter_dir, out, force, tokenizer_dir)
+                               f"{gguf.PTUNING_NOT_GGUF}")
+    check_export_folders(model_dir, adapter_dir, out, force, tokenizer_dir)
     config = read_config(model_dir)
     if fmt == "hf-glm":
         hf_glm.check_convertible(ChatGLMConfig.from_dict(config))
     if fmt == "gguf":
-        gguf_export.check_convertible(ChatGLMConfig.from_dict(config))
+        gguf.check_convertible(ChatGLMConfig.from_dict(config))
     dtype = parse_dtype(dtype or config_dtype(config) or "float32")
     model, tokenizer = load_model_and_tokenizer(model_dir, tokenizer_path=tokenizer_dir, device="cpu", dtype=dtype)
     if adapter_dir is not None:

@@ -7,8 +7,6 @@ special tokens as control tokens, bos/eos/eot/eom ids and upstream's chat templa
 f32, f16, bf16 and q8_0 are written here (gguf-py's quantizer); q4_k_m and q5_k_m go through llama.cpp's own
 quantizer (llama-cpp-python's `llama_model_quantize`) from an f16 file. Tensors are converted and written one at a
 time, so memory stays at the loaded model plus one tensor."""
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import torch
 
 from chatglm3.model.conversation import role_token, stop_token_ids
 from chatglm3.errors import ChatGLMError
+from chatglm3.progress import Progress
 
 ARCH = "chatglm"
 # Ours -> llama.cpp's (gguf-py's tensor_mapping lists the same pairs under "# chatglm"). The rotary inv_freq buffer
@@ -173,19 +172,6 @@ def _as_numpy(tensor: torch.Tensor, qtype) -> np.ndarray:
     return gguf.quants.quantize(array, qtype)
 
 
-class Progress:
-    """`tensor i/n` on stderr, once a conversion has run for more than two seconds, then every two seconds."""
-
-    def __init__(self, what: str, total: int):
-        self.what, self.total, self.start, self.last = what, total, time.monotonic(), 0.0
-
-    def __call__(self, i: int):
-        now = time.monotonic()
-        if now - self.start > 2 and (now - self.last > 2 or i == self.total):
-            self.last = now
-            print(f"  {self.what}: tensor {i}/{self.total} ({now - self.start:.0f} s)", file=sys.stderr, flush=True)
-
-
 def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str) -> None:
     """`model` (ours, LoRA merged) as the GGUF file `path` of a type gguf-py writes."""
     import gguf
@@ -239,10 +225,10 @@ def write_gguf(model, tokenizer, path: Path, gguf_type: str, name: str) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    progress = Progress(f"{path.name}", len(plan))
-    for i, (_, key, qtype) in enumerate(plan, 1):
-        writer.write_tensor_data(_as_numpy(state[key], qtype))
-        progress(i)
+    with Progress(len(plan), f"{path.name}: 已写张量 / tensors written", unit="tensor") as progress:
+        for _, key, qtype in plan:
+            writer.write_tensor_data(_as_numpy(state[key], qtype))
+            progress.update()
     writer.close()
 
 

@@ -16,9 +16,10 @@ import re
 
 import torch
 
-from chatglm3.model import conversation
+from chatglm3 import compat
+from chatglm3.checkpoint.native import write_weight_files
 from chatglm3.errors import ChatGLMError
-from chatglm3.output_files import share_weight_files
+from chatglm3.model import conversation
 
 # ChatGLM3 key -> GLM key, "{}" standing for the layer number (litgpt's style). None: not stored (GLM computes
 # the rotary frequencies from rope_theta); query_key_value is split by QKV_SPLIT.
@@ -88,8 +89,7 @@ def convert_state_dict(state_dict: dict, config) -> dict:
 
 
 def glm_config(config, stop_ids: list[int], dtype: torch.dtype) -> dict:
-    """config.json of the GlmForCausalLM model. The rotary settings are written both ways: `rope_parameters`
-    (transformers >= 5) and the top-level `rope_theta` / `partial_rotary_factor` that transformers 4.x reads."""
+    """config.json of the GlmForCausalLM model, readable by transformers 4.x and 5 (compat.rope_config)."""
     rope_theta = 10000.0 * config.rope_ratio
     return {
         "architectures": ["GlmForCausalLM"],
@@ -106,9 +106,7 @@ def glm_config(config, stop_ids: list[int], dtype: torch.dtype) -> dict:
         "attention_dropout": config.attention_dropout,
         "rms_norm_eps": config.layernorm_epsilon,
         "max_position_embeddings": config.seq_length,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta, "partial_rotary_factor": 0.5},
-        "rope_theta": rope_theta,
-        "partial_rotary_factor": 0.5,
+        **compat.rope_config(rope_theta, partial_rotary_factor=0.5),
         "tie_word_embeddings": False,
         "eos_token_id": stop_ids,
         "pad_token_id": config.pad_token_id,
@@ -194,14 +192,11 @@ def save(model, tokenizer, out, max_shard_size="2GB") -> None:
     """Writes `model` (ChatGLMForConditionalGeneration) and `tokenizer` (ChatGLMTokenizer) to the folder `out` as
     a GlmForCausalLM checkpoint: config.json, generation_config.json, safetensors shards with their index,
     tokenizer.json, tokenizer_config.json and the chat template."""
-    from huggingface_hub import save_torch_state_dict
     from transformers import GenerationConfig
 
     config = model.config
     stop_ids = conversation.stop_token_ids(tokenizer)
-    tensors = convert_state_dict(model.state_dict(), config)
-    save_torch_state_dict(tensors, out, max_shard_size=max_shard_size, metadata={"format": "pt"})
-    share_weight_files(out)
+    write_weight_files(convert_state_dict(model.state_dict(), config), out, max_shard_size)
     dtype = model.get_input_embeddings().weight.dtype
     _write_json(out / "config.json", glm_config(config, stop_ids, dtype))
     GenerationConfig(eos_token_id=stop_ids, pad_token_id=tokenizer.pad_token_id).save_pretrained(out)

@@ -40,8 +40,8 @@ def cpu_has_bf16() -> bool:
 def resolve_dtype(value, device, checkpoint_dtype=None) -> torch.dtype:
     """The one dtype rule. A dtype or its name (float32, bf16, fp16, ...) wins ("auto" and None do not). On CUDA:
     bf16 where the GPU has it, else fp16. On the CPU: the checkpoint's own dtype (`checkpoint_dtype`, what its
-    config.json records), a float16 checkpoint read as bf16 (same size; a CPU computes fp16 products far slower:
-    8x at 64 tokens of a 4096x13696 layer, measured), float32 when none is recorded."""
+    config.json records), a float16 checkpoint read as bf16 (same size; a CPU computes fp16 products several times
+    slower, docs/performance.md), float32 when none is recorded."""
     if value is not None and value != "auto":
         return parse_dtype(value)
     if torch.device(device).type == "cuda":

@@ -14,13 +14,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from chatglm3 import compat, json_files
-
-from chatglm3 import hub
-from chatglm3.model.configuration import ChatGLMConfig, check_config_dict
-from chatglm3.errors import ChatGLMError
-from chatglm3.output_files import share_weight_files
+from chatglm3 import compat, hub, json_files
 from chatglm3.checkpoint.torch_files import torch_load
+from chatglm3.errors import ChatGLMError
+from chatglm3.model.configuration import ChatGLMConfig, check_config_dict
+from chatglm3.output_files import share_weight_files
+from chatglm3.progress import Progress
 
 PREFIX_KEY = "transformer.prefix_encoder."
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json", "pytorch_model.bin")
@@ -161,9 +160,8 @@ def load_pretrained(cls, path, config: Optional[ChatGLMConfig] = None, torch_dty
     # Overrides (e.g. pre_seq_len from a flag) are held to config.json's rules, before anything is built.
     overrides = sorted(set(kwargs) - IGNORED_KWARGS)
     check_config_dict(config.to_dict(), f"{path / 'config.json'}" + (f" + {', '.join(overrides)}" if overrides else ""))
-    # Callers pass torch_dtype (transformers 4 habit) or dtype (transformers 5). "auto", as in transformers, is the
-    # dtype config.json records, float32 when it records none.
-    target_dtype = dtype or torch_dtype
+    # "auto", as in transformers, is the dtype config.json records, float32 when it records none.
+    target_dtype = compat.requested_dtype(dtype, torch_dtype)
     if target_dtype == "auto":
         target_dtype = compat.config_dtype(config_dict)
     target_dtype = parse_dtype(target_dtype) or torch.float32
@@ -186,22 +184,11 @@ def load_weights(cls, path: Path, config: ChatGLMConfig, dtype: torch.dtype, dev
         quantization.swap_linears(model, quantization_bit, dtype)
     expected = dict(model.named_parameters())
     expected.update(model.named_buffers())
-    for file in weight_files(path):
-        for key, tensor in iter_tensors(file, mapped=not quantization_bit):
-            if key not in expected:
-                raise ChatGLMError(f"{file}: 多余的张量 / unexpected tensor {key!r} (not part of a ChatGLM3 model with this config.json)")
-            want = expected[key]
-            if tuple(tensor.shape) != tuple(want.shape):
-                raise ChatGLMError(f"{file}: 张量 {key} 形状为 {tuple(tensor.shape)}，按 config.json 应为 {tuple(want.shape)} / tensor {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}")
-            # The prefix and the rotary buffer stay in float32 (upstream trains the prefix in float32).
-            keep_fp32 = key.startswith(PREFIX_KEY) or key.endswith("inv_freq")
-            module_name, _, attr = key.rpartition(".")
-            module = model.get_submodule(module_name)
-            if quantization_bit and quantization.is_quantized_weight(module, attr):
-                quantization.set_weight(module, tensor.to(dtype), device)
-                continue
-            value = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
-            _set_tensor(model, key, value)
+    files = weight_files(path)
+    with Progress(len(files), f"{path.name}: 已读权重文件 / weight files read", unit="file") as progress:
+        for file in files:
+            _load_file(model, file, expected, dtype, device, quantization_bit)
+            progress.update()
 
     missing = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     fresh = [k for k in missing if k.startswith(PREFIX_KEY) or k.endswith("inv_freq")]
@@ -214,6 +201,27 @@ def load_weights(cls, path: Path, config: ChatGLMConfig, dtype: torch.dtype, dev
     if quantization_bit:
         quantization.release_freed_memory()
     return model.eval()
+
+
+def _load_file(model: nn.Module, file: Path, expected: dict, dtype: torch.dtype, device, quantization_bit) -> None:
+    """One weight file's tensors into `model` (built on the meta device), each checked against `expected`."""
+    if quantization_bit:
+        from chatglm3.checkpoint import quantization
+    for key, tensor in iter_tensors(file, mapped=not quantization_bit):
+        if key not in expected:
+            raise ChatGLMError(f"{file}: 多余的张量 / unexpected tensor {key!r} (not part of a ChatGLM3 model with this config.json)")
+        want = expected[key]
+        if tuple(tensor.shape) != tuple(want.shape):
+            raise ChatGLMError(f"{file}: 张量 {key} 形状为 {tuple(tensor.shape)}，按 config.json 应为 {tuple(want.shape)} / tensor {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(want.shape)}")
+        # The prefix and the rotary buffer stay in float32 (upstream trains the prefix in float32).
+        keep_fp32 = key.startswith(PREFIX_KEY) or key.endswith("inv_freq")
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if quantization_bit and quantization.is_quantized_weight(module, attr):
+            quantization.set_weight(module, tensor.to(dtype), device)
+            continue
+        value = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+        _set_tensor(model, key, value)
 
 
 def _materialise_fresh(model: nn.Module, device: torch.device):
@@ -242,8 +250,13 @@ def save_pretrained(model, save_directory, state_dict=None, safe_serialization=T
     compat.record_dtype(out / "config.json", model.get_input_embeddings().weight.dtype)
     if state_dict is None:
         state_dict = model.state_dict()
-    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    write_weight_files(state_dict, out, max_shard_size, safe_serialization)
 
+
+def write_weight_files(state_dict: dict, out: Path, max_shard_size="2GB", safe_serialization: bool = True) -> None:
+    """`state_dict` as `model.safetensors`, or as shards `model-0000i-of-0000n.safetensors` with their index
+    (`pytorch_model*.bin` when safe_serialization=False), one file at a time, with progress."""
+    state_dict = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     # Stale shards from an earlier save would be picked up by the index-less loaders.
     for old in out.glob("*"):
         if re.fullmatch(r"(model|pytorch_model)(-\d{5}-of-\d{5})?\.(safetensors|bin)(\.index\.json)?|model\.safetensors\.index\.json", old.name):
@@ -251,12 +264,15 @@ def save_pretrained(model, save_directory, state_dict=None, safe_serialization=T
 
     stem, ext = ("model", "safetensors") if safe_serialization else ("pytorch_model", "bin")
     split = split_torch_state_dict_into_shards(state_dict, filename_pattern=stem + "{suffix}." + ext, max_shard_size=max_shard_size)
-    for name, keys in split.filename_to_tensors.items():
-        shard = {k: state_dict[k] for k in keys}
-        if safe_serialization:
-            save_file(shard, str(out / name), metadata={"format": "pt"})
-        else:
-            torch.save(shard, out / name)
+    shards = split.filename_to_tensors
+    with Progress(len(shards), f"{out.name}: 已写权重文件 / weight files written", unit="file") as progress:
+        for name, keys in shards.items():
+            shard = {k: state_dict[k] for k in keys}
+            if safe_serialization:
+                save_file(shard, str(out / name), metadata={"format": "pt"})
+            else:
+                torch.save(shard, out / name)
+            progress.update()
     share_weight_files(out)
     if split.is_sharded:
         index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}

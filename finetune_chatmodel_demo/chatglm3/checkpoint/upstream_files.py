@@ -20,8 +20,8 @@ def _read_json(path: Path) -> dict:
         return {}
 
 
-def carry_upstream_files(base_dir, checkpoint_dir) -> list:
-    """Copy what upstream's tools need from `base_dir` into `checkpoint_dir`; the names carried."""
+def copy_upstream_files(base_dir, checkpoint_dir) -> list:
+    """Copy what upstream's tools need from `base_dir` into `checkpoint_dir`; the names copied."""
     base, out = Path(base_dir), Path(checkpoint_dir)
     carried = []
     for pattern in CARRIED_FILES:

@@ -4,7 +4,7 @@ from typing import Optional
 import torch
 
 from chatglm3.model.conversation import process_response, prompt_ids, stop_token_ids
-from chatglm3.model.generation import _drop_upstream_kwargs, generate_stream
+from chatglm3.model.generation import SAMPLE_TEMPERATURE, SAMPLE_TOP_P, _drop_upstream_kwargs, generate_stream
 
 
 def _strip_stop(ids: list, stop_ids: list) -> list:
@@ -12,8 +12,10 @@ def _strip_stop(ids: list, stop_ids: list) -> list:
 
 
 def stream_chat(model, tokenizer, query: str, history: Optional[list] = None, role: str = "user", max_length: int = 8192,
-                do_sample: bool = True, top_p: float = 0.8, temperature: float = 0.8, max_new_tokens: Optional[int] = None, **gen_kwargs):
-    """Yields (response so far, history) while decoding; the last yield is the complete turn."""
+                do_sample: bool = True, top_p: float = SAMPLE_TOP_P, temperature: float = SAMPLE_TEMPERATURE,
+                max_new_tokens: Optional[int] = None, **gen_kwargs):
+    """Yields (response so far, history) while decoding; the last yield is the complete turn. Samples by
+    default, as upstream's `stream_chat` (the scripts pass do_sample=False unless --do-sample)."""
     _drop_upstream_kwargs(gen_kwargs)
     history = [] if history is None else history
     input_ids = torch.tensor([prompt_ids(tokenizer, history, query, role)], device=model.device)

@@ -7,10 +7,10 @@ logits are turned into its loss and, in the same pass, into its gradients (softm
 back through the weight), then dropped. The idea of Liger-Kernel's and Apple's "cut cross-entropy" kernels, in
 plain PyTorch so that it runs the same on CPU and CUDA (both packages need Triton, i.e. CUDA).
 
-Why it is faster than autograd through `F.cross_entropy` over checkpointed chunks (what the model did before):
-three matrix multiplies per block instead of four (no logits recomputed in the backward pass), two when the
-weight is frozen (P-Tuning v2, LoRA); no log-softmax tensor and its gradient; a logits block sized for the cache
-instead of a 266 MB chunk; and, on the CPU, oneDNN's float32 kernels (chatglm3/model/onednn.py).
+Why it is faster than autograd through `F.cross_entropy`: three matrix multiplies per block instead of four (no
+logits recomputed in the backward pass), two when the weight is frozen (P-Tuning v2, LoRA); no log-softmax tensor
+and its gradient; logits blocks sized for the cache; on the CPU, oneDNN's float32 kernels (chatglm3/model/onednn.py).
+Figures: docs/performance.md.
 """
 import torch
 

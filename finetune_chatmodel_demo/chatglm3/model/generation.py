@@ -1,11 +1,20 @@
-"""Token generation as a plain loop over a KV cache (no dependence on transformers' GenerationMixin)."""
+"""Token generation as a plain loop over a KV cache (no dependence on transformers' GenerationMixin).
+
+Greedy unless asked to sample (`do_sample=True`), as transformers' generate. The scripts (inference.py,
+evaluate.py, scripts/quiz_types.py) decode greedily by default too, so their answers repeat; `--do-sample` draws
+with SAMPLE_TEMPERATURE and SAMPLE_TOP_P, upstream's values, which `model.chat` and the API server's clients
+keep as their default (upstream's `chat` samples).
+"""
 from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+SAMPLE_TEMPERATURE = 0.8
+SAMPLE_TOP_P = 0.8
+
 
 def _stop_ids(model, eos_token_id) -> list[int]:
-    """The ids that end a row: the caller's (chat.py, batch.py and the scripts pass
+    """The ids that end a row: the caller's (chat.py, batch_replies.py and the scripts pass
     chatglm3.model.conversation.stop_token_ids), else the config's eos."""
     if eos_token_id is None:
         return [model.config.eos_token_id]
@@ -14,8 +23,10 @@ def _stop_ids(model, eos_token_id) -> list[int]:
     return list(eos_token_id)  # [] never stops
 
 
-def next_token(logits: torch.Tensor, generated: torch.Tensor, do_sample: bool, temperature: float, top_p: float, top_k: int, repetition_penalty: float) -> torch.Tensor:
-    """logits: [b, vocab] (float32) -> [b] token ids."""
+def next_token(logits: torch.Tensor, generated: Optional[torch.Tensor] = None, *, do_sample: bool = False,
+               temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0) -> torch.Tensor:
+    """logits: [b, vocab] (float32) -> [b] token ids: the most likely (greedy), or drawn with `do_sample`.
+    `generated` ([b, n], the ids so far) is needed for a repetition penalty only."""
     if repetition_penalty != 1.0:
         seen = torch.gather(logits, 1, generated)
         seen = torch.where(seen < 0, seen * repetition_penalty, seen / repetition_penalty)
@@ -68,7 +79,8 @@ def generate_stream(
         for _ in range(max(max_new_tokens, 0)):
             out = model(step_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True, return_last_logit=True)
             cache = out.past_key_values
-            token = next_token(out.logits[:, -1].float(), generated, do_sample, temperature, top_p, top_k, repetition_penalty)
+            token = next_token(out.logits[:, -1].float(), generated, do_sample=do_sample, temperature=temperature,
+                               top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
             token = torch.where(finished, torch.full_like(token, pad), token)
             yield token
             finished |= torch.isin(token, stop)

@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from chatglm3.model import chat as chat_protocol
-from chatglm3.checkpoint import native as checkpoint_io
+from chatglm3.checkpoint import native
 from chatglm3.model.configuration import ChatGLMConfig
 from chatglm3.model.fused_loss import fusable, linear_cross_entropy
 from chatglm3.model.generation import generate as generate_tokens
@@ -351,7 +351,7 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
         if config.pre_seq_len:
             # P-Tuning v2 trains only the prefix.
             for name, param in self.named_parameters():
-                param.requires_grad = name.startswith(checkpoint_io.PREFIX_KEY)
+                param.requires_grad = name.startswith(native.PREFIX_KEY)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -413,11 +413,11 @@ class ChatGLMForConditionalGeneration(ChatGLMPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        return checkpoint_io.load_pretrained(cls, pretrained_model_name_or_path, **kwargs)
+        return native.load_pretrained(cls, pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory, state_dict=None, safe_serialization=True, max_shard_size="2GB", is_main_process=True, **kwargs):
         if is_main_process:
-            checkpoint_io.save_pretrained(self, save_directory, state_dict=state_dict, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+            native.save_pretrained(self, save_directory, state_dict=state_dict, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
 
     def generate(self, input_ids, attention_mask=None, **kwargs):
         return generate_tokens(self, input_ids, attention_mask, **kwargs)

@@ -1,12 +1,11 @@
 """Float32 matrix multiplies on the CPU through oneDNN instead of MKL.
 
 `aten::mm` and `F.linear` call MKL's sgemm on the CPU, which takes its AVX2 path on AMD processors; oneDNN uses
-AVX-512 where the CPU has it. On this project's AMD EPYC a 2048^3 float32 product measured 95 GFLOP/s through
-`aten::mm` and 234 through oneDNN (benchmarks/README.md). oneDNN is reached through
-`torch.ops.mkldnn._linear_pointwise`, the op torch.compile's CPU backend emits for linear layers; it is private
-to torch, hence the check that it exists, and it has no autograd formula: callers use it inside their own
-autograd.Function (chatglm3/model/fused_loss.py). Same float32 arithmetic, another summation order (results equal up
-to rounding).
+AVX-512 where the CPU has it, so float32 products run faster there (figures: docs/performance.md). oneDNN is
+reached through `torch.ops.mkldnn._linear_pointwise`, the op torch.compile's CPU backend emits for linear layers;
+it is private to torch, hence the check that it exists, and it has no autograd formula: callers use it inside
+their own autograd.Function (chatglm3/model/fused_loss.py). Same float32 arithmetic, another summation order
+(results equal up to rounding).
 """
 import torch
 

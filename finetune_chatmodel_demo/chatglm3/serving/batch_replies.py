@@ -1,12 +1,11 @@
-"""Replies to many prompts at once (evaluate.py, scripts/quiz_types.py): prompts of similar length share a batch,
+"""Replies to many prompts at once (evaluate.py, data_processing/quiz_types.py): prompts of similar length share a batch,
 left padded, and each reply is read back as model.chat would return it."""
-import sys
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm
 
 from chatglm3.model.conversation import process_response, stop_token_ids
+from chatglm3.progress import Progress
 
 
 def clean_response(text: str) -> str:
@@ -38,7 +37,7 @@ def generate_texts(model, tokenizer, prompts: List[List[int]], batch_size: int, 
     stop_ids = stop_token_ids(tokenizer)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     replies: List[Optional[Tuple[str, bool]]] = [None] * len(prompts)
-    bar = tqdm(total=len(prompts), desc="生成 / generating", file=sys.stderr, disable=not progress)
+    bar = Progress(len(prompts), "已生成回复 / replies generated", unit="reply", disable=not progress)
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
         input_ids, attention_mask = left_pad([prompts[i] for i in batch], tokenizer.pad_token_id, model.device)

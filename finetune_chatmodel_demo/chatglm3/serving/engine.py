@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from chatglm3.model.generation import next_token
+from chatglm3.model.generation import SAMPLE_TEMPERATURE, SAMPLE_TOP_P, next_token
 
 # Why a reply ended: a stop token, the token budget, the caller cancelled it, or the engine failed.
 STOP, LENGTH, CANCELLED, ERROR = "stop", "length", "cancelled", "error"
@@ -28,9 +28,10 @@ class EngineBusy(Exception):
 
 @dataclass
 class SamplingParams:
+    """One request's budget and sampling (the server fills it from the request's OpenAI fields)."""
     max_new_tokens: int
-    temperature: float = 0.8  # 0 = greedy
-    top_p: float = 0.8
+    temperature: float = SAMPLE_TEMPERATURE  # 0 = greedy
+    top_p: float = SAMPLE_TOP_P
     seed: Optional[int] = None  # sampling with a seed repeats, whatever else shares the batch
 
 
@@ -172,12 +173,12 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, jobs: list) -> torch.Tensor:
         """Greedy for every row at once, then each sampling row with its own temperature, top_p and seed."""
-        tokens = next_token(logits, None, False, 1.0, 1.0, 0, 1.0)
+        tokens = next_token(logits)
         for i, job in enumerate(jobs):
             p = job.params
             if p.temperature > 0:
                 with self._seeded(p.seed, job.generated):
-                    tokens[i] = next_token(logits[i:i + 1], None, True, p.temperature, p.top_p, 0, 1.0)[0]
+                    tokens[i] = next_token(logits[i:i + 1], do_sample=True, temperature=p.temperature, top_p=p.top_p)[0]
         return tokens
 
     @contextlib.contextmanager

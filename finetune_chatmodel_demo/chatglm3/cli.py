@@ -1,17 +1,15 @@
-"""命令行共用的模型参数 / The model flags of upstream's inference.py, shared by inference.py, evaluate.py and
-scripts/quiz_types.py."""
+"""命令行共用的模型与生成参数 / The flags shared by inference.py, evaluate.py, data_processing/quiz_types.py (and, for the
+model, api_server.py): upstream's model flags, and how replies are decoded: greedy by default, so that a script's
+answers repeat (what checking a fine-tuned model needs); --do-sample draws with --temperature and --top-p
+(upstream's 0.8 and 0.8, chatglm3.model.generation)."""
 import argparse
 import sys
+from typing import Dict
 
-from chatglm3 import ChatGLMError
-
-
-
+from chatglm3 import ChatGLMError, limits
 from chatglm3.checkpoint import loading
-
-
-
 from chatglm3.data import train_format
+from chatglm3.model.generation import SAMPLE_TEMPERATURE, SAMPLE_TOP_P
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +45,42 @@ def add_format_arg(parser: argparse.ArgumentParser) -> None:
                         help="提问的格式，默认按检查点记录的训练格式（没有记录时为 multi-turn）/ how to ask the model "
                              "(default: the training format its checkpoint records; multi-turn when none): "
                              "multi-turn = chat format, input-output = the raw prompt")
+
+
+def add_generation_args(parser: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    """--max-new-tokens (this script's default), --do-sample / --greedy (the default), --temperature, --top-p,
+    --seed."""
+    group = parser.add_argument_group("生成 / generation")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens,
+                       help=f"每条回答最多生成的 token 数 / most new tokens per answer (default {max_new_tokens})")
+    mode = group.add_mutually_exclusive_group()
+    mode.add_argument("--do-sample", action="store_true", default=False,
+                      help="按 --temperature、--top-p 采样；默认贪心解码，同样的问题得到同样的回答 / sample with "
+                           "--temperature and --top-p (default: greedy decoding, the same question gets the same answer)")
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", default=False,
+                      help="贪心解码（默认）/ greedy decoding (the default)")
+    group.add_argument("--temperature", type=float, default=SAMPLE_TEMPERATURE,
+                       help=f"采样温度，配合 --do-sample / sampling temperature with --do-sample ({SAMPLE_TEMPERATURE})")
+    group.add_argument("--top-p", type=float, default=SAMPLE_TOP_P,
+                       help=f"nucleus 采样阈值，配合 --do-sample / top-p with --do-sample ({SAMPLE_TOP_P})")
+    group.add_argument("--seed", type=int, default=None, help="随机种子（配合 --do-sample）/ random seed (for --do-sample)")
+
+
+def check_generation_args(args: argparse.Namespace) -> None:
+    """The generation flags in range (limits' one line naming the flag)."""
+    limits.AT_LEAST_1.check("--max-new-tokens", args.max_new_tokens)
+    limits.POSITIVE.check("--temperature", args.temperature)
+    limits.TOP_P.check("--top-p", args.top_p)
+    if args.seed is not None:
+        limits.SEED.check("--seed", args.seed)
+
+
+def generation_kwargs(args: argparse.Namespace) -> Dict:
+    """model.generate's keyword arguments for the generation flags."""
+    if not args.do_sample:
+        return {"max_new_tokens": args.max_new_tokens, "do_sample": False}
+    return {"max_new_tokens": args.max_new_tokens, "do_sample": True, "temperature": args.temperature,
+            "top_p": args.top_p}
 
 
 def load_plan(args: argparse.Namespace) -> loading.LoadPlan:
