@@ -28,11 +28,14 @@ mkdir -p "$DATA"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 START=$SECONDS
 stage() { printf '\n[%s/9] %s  (%ds)\n' "$1" "$2" $((SECONDS - START)); }
-# One line per logged step of a training run (loss, tokens/s, epoch; eval loss); the full log goes to a file.
+# One line per logged step of a training run (loss, tokens/s, epoch; eval loss) and its periodic progress line
+# (steps done, time left); the full log goes to a file.
 progress() {
     python -u -c '
 import ast, re, sys
 for line in sys.stdin:
+    if line.startswith("训练步 / training steps:"):  # the periodic progress line (chatglm3.progress), as it is
+        print("  " + line.strip(), flush=True)
     for m in re.finditer(r"[{]\x27(?:loss|eval_loss)\x27[^}]*[}]", line):
         d = {k: float(v) for k, v in ast.literal_eval(m.group(0)).items()}
         if "loss" in d:
@@ -102,7 +105,9 @@ stage 9 "工具调用演示（缩短版）：为没见过的宝可梦查图鉴 /
 # The full demo (2 seeds, 4500 steps) is `bash scripts/tool_demo.sh`; here 1 seed and fewer steps, so the figures
 # below are those of a model that has barely started to learn (see the README for the full demo's).
 if [ "$FAST" = 1 ]; then TOOL_ENV=(STEPS=20 SAVE_EVERY=10); else TOOL_ENV=(); fi
-env "${TOOL_ENV[@]}" TOOL_DEMO_FAST=1 TOOL_DEMO_OUT="$OUT/tools" bash "$ROOT/scripts/tool_demo.sh" > "$OUT/tools.log" 2>&1 \
+# Its stage lines and training progress are shown as it runs; everything goes to tools.log.
+env "${TOOL_ENV[@]}" TOOL_DEMO_FAST=1 TOOL_DEMO_OUT="$OUT/tools" bash "$ROOT/scripts/tool_demo.sh" 2>&1 \
+    | tee "$OUT/tools.log" | grep --line-buffered -E '^\[[1-5]/6\]|^  种子 / seed [0-9]+: 训练步' \
     || { tail -30 "$OUT/tools.log"; exit 1; }
 sed -n '/^\[6\/6\]/,$p' "$OUT/tools.log" | sed '1d'
 echo "留出的真实宝可梦上的工具评测 / tool evaluation on the held-out real Pokémon (evaluate.py --tools, 1 seed):"

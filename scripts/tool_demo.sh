@@ -63,6 +63,19 @@ for seed in "${SEED_LIST[@]}"; do
         --seed "$seed" > "$OUT/train-s$seed.log" 2>&1 &
     pids+=($!)
 done
+# While they train, each seed's latest progress line (steps, time left) every PROGRESS_SECONDS (default 30).
+running() { local pid; for pid in "${pids[@]}"; do if kill -0 "$pid" 2>/dev/null; then return 0; fi; done; return 1; }
+waited=0
+while running; do
+    sleep 1
+    waited=$((waited + 1))
+    if [ $((waited % ${PROGRESS_SECONDS:-30})) = 0 ]; then
+        for seed in "${SEED_LIST[@]}"; do
+            line=$(grep -a "^训练步 / training steps:" "$OUT/train-s$seed.log" 2>/dev/null | tail -1 || true)
+            if [ -n "$line" ]; then echo "  种子 / seed $seed: $line"; fi
+        done
+    fi
+done
 for i in "${!pids[@]}"; do
     wait "${pids[$i]}" || { tail -20 "$OUT/train-s${SEED_LIST[$i]}.log"; exit 1; }
 done
