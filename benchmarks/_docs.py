@@ -19,22 +19,19 @@ class DocsError(Exception):
 
 
 def markers(name: str) -> tuple:
-    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"  # as chatglm3.output_files.markers (no torch here)
 
 
 def update_docs(path: Path, name: str, text: str):
-    """Replace what stands between the `name` markers of `path` with `text` (the markers stay)."""
-    start_marker, end_marker = markers(name)
+    """Replace what stands between the `name` markers of `path` with `text` (chatglm3.output_files, imported only
+    now: a measuring parent process stays without torch until its table is written)."""
+    from chatglm3 import ChatGLMError
+    from chatglm3.output_files import replace_marked_block
+
     try:
-        content = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise DocsError(f"错误：读不了 {path}（{e.strerror or e}）/ Error: cannot read {path}: {e.strerror or e}") from None
-    start, end = content.find(start_marker), content.find(end_marker)
-    if start < 0 or end < start or content.count(start_marker) != 1 or content.count(end_marker) != 1:
-        raise DocsError(f"错误：{path} 中没有唯一一对 {start_marker} … {end_marker} 标记；请把它们加回要更新的表两侧 / "
-                        f"Error: {path} needs exactly one {start_marker} … {end_marker} pair around the table to update")
-    head = content[:start + len(start_marker)]
-    Path(path).write_text(head + "\n" + text.rstrip("\n") + "\n" + content[end:], encoding="utf-8")
+        replace_marked_block(path, name, text)
+    except ChatGLMError as e:
+        raise DocsError(str(e)) from None
 
 
 def add_flag(parser, name: str):

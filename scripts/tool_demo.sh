@@ -122,3 +122,5 @@ echo "无工具时属性答对的比例 / share of types right without the tool:
 printf '\n完成，用时 %d 秒 / done in %d s. 输出 / outputs in %s\n' $((SECONDS - START)) $((SECONDS - START)) "$OUT"
 echo "工具评测 / tool evaluation (mean over seeds: ${SEEDS}):"
 cat "$OUT/summary.json"
+echo "每个种子 / per seed (docs: python scripts/tool_report.py table $OUT --update-docs docs/tool_demo.md):"
+python "$ROOT/scripts/tool_report.py" table "$OUT" | tee "$OUT/seeds.md"

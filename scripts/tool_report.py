@@ -3,18 +3,20 @@
 
     python scripts/tool_report.py mean OUT/eval-s0.json OUT/eval-s1.json       # mean of evaluate.py's JSON lines
     python scripts/tool_report.py curve OUT/curve-s0.jsonl OUT/curve-s1.jsonl --out curve.png
+    python scripts/tool_report.py table OUT [--update-docs docs/tool_demo.md]  # per-seed table, min/mean/max
 
 A curve file holds one JSON object per evaluated checkpoint: {"step": N, ...evaluate.py's summary}.
 """
 import argparse
 import io
+import re
+import statistics
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "finetune_chatmodel_demo"))
-from chatglm3.errors import ChatGLMError  # noqa: E402
-from chatglm3.json_files import DATA_LIMIT, dumps, expect, loads, read_text  # noqa: E402  (the one JSON reader)
-from chatglm3.output_files import write_atomic  # noqa: E402
+from chatglm3.errors import ChatGLMError
+from chatglm3.json_files import DATA_LIMIT, dumps, expect, loads, read_text  # the one JSON reader
+from chatglm3.output_files import replace_marked_block, write_atomic
 
 KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact", "tool_answer_grounded",
         "answer_types_correct", "stopped_share")
@@ -59,6 +61,60 @@ def mean(paths: list) -> dict:
         summary[key] = round(sum(values) / len(values), 4) if values else None
     summary["seeds"] = len(runs)
     return summary
+
+
+# The demo's targets (docs/tool_demo.md): every seed, and the mean over seeds.
+SEED_TARGETS = {"tool_args_exact": (">=", 0.95), "tool_answer_grounded": (">=", 0.85),
+                "tool_false_call_rate": ("<=", 0.02), "stopped_share": (">=", 1.0)}
+MEAN_TARGETS = {"tool_answer_grounded": (">=", 0.9)}
+TABLE_KEYS = ("tool_args_exact", "tool_answer_grounded", "tool_false_call_rate", "stopped_share", "answer_types_correct")
+COPYING = 0.5  # tool_args_exact at which copying names "has arrived" (the curves jump from ~0 to ~1)
+
+
+def _meets(value, target) -> bool:
+    op, bound = target
+    return value is not None and (value >= bound if op == ">=" else value <= bound)
+
+
+def copy_step(path: Path):
+    """The first checkpoint step whose tool_args_exact reaches COPYING, or None (no curve, or never)."""
+    if not path.is_file():
+        return None
+    points = sorted((metric(r, "step", path), metric(r, "tool_args_exact", path)) for r in summaries(path) if "step" in r)
+    return next((step for step, value in points if value is not None and value >= COPYING), None)
+
+
+def seed_table(out: Path) -> str:
+    """A Markdown table of the demo folder `out`: one row per seed (eval-sN.json: the final model; curve-sN.jsonl:
+    the step at which copying arrived), then min, mean and max, and whether the targets are met."""
+    runs = sorted(((int(m.group(1)), p) for p in out.glob("eval-s*.json") if (m := re.fullmatch(r"eval-s(\d+)\.json", p.name))),
+                  key=lambda run: run[0])
+    if not runs:
+        raise SystemExit(f"错误：{out} 里没有 eval-s*.json，这是 tool_demo.sh 的输出目录吗？/ Error: {out} holds no "
+                         "eval-s*.json: is it a tool_demo.sh output folder?")
+    rows = [(seed, summaries(path)[-1], copy_step(out / f"curve-s{seed}.jsonl"), path) for seed, path in runs]
+    header = "| 种子 / seed | " + " | ".join(f"`{k}`" for k in TABLE_KEYS) + " | 学会抄名字的步 / copying from step |"
+    lines = [header, "|" + "---|" * (len(TABLE_KEYS) + 2)]
+    show = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    for seed, summary, step, path in rows:
+        values = [metric(summary, k, path) for k in TABLE_KEYS]
+        lines.append(f"| {seed} | " + " | ".join(show(v) for v in values) + f" | {step if step is not None else '—'} |")
+    for label, fold in (("最小 / min", min), ("平均 / mean", statistics.mean), ("最大 / max", max)):
+        cells = []
+        for k in TABLE_KEYS:
+            values = [metric(s, k, p) for _, s, _, p in rows if s.get(k) is not None]
+            cells.append(show(fold(values)) if values else "—")
+        lines.append(f"| {label} | " + " | ".join(cells) + " | |")
+    missed = [f"seed {seed} {k}" for seed, summary, _, path in rows for k, t in SEED_TARGETS.items()
+              if not _meets(metric(summary, k, path), t)]
+    for k, t in MEAN_TARGETS.items():
+        values = [metric(s, k, p) for _, s, _, p in rows if s.get(k) is not None]
+        if not values or not _meets(statistics.mean(values), t):
+            missed.append(f"mean {k}")
+    targets = ", ".join(f"{k} {op} {b}" for k, (op, b) in SEED_TARGETS.items())
+    verdict = ("全部达到 / all met" if not missed else "未达到 / missed: " + ", ".join(missed))
+    lines += ["", f"目标 / targets: 每个种子 / every seed {targets}; 平均 / mean tool_answer_grounded >= 0.9 — {verdict}"]
+    return "\n".join(lines) + "\n"
 
 
 def curve(paths: list, out: Path, key: str) -> None:
@@ -108,11 +164,24 @@ def main(argv=None) -> int:
     c.add_argument("files", nargs="+", type=Path)
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--key", default="tool_args_exact", choices=KEYS)
+    t = sub.add_parser("table", allow_abbrev=False, help="每个种子一行，最小/平均/最大 / a row per seed, min/mean/max")
+    t.add_argument("folder", type=Path, help="tool_demo.sh 的输出目录 / the tool_demo.sh output folder")
+    t.add_argument("--update-docs", type=Path, default=None, metavar="DOC",
+                   help="把表写进 DOC 的 tool-demo-seeds 标记之间 / put the table between DOC's tool-demo-seeds markers")
     args = parser.parse_args(argv)
     if args.command == "curve":
         check_curve_output(args.files, args.out)
     if args.command == "mean":
         print(dumps(mean(args.files)))
+    elif args.command == "table":
+        table = seed_table(args.folder)
+        print(table, end="")
+        if args.update_docs:
+            command = f"python scripts/tool_report.py table {args.folder.name} --update-docs {args.update_docs}"
+            try:
+                replace_marked_block(args.update_docs, "tool-demo-seeds", f"`{command}`\n\n{table}")
+            except ChatGLMError as e:
+                raise SystemExit(str(e)) from None
     else:
         curve(args.files, args.out, args.key)
     return 0

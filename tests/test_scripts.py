@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import DATA, DEMO
+from conftest import DATA, DEMO, REPO
 
 sys.path.insert(0, str(DEMO / "scripts"))
 import build_tiny_model  # noqa: E402
@@ -138,3 +138,43 @@ def test_tool_report_mean_and_its_bad_input(tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1 and str(named) in r.stderr
         assert a.read_bytes() == before and empty.read_bytes() == b"" and folder.is_dir()
         assert not (tmp_path / "c.png").exists()
+
+
+def test_tool_report_table_has_a_row_per_seed_min_mean_max_and_the_copy_step(tmp_path):
+    """scripts/tool_report.py table: the per-seed table of a tool_demo.sh folder, written into a docs file between
+    its markers; the targets are judged per seed and for the mean."""
+    import json
+
+    def summary(args_exact, grounded, false_calls=0.0, stopped=1.0):
+        return {"tool_call_rate": 1.0, "tool_false_call_rate": false_calls, "tool_name_accuracy": 1.0,
+                "tool_args_exact": args_exact, "tool_answer_grounded": grounded, "answer_types_correct": grounded,
+                "stopped_share": stopped}
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    for seed, (final, curve) in {0: (summary(1.0, 0.9), [0.0, 0.2, 0.6, 1.0]),
+                                 1: (summary(0.96, 0.8), [0.0, 0.0, 0.1, 0.96]),
+                                 2: (summary(0.98, 0.95, false_calls=0.05), [0.0, 0.7, 0.9, 0.98])}.items():
+        (out / f"eval-s{seed}.json").write_text(json.dumps(final) + "\n", encoding="utf-8")
+        (out / f"curve-s{seed}.jsonl").write_text(
+            "".join(json.dumps({"step": 250 * (i + 1), **summary(v, v)}) + "\n" for i, v in enumerate(curve)),
+            encoding="utf-8")
+    doc = tmp_path / "tool_demo.md"
+    doc.write_text("a\n<!-- tool-demo-seeds:start -->\nold\n<!-- tool-demo-seeds:end -->\nb\n", encoding="utf-8")
+    run = subprocess.run([sys.executable, str(REPO / "scripts" / "tool_report.py"), "table", str(out),
+                          "--update-docs", str(doc)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
+            for line in run.stdout.splitlines() if line.startswith("| ")}
+    assert rows["0"] == ["1.000", "0.900", "0.000", "1.000", "0.900", "750"]
+    assert rows["1"][-1] == "1000" and rows["2"][-1] == "500"  # the first step at tool_args_exact >= 0.5
+    assert rows["最小 / min"][:2] == ["0.960", "0.800"] and rows["最大 / max"][:2] == ["1.000", "0.950"]
+    assert rows["平均 / mean"][1] == "0.883"
+    verdict = run.stdout.strip().splitlines()[-1]
+    assert "seed 1 tool_answer_grounded" in verdict and "seed 2 tool_false_call_rate" in verdict
+    assert "mean tool_answer_grounded" in verdict and "seed 0" not in verdict
+    written = doc.read_text(encoding="utf-8")
+    assert "old" not in written and "| 0 | 1.000 |" in written and written.startswith("a\n") and written.endswith("b\n")
+    empty = subprocess.run([sys.executable, str(REPO / "scripts" / "tool_report.py"), "table", str(tmp_path)],
+                           capture_output=True, text=True, timeout=300)
+    assert empty.returncode != 0 and "eval-s" in empty.stderr and "Traceback" not in empty.stderr

@@ -171,3 +171,24 @@ def reported_write_errors(target, hint=("", "")):
         free = _free_gib(Path(target).absolute())
         raise ChatGLMError(f"错误：写入 {target} 失败：{reason}（所在磁盘剩余 {free:.1f} GiB）{hint[0]} / Error: writing "
                            f"{target} failed: {reason} ({free:.1f} GiB free on its disk){hint[1]}") from None
+
+
+def markers(name: str) -> tuple:
+    """The pair of comments that marks a measured block in a docs file (Markdown hides them)."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def replace_marked_block(path, name: str, text: str) -> None:
+    """Replace what stands between the `name` markers of the docs file `path` with `text` (the markers stay), so that
+    a script that measures a table writes it where the docs show it. A file without exactly one pair is one line
+    that says what to do, and nothing is written."""
+    start_marker, end_marker = markers(name)
+    try:
+        content = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ChatGLMError(f"错误：读不了 {path}（{e.strerror or e}）/ Error: cannot read {path}: {e.strerror or e}") from None
+    start, end = content.find(start_marker), content.find(end_marker)
+    if start < 0 or end < start or content.count(start_marker) != 1 or content.count(end_marker) != 1:
+        raise ChatGLMError(f"错误：{path} 中没有唯一一对 {start_marker} … {end_marker} 标记；请把它们加回要更新的表两侧 / "
+                           f"Error: {path} needs exactly one {start_marker} … {end_marker} pair around the table to update")
+    write_atomic(path, content[:start + len(start_marker)] + "\n" + text.rstrip("\n") + "\n" + content[end:])
