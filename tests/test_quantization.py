@@ -255,3 +255,19 @@ def test_weights_packed_for_the_cpu_kernel_at_load_are_bitsandbytes_own_bytes(mo
     assert torch.equal(lazy, eager)
     with torch.no_grad():
         assert torch.equal(layers[0](x), layers[1](x))
+
+
+@pytest.mark.parametrize("shape", [(96, 256), (130, 64), (7, 100)])
+def test_nf4_quantized_in_slices_two_at_a_time_is_bitsandbytes_one_call(monkeypatch, shape):
+    """The load's NF4 (slices of rows, two quantized side by side) gives bitsandbytes' own bytes, scales and
+    double-quantized scales: several slices, a last short slice, and a partial block left in one piece."""
+    bnb = quantization.bitsandbytes()
+    monkeypatch.setattr(quantization, "_CHUNK_WEIGHTS", 2 * 128 * 20)  # slices of 2560 weights
+    torch.manual_seed(1)
+    tensor = (torch.randn(*shape) * 0.05).to(torch.bfloat16)
+    data, state = quantization._nf4_in_row_chunks(tensor)
+    reference, ref_state = bnb.functional.quantize_4bit(tensor, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(data.view(-1), reference.view(-1))
+    assert torch.equal(state.absmax, ref_state.absmax) and torch.equal(state.offset, ref_state.offset)
+    assert torch.equal(state.state2.absmax, ref_state.state2.absmax)
+    assert torch.equal(bnb.functional.dequantize_4bit(data, state), bnb.functional.dequantize_4bit(reference, ref_state))
