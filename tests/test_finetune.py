@@ -278,3 +278,22 @@ def test_train_weights_must_match_the_files(tiny_model, tmp_path, capsys):
     fails_cleanly(capsys, base_args(tiny_model, both, tmp_path / "out", "--train_weights", "3,inf"), "--train_weights (DATASET_WEIGHTS)[2]", "inf")
     fails_cleanly(capsys, base_args(tiny_model, f"{both},{tmp_path / 'nope.jsonl'}", tmp_path / "out"), "nope.jsonl")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_full_determinism_repeats_a_seeded_run_bit_for_bit(tiny_model, pokemon_jsonl, tmp_path):
+    """--full_determinism (launching.make_repeatable): two seeded runs in separate processes, two threads each,
+    end in the same weights to the bit (full fine-tuning with packing, as the tool demo trains)."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        args = base_args(tiny_model, pokemon_jsonl, out, "--max_steps", "6", "--packing", "1",
+                         "--learning_rate", "3e-3", "--save_steps", "1000", "--full_determinism")
+        result = subprocess.run([sys.executable, str(FINETUNE), *args], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+        ok(result)
+        weights.append({k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()})
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
