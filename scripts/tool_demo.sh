@@ -52,6 +52,7 @@ for seed in "${SEED_LIST[@]}"; do
     python "$ROOT/data_processing/build_tool_data.py" --out-dir "$OUT/data" --check-tokenizer "$OUT/base-s$seed"
 done
 
+# --full_determinism: a seed repeats its run to the bit on one machine (docs/training.md, "Repeatable runs").
 stage 3 "全参数训练，各种子并行 / full training, seeds side by side (${STEPS} steps, logs in $OUT/train-s*.log)"
 pids=()
 for seed in "${SEED_LIST[@]}"; do
@@ -60,7 +61,7 @@ for seed in "${SEED_LIST[@]}"; do
         --max_seq_length 768 --packing 1 --per_device_train_batch_size 4 --max_steps "$STEPS" \
         --learning_rate 3e-3 --lr_scheduler_type cosine --warmup_steps 50 --logging_steps 25 \
         --save_steps "$SAVE_EVERY" --gradient_checkpointing 0 --dataloader_num_workers 0 --report_to none \
-        --seed "$seed" > "$OUT/train-s$seed.log" 2>&1 &
+        --seed "$seed" --full_determinism > "$OUT/train-s$seed.log" 2>&1 &
     pids+=($!)
 done
 # While they train, each seed's latest progress line (steps, time left) every PROGRESS_SECONDS (default 30).
