@@ -121,20 +121,25 @@ def to_input_output(record, fmt: str, where: str) -> dict:
     return {"prompt": _alpaca_query(record, where), "response": _string(record, "output", where)}
 
 
-def _string(record: dict, key: str, where: str, field: str | None = None) -> str:
+_KINDS = {str: ("字符串", "a string"), list: ("列表", "a list")}
+
+
+def _typed(record: dict, key: str, where: str, kind: type, field: str | None = None):
+    """record[key] when it is a `kind` (str or list); otherwise one line naming the field."""
     value = record.get(key)
-    if not isinstance(value, str):
-        raise _bad(where, field or key, f"应为字符串，实际是 {type_name(value) if key in record else '缺失'}",
-                   f"must be a string, got {type_name(value) if key in record else 'nothing'}")
+    if not isinstance(value, kind):
+        zh, en = _KINDS[kind]
+        raise _bad(where, field or key, f"应为{zh}，实际是 {type_name(value) if key in record else '缺失'}",
+                   f"must be {en}, got {type_name(value) if key in record else 'nothing'}")
     return value
+
+
+def _string(record: dict, key: str, where: str, field: str | None = None) -> str:
+    return _typed(record, key, where, str, field)
 
 
 def _list(record: dict, key: str, where: str, field: str | None = None) -> list:
-    value = record.get(key)
-    if not isinstance(value, list):
-        raise _bad(where, field or key, f"应为列表，实际是 {type_name(value) if key in record else '缺失'}",
-                   f"must be a list, got {type_name(value) if key in record else 'nothing'}")
-    return value
+    return _typed(record, key, where, list, field)
 
 
 def _json_value(value, where: str, field: str):
