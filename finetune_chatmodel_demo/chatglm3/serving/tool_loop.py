@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from chatglm3.progress import Progress
 from chatglm3.serving.batch_replies import generate_texts
 from chatglm3.model.conversation import process_response, prompt_ids
 from chatglm3.tools import Tool
@@ -123,15 +124,18 @@ class ToolTurn:
 def run_turns(model, tokenizer, turns: List[ToolTurn], gen_kwargs: Dict, batch_size: int,
               max_prompt_tokens: int) -> None:
     """Drive every turn to its end with batched generation. A turn whose prompt outgrows `max_prompt_tokens`
-    is given up."""
-    while True:
-        pending = [t for t in turns if not t.done]
-        prompts = [t.prompt(tokenizer) for t in pending]
-        for turn, prompt in zip(pending, prompts):
-            turn.given_up = len(prompt) > max_prompt_tokens
-        fitting = [(t, p) for t, p in zip(pending, prompts) if not t.given_up]
-        if not fitting:
-            return
-        outputs = generate_texts(model, tokenizer, [p for _, p in fitting], batch_size, gen_kwargs, progress=False)
-        for (turn, _), (text, stopped) in zip(fitting, outputs):
-            turn.feed_text(text, stopped)
+    is given up. Progress counts finished turns (a turn may take several rounds: call, observation, answer)."""
+    with Progress(len(turns), "已完成的工具轮 / tool turns finished", unit="turn") as progress:
+        while True:
+            pending = [t for t in turns if not t.done]
+            prompts = [t.prompt(tokenizer) for t in pending]
+            for turn, prompt in zip(pending, prompts):
+                turn.given_up = len(prompt) > max_prompt_tokens
+            fitting = [(t, p) for t, p in zip(pending, prompts) if not t.given_up]
+            progress.update(len(pending) - len(fitting))  # given up: finished too
+            if not fitting:
+                return
+            outputs = generate_texts(model, tokenizer, [p for _, p in fitting], batch_size, gen_kwargs, progress=False)
+            for (turn, _), (text, stopped) in zip(fitting, outputs):
+                turn.feed_text(text, stopped)
+            progress.update(sum(turn.done for turn, _ in fitting))
