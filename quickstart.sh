@@ -82,7 +82,8 @@ echo "最终损失 / final loss after $PT_STEPS steps: P-Tuning v2 $(final_loss 
 
 stage 6 "在验证集上评测（ROUGE / BLEU）/ evaluate on the dev split (ROUGE / BLEU)"
 python "$DEMO/evaluate.py" --data "$DATA/dev.jsonl" --model "$OUT/full" --pt-checkpoint "$OUT/ptuning" \
-    --max-samples "$EVAL_SAMPLES" --output "$OUT/eval_predictions.jsonl" 2> "$OUT/evaluate.log" | tail -1
+    --max-samples "$EVAL_SAMPLES" --output "$OUT/eval_predictions.jsonl" 2> "$OUT/evaluate.log" | tail -1 \
+    | tee "$OUT/eval.json"
 
 stage 7 "考考模型：训练集宝可梦的属性 / quiz: types of the training Pokémon"
 if [ "$FAST" = 1 ]; then echo "（QUICKSTART_FAST=1：只训练了 $FULL_STEPS 步，模型还没学会 / only $FULL_STEPS steps: the model has not learned yet）"; fi
@@ -123,3 +124,17 @@ echo "  eval_predictions.jsonl, quiz.txt, loss.png"
 echo "  tools/                工具调用演示（缩短版）/ the shortened tool-use demo (tools.log)"
 echo "和它聊天 / chat with it:  python finetune_chatmodel_demo/inference.py --model $OUT/full --pt-checkpoint $OUT/ptuning"
 echo "                          python finetune_chatmodel_demo/inference.py --model $OUT/full --adapter $OUT/lora"
+
+# UPDATE_DOCS=1: this run's results into docs/quickstart.md (between its quickstart-results markers), so the docs
+# show what the command printed, not a hand-copied figure.
+if [ "${UPDATE_DOCS:-0}" = 1 ]; then
+    {
+        echo "\`$([ "$FAST" = 1 ] && echo "QUICKSTART_FAST=1 ")UPDATE_DOCS=1 bash quickstart.sh\` — $(date -u +%Y-%m-%d), $(python -c 'import platform, os, torch; print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")'), load average $(cut -d' ' -f1 /proc/loadavg 2>/dev/null || echo '?') at the end:"
+        echo
+        echo "- 用时 / time: $((SECONDS - START)) s"
+        echo "- 验证集 / dev split (stage 6): \`$(cat "$OUT/eval.json")\`"
+        echo "- 测验 / quiz (stage 7): $(grep '属性问答正确率' "$OUT/quiz.txt")"
+        echo "- 工具评测 / tool evaluation (stage 9, 1 seed, shortened): \`$(cat "$OUT/tools/eval-s0.json")\`"
+    } | python -c "import sys; from chatglm3.output_files import replace_marked_block; replace_marked_block(sys.argv[1], 'quickstart-results', sys.stdin.read())" "$ROOT/docs/quickstart.md"
+    echo "已写入 / written: docs/quickstart.md (quickstart-results)"
+fi
