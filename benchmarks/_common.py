@@ -1,6 +1,6 @@
 """Helpers shared by the benchmark scripts: the model shape, the real tokenizer, the Pokémon data, memory peaks.
 
-Importing this module puts `finetune_chatmodel_demo/` and `data_processing/` on sys.path (one of the project's two
+Importing this module puts `finetune_chatmodel_demo/` (and its scripts/) and `data_processing/` on sys.path (one of the project's two
 guarded sys.path edits: the benchmarks reuse the drop-in folder's collators and flags, which are scripts' modules,
 not the installed library), so the scripts run from any directory with plain `python benchmarks/bench_train.py`.
 """
@@ -18,7 +18,7 @@ DEMO = REPO / "finetune_chatmodel_demo"
 DATA_PROCESSING = REPO / "data_processing"
 DEFAULT_TOKENIZER = REPO.parent / "shared" / "chatglm3-tokenizer"
 
-for _p in (DEMO, DATA_PROCESSING):
+for _p in (DEMO, DEMO / "scripts", DATA_PROCESSING):  # collators and flags, the tiny-model builder, Pokémon data
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 

@@ -32,9 +32,11 @@ def test_pyproject_installs_the_library_and_only_it(tmp_path):
 
 
 def test_sys_path_is_edited_in_two_guarded_places_only():
-    """The drop-in folder's scripts/_bootstrap.py (the folder copied alone, nothing installed) and
-    benchmarks/_common.py (the benchmarks reuse the drop-in folder's data collators and flags); everything else
-    imports the installed package or its own folder."""
+    """The project's folders are stitched together in two guarded places: the drop-in folder's scripts/_bootstrap.py
+    (the folder copied alone, nothing installed) and benchmarks/_common.py (the benchmarks reuse the drop-in folder's
+    data collators and the tiny-model builder); everything else imports the installed package or its own folder.
+    Apart from those, the tool plug-in loader (chatglm3/tools.py) appends a user's tool file's own folder, as Python
+    does for a script it runs, so that a plug-in can import the modules beside it."""
     edits = []
     for path in REPO.rglob("*.py"):
         parts = path.relative_to(REPO).parts
@@ -43,6 +45,7 @@ def test_sys_path_is_edited_in_two_guarded_places_only():
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if re.search(r"sys\.path(\.insert|\.append|\[:0\]\s*=|\s*=)", line):
                 edits.append(f"{path.relative_to(REPO)}:{number}")
-    assert {e.split(":")[0] for e in edits} <= {"finetune_chatmodel_demo/scripts/_bootstrap.py",
-                                                 "benchmarks/_common.py"}, edits
-    assert len(edits) <= 2, edits
+    stitching = [e for e in edits if not e.startswith("finetune_chatmodel_demo/chatglm3/tools.py:")]
+    assert {e.split(":")[0] for e in stitching} <= {"finetune_chatmodel_demo/scripts/_bootstrap.py",
+                                                     "benchmarks/_common.py"}, edits
+    assert len(stitching) <= 2 and len(edits) - len(stitching) <= 1, edits
