@@ -36,8 +36,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                             "bf16), on the CPU the checkpoint's own (fp16 read as bf16; float32 when none is recorded)")
     group.add_argument("--quantization-bit", default=None, metavar="{4,8}",
                        help="把各层的线性层量化为 4 比特（NF4）或 8 比特（LLM.int8，bitsandbytes，CPU 与 GPU 均可）；省内存，"
-                            "CPU 上比 bf16 慢 / quantize the layers' linear weights to 4 bits (NF4) or 8 bits (LLM.int8) "
-                            "through bitsandbytes, on CPU or GPU: less memory, slower than bf16 on a CPU")
+                            "加载时要量化（6B 在 2 核上约 3 分钟）/ quantize the layers' linear weights to 4 bits (NF4) or 8 "
+                            "bits (LLM.int8) through bitsandbytes, on CPU or GPU: less memory, quantized while loading "
+                            "(about 3 min for 6B on 2 cores); speed: docs/lora_qlora.md")
 
 
 def add_format_arg(parser: argparse.ArgumentParser) -> None:

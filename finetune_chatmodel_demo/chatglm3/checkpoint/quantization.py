@@ -9,7 +9,8 @@ scale, the scales themselves scaled per 256), bf16/fp16 compute. 8 bits: LLM.int
 weight is quantized as it arrives, so a load never holds more than one full-precision tensor at a time.
 
 bitsandbytes (>= 0.50, tested 0.50.2) runs both on the CPU (the weights are uint8/int8 tensors there too; forward and backward
-work). On the CPU it is slower than bf16: 4 bits saves memory, not time (README: precision and memory).
+work). On a CPU with AVX512-BF16, 4-bit weights packed for bitsandbytes' kernel decode faster than bf16 (fewer bytes
+read); elsewhere its general kernel is slower (docs/lora_qlora.md).
 """
 import ctypes
 import logging
@@ -110,6 +111,7 @@ def set_weight(module: nn.Module, tensor: torch.Tensor, device: torch.device) ->
     bnb = bitsandbytes()
     if isinstance(module, bnb.nn.Linear4bit) and device.type == "cpu":
         data, state = _nf4_in_row_chunks(tensor)
+        release_freed_memory()  # the slices' working memory, freed in the worker threads' own heaps
         param = bnb.nn.Params4bit(data, requires_grad=False, quant_state=state, blocksize=NF4_BLOCK,
                                   compress_statistics=True, quant_type="nf4", bnb_quantized=True, module=module)
         module.weight, module.quant_state = param, state
