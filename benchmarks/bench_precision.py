@@ -10,7 +10,7 @@ left out), bf16's speed-up, and both loss curves.
 
     python benchmarks/bench_precision.py                      # small shape: 4 layers, hidden 256, the real vocabulary
     python benchmarks/bench_precision.py --layers 2 --hidden 4096 --heads 32 --kv-channels 128 --ffn 13696 \\
-        --methods ptuning,lora --steps 4 --pairs 1           # two layers at chatglm3-6b's width
+        --methods ptuning,lora --steps 4 --pairs 1 --docs-marker precision-table-6b   # two layers at chatglm3-6b's width
     python benchmarks/bench_precision.py --update-docs        # the table into docs/training.md
 """
 import argparse
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch 线程数 / torch threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     _docs.add_flag(parser, "precision-table")
+    parser.add_argument("--docs-marker", default="precision-table",
+                        help="--update-docs 写入的标记名 / the markers --update-docs writes between (default: precision-table; "
+                             "precision-table-6b for the run at chatglm3-6b's width)")
     args = parser.parse_args(argv)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -99,7 +102,7 @@ def main(argv=None) -> int:
         args = parse_args(argv)
         if args.threads:
             torch.set_num_threads(args.threads)
-        recorder = _docs.Recorder("precision-table", args, "bench_precision.py", argv, markdown=True, path=DOCS)
+        recorder = _docs.Recorder(args.docs_marker, args, "bench_precision.py", argv, markdown=True, path=DOCS)
         rows = []
         for method in args.methods:
             runs = {"fp32": [], "bf16": []}
