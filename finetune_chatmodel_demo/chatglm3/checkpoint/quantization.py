@@ -165,9 +165,11 @@ def pack_for_cpu_inference(model: nn.Module) -> None:
     bnb = bitsandbytes()
     from bitsandbytes.functional import _convert_weight_packed_for_cpu  # bitsandbytes' conversion, applied per slice
 
+    if not bnb.functional.has_avx512bf16():  # bitsandbytes' general kernel then, which needs no repacking
+        return
     for module in model.modules():
         if not (isinstance(module, bnb.nn.Linear4bit) and module.support_avx512bf16_for_cpu
-                and module.weight.device.type == "cpu" and bnb.functional.has_avx512bf16()):
+                and module.weight.device.type == "cpu"):
             continue
         state = module.weight.quant_state
         if getattr(state, "packing_format_for_cpu", False):
