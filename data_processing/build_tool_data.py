@@ -3,7 +3,8 @@
 
 The held-out real Pokémon (--held-out-ratio of the table, the same split as data_processing.py's --dev-ratio with
 the same --seed) appear in no training sample; the training set teaches copying with --synthetic invented
-Pokémon (see tool_data.py). Writes OUT/train.jsonl, OUT/heldout.jsonl and OUT/heldout_names.txt.
+Pokémon (see tool_data.py). Writes OUT/train.jsonl, OUT/heldout.jsonl, OUT/heldout_names.txt and
+OUT/single_tokens.txt (the type names and name characters, for build_tiny_model.py --single-tokens).
 
 With --check-tokenizer MODEL_DIR it writes nothing and checks that the model can write every held-out name: each
 token of each held-out name's call (with that model's tokenizer) is one that some training reply teaches.
@@ -20,7 +21,8 @@ from chatglm3.errors import ChatGLMError
 from chatglm3.checkpoint.loading import load_tokenizer
 from chatglm3.output_files import check_outputs
 from pokedex import format_report, load_table
-from tool_data import build_eval_samples, build_training_samples, held_out_names, mentioning, unlearnt_name_tokens
+from tool_data import (build_eval_samples, build_training_samples, copy_units, held_out_names, mentioning,
+                       unlearnt_name_tokens)
 
 
 def build_parser():
@@ -76,7 +78,8 @@ def run(args):
         raise ChatGLMError("错误：需要 --synthetic ≥ 0、--real-variants ≥ 1、--max-pokemon ≥ 1、0 < --held-out-ratio < 1 / Error: need "
                            "--synthetic >= 0, --real-variants >= 1, --max-pokemon >= 1 and 0 < --held-out-ratio < 1")
     out = Path(args.out_dir)
-    outputs = {f"--out-dir {name}": out / name for name in ("train.jsonl", "heldout.jsonl", "heldout_names.txt")}
+    outputs = {f"--out-dir {name}": out / name for name in ("train.jsonl", "heldout.jsonl", "heldout_names.txt",
+                                                                   "single_tokens.txt")}
     check_outputs({"--table": args.table}, outputs)
     table = load_table(args.table, columns=table_columns(args), encoding=args.encoding)
     held_out = held_out_names(table, args.held_out_ratio, args.seed)
@@ -93,7 +96,8 @@ def run(args):
     # All or nothing: the three files belong together (a failure on the last leaves the first two as they were).
     write_all_atomic({**{out / name: "".join(dumps(s, str(out / name)) + "\n" for s in samples)
                          for name, samples in (("train.jsonl", train), ("heldout.jsonl", evaluation))},
-                      out / "heldout_names.txt": "".join(n + "\n" for n in sorted(held_out))})
+                      out / "heldout_names.txt": "".join(n + "\n" for n in sorted(held_out)),
+                      out / "single_tokens.txt": "".join(u + "\n" for u in copy_units(table))})
     lines = [f"表格 {args.table}：使用 {len(table.rows)} 行，跳过 {len(table.skipped)} 行 / table {args.table}: "
              f"{len(table.rows)} rows used, {len(table.skipped)} skipped", *format_report(table),
              f"留出 {len(held_out)} 只真实宝可梦（不在任何训练样本中）/ held out {len(held_out)} real Pokémon (in no "

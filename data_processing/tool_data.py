@@ -216,6 +216,15 @@ def build_eval_samples(table, held_out, seed=0):
 
 # ---------------------------------------------------------------------------------------------- checks
 
+def copy_units(table):
+    """What the model copies, as the tokenizer should keep it (build_tiny_model.py --single-tokens): every type
+    name and every character a name is made of (the real names', so the synthetic and held-out ones' too). A
+    tokenizer trained freely merges them with their neighbours (是水, 火属性的宝可梦, ▁小), so a type or a name is
+    other tokens in the answer than in the observation, and copying it becomes a lookup learnt per type and
+    template."""
+    return [*TYPES, *sorted({ch for row in table.rows for ch in row.name} - set(TYPES))]
+
+
 def unlearnt_name_tokens(tokenizer, names, samples):
     """{name: token pieces} for each name whose call (`tool_call(name='...')`) holds a token that no training
     reply teaches the model to write (a label in `samples`), i.e. names the model could not copy into a call."""

@@ -9,7 +9,7 @@ references to --output (JSONL); the last line of stdout is the JSON summary {"ro
 
 With --tools FILE.py (tool plug-ins, docs/tools.md), every user turn is answered through the real tool loop instead
 (the model's calls executed by the files' tools, observations fed back), and the summary adds tool_call_rate,
-tool_false_call_rate, tool_name_accuracy, tool_args_exact and stopped_share (fractions 0-1, defined in
+tool_false_call_rate, tool_name_accuracy, tool_args_exact, tool_args_chars and stopped_share (fractions 0-1, defined in
 tool_eval.py), then the keys of the files' own metric functions (chatglm3.tools.register_metrics; the Pokédex's:
 tool_answer_grounded, answer_types_correct); --hide-tools asks the same questions without the tools.
 """

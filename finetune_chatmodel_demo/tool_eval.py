@@ -8,6 +8,8 @@ Summary keys, fractions 0-1 (see `tool_metrics`):
   tool_false_call_rate  turns that expect none (the tool still offered) where the model made one
   tool_name_accuracy    turns that expect a call whose first call names the expected tool
   tool_args_exact       turns that expect a call whose first call has exactly the expected arguments
+  tool_args_chars       characters of the expected string arguments that the first call wrote at the same place
+                        (share of all of them): it rises while tool_args_exact is still 0, as copying arrives
   stopped_share         generations that ended on a stop token rather than the length limit
 What only a tool's own side can check (e.g. the Pokédex plug-in: are the looked-up types in the answer) a tool file
 adds with chatglm3.tools.register_metrics, from the records `turn_record` writes.
@@ -24,7 +26,7 @@ from chatglm3.serving.tool_loop import ToolTurn, run_turns
 from chatglm3.tools import Tool
 
 TOOL_METRIC_KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact",
-                    "stopped_share")
+                    "tool_args_chars", "stopped_share")
 
 
 @dataclass
@@ -75,6 +77,14 @@ def _share(hits: int, total: int) -> Optional[float]:
     return round(hits / total, 4) if total else None
 
 
+def _chars_right(expected, called) -> tuple:
+    """(characters right, characters expected) over the expected string arguments, position by position."""
+    called = called if isinstance(called, dict) else {}
+    pairs = [(value, called.get(key)) for key, value in expected.items() if isinstance(value, str)]
+    return (sum(sum(a == b for a, b in zip(value, got)) for value, got in pairs if isinstance(got, str)),
+            sum(len(value) for value, _ in pairs))
+
+
 def tool_metrics(items: List[ToolEvalItem], turns: List[ToolTurn]) -> Dict:
     """The summary (module doc) for items and the turns that answered them; a fraction with nothing to count is
     None. Also the counts behind them: tool_turns_expecting_call, tool_turns_expecting_none, tool_failed_calls,
@@ -82,11 +92,13 @@ def tool_metrics(items: List[ToolEvalItem], turns: List[ToolTurn]) -> Dict:
     expecting = [(i, t) for i, t in zip(items, turns) if i.expected]
     none = [t for i, t in zip(items, turns) if not i.expected]
     first = [(i.expected[0], t.calls[0].call if t.calls else {}) for i, t in expecting]
+    chars = [_chars_right(e["parameters"], c.get("parameters")) for e, c in first if isinstance(e["parameters"], dict)]
     return {
         "tool_call_rate": _share(sum(bool(t.calls) for _, t in expecting), len(expecting)),
         "tool_false_call_rate": _share(sum(bool(t.calls) for t in none), len(none)),
         "tool_name_accuracy": _share(sum(e["name"] == c.get("name") for e, c in first), len(expecting)),
         "tool_args_exact": _share(sum(e["parameters"] == c.get("parameters") for e, c in first), len(expecting)),
+        "tool_args_chars": _share(sum(h for h, _ in chars), sum(n for _, n in chars)),
         "stopped_share": _share(sum(t.stopped for t in turns), sum(t.replies for t in turns)),
         "tool_turns_expecting_call": len(expecting), "tool_turns_expecting_none": len(none),
         "tool_failed_calls": sum(t.errors for t in turns),

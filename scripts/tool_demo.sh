@@ -46,9 +46,12 @@ python "$ROOT/data_processing/build_tool_data.py" --out-dir "$OUT/data" --synthe
 
 stage 2 "小模型，分词器只用训练集训练 / tiny models, the tokenizer trained on the training set only"
 # 2 heads of 64 dims, not 4 of 32: at 3000 steps all four seeds tried copy names; with 4 heads one never did.
+# --single-tokens: each type name and name character is one token wherever it is written, so that the answer
+# copies the observation's tokens (a free tokenizer writes 水 as 是水 in answers: docs/tool_demo.md).
 for seed in "${SEED_LIST[@]}"; do
     python "$DEMO/scripts/build_tiny_model.py" --corpus "$OUT/data/train.jsonl" --out "$OUT/base-s$seed" \
-        --layers 4 --hidden 128 --heads 2 --kv-groups 2 --vocab-size 3000 --seed "$seed"
+        --layers 4 --hidden 128 --heads 2 --kv-groups 2 --vocab-size 3000 --seed "$seed" \
+        --single-tokens "$OUT/data/single_tokens.txt"
     python "$ROOT/data_processing/build_tool_data.py" --out-dir "$OUT/data" --check-tokenizer "$OUT/base-s$seed"
 done
 
@@ -94,15 +97,27 @@ echo "平均 / mean over seeds，无工具 / without the tool:"
 python "$ROOT/scripts/tool_report.py" mean "$OUT"/notool-s*.json | tee "$OUT/summary_notool.json"
 
 stage 5 "学习曲线：各检查点的 tool_args_exact / learning curve: tool_args_exact of every checkpoint"
-for seed in "${SEED_LIST[@]}"; do
+curve() {  # SEED: every checkpoint of that seed evaluated, one JSON line per step into curve-sSEED.jsonl
+    local seed=$1 ckpt step
     for ckpt in "$OUT/s$seed"/checkpoint-*; do
+        [ -d "$ckpt" ] || continue  # SAVE_EVERY above STEPS: no checkpoint, no curve
         step=${ckpt##*-}
         evaluate "$ckpt" "$OUT/ckpt-s$seed-$step"
         python -c 'import json, sys; print(json.dumps({"step": int(sys.argv[1]), **json.load(open(sys.argv[2]))}))' \
             "$step" "$OUT/ckpt-s$seed-$step.json" >> "$OUT/curve-s$seed.jsonl"
     done
+}
+# Seeds in parallel, as many at once as there are cores (each evaluation uses $THREADS threads).
+pids=()
+for seed in "${SEED_LIST[@]}"; do
+    while [ "$(jobs -rp | wc -l)" -ge $(( $(nproc) / THREADS )) ]; do sleep 1; done
+    curve "$seed" &
+    pids+=($!)
 done
-if python -c "import matplotlib" 2>/dev/null; then
+for pid in "${pids[@]}"; do wait "$pid" || exit 1; done
+if ! compgen -G "$OUT/curve-s*.jsonl" > /dev/null; then
+    echo "没有检查点，跳过学习曲线 / no checkpoints (SAVE_EVERY > STEPS): no learning curve"
+elif python -c "import matplotlib" 2>/dev/null; then
     python "$ROOT/scripts/tool_report.py" curve "$OUT"/curve-s*.jsonl --out "$OUT/tool_args_exact.png"
 else
     echo "跳过画图：没有 matplotlib / plot skipped: matplotlib is not installed"

@@ -46,6 +46,28 @@ def test_build_tiny_model_cli(tmp_path, capsys):
     assert "nope.txt" in error(capsys, build_tiny_model.main, "--corpus", tmp_path / "nope.txt", "--out", tmp_path / "x")
     assert "hidden" in error(capsys, build_tiny_model.main, "--corpus", corpus, "--out", tmp_path / "y", "--hidden", "30", "--heads", "4")
     assert "--vocab-size" in error(capsys, build_tiny_model.main, "--corpus", DATA / "data.csv", "--out", tmp_path / "z", "--vocab-size", "300")
+    units = tmp_path / "units.txt"
+    units.write_text("水\n火 龙\n", encoding="utf-8")
+    assert "units.txt:2" in error(capsys, build_tiny_model.main, "--corpus", corpus, "--out", tmp_path / "u", "--single-tokens", units)
+
+
+def test_build_tiny_model_single_tokens_and_head_size(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("皮卡丘是电属性的宝可梦。\n" * 50 + "小火龙是火属性的宝可梦。\n" * 50, encoding="utf-8")
+    units = tmp_path / "units.txt"
+    units.write_text("电\n火\n", encoding="utf-8")
+    out = tmp_path / "m"
+    r = run("build_tiny_model.py", "--corpus", corpus, "--out", out, "--layers", "1", "--hidden", "32", "--heads", "4",
+            "--kv-channels", "16", "--kv-groups", "2", "--vocab-size", "400", "--single-tokens", units)
+    assert r.returncode == 0, r.stderr
+    from chatglm3 import ChatGLMTokenizer
+
+    sp = ChatGLMTokenizer.from_pretrained(str(out)).tokenizer.sp_model
+    assert "电" in sp.encode_as_pieces("皮卡丘是电属性的宝可梦。") and "火" in sp.encode_as_pieces("小火龙是火属性")
+    assert json.loads((out / "config.json").read_text())["kv_channels"] == 16
+    free = build_tiny_model.build_tiny_model(corpus, tmp_path / "free", layers=1, hidden=32, heads=2, kv_groups=1, vocab_size=400)
+    sp_free = ChatGLMTokenizer.from_pretrained(str(free)).tokenizer.sp_model
+    assert "电" not in sp_free.encode_as_pieces("皮卡丘是电属性的宝可梦。")  # merged with a neighbour when free
 
 
 def test_plot_loss_from_trainer_state(tmp_path, capsys):

@@ -17,7 +17,7 @@ import tool_eval
 from chatglm3 import ChatGLMError, ChatGLMTokenizer, register_tool
 from chatglm3.model.conversation import encode_messages, encode_sample, sample_to_messages, stop_token_ids
 from chatglm3.data.reader import check_conversation
-from build_tiny_model import build_tiny_model
+from build_tiny_model import build_tiny_model, single_token_list
 from chatglm3.serving.tool_loop import MAX_ERROR_OBSERVATIONS, ToolTurn, execute, is_error_observation
 from chatglm3.tools import load_tool_files, run_metrics, tool_of
 from pokedex import POKEDEX_TOOL, load_table
@@ -111,6 +111,35 @@ def test_held_out_names_are_writable_with_a_tokenizer_of_the_training_set(tmp_pa
     assert tool_data.unlearnt_name_tokens(own, held_out, training) == {}
     real_only = tool_data.build_training_samples(table, held_out, synthetic=0, real_variants=1, seed=0)[0]
     assert "耿鬼" in tool_data.unlearnt_name_tokens(own, held_out, real_only)
+
+
+def test_copy_units_are_the_same_tokens_in_the_observation_and_the_answer(tmp_path, table, held_out, training):
+    # A tokenizer trained freely merges a type with its neighbours (是水, 火属性的宝可梦): the answer then holds
+    # other tokens than the observation, and copying a type is a lookup the model learns per type and template.
+    # Kept as single tokens (build_tiny_model.py --single-tokens), every type and name is copied token for token.
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in training), encoding="utf-8")
+    units = tmp_path / "single_tokens.txt"
+    units.write_text("\n".join(tool_data.copy_units(table)) + "\n", encoding="utf-8")
+    answers = [(reply["content"], call["observation"]) for s in training
+               for call, reply in zip(s["conversations"], s["conversations"][1:])
+               if call["role"] == "tool" and "属性" in call["observation"] and reply["role"] == "assistant"
+               and all(v in reply["content"] for v in [call["observation"]["姓名"], *call["observation"]["属性"]])]
+
+    def misfits(folder):
+        sp = ChatGLMTokenizer.from_pretrained(str(folder)).tokenizer.sp_model
+        bad = 0
+        for text, observation in answers[:300]:
+            answer = sp.encode_as_pieces(text)
+            for value in [observation["姓名"], *observation["属性"]]:
+                pieces = [p for p in sp.encode_as_pieces(json.dumps(value, ensure_ascii=False)) if p not in ('▁"', '"')]
+                bad += not any(answer[i:i + len(pieces)] == pieces for i in range(len(answer)))
+        return bad
+
+    free = build_tiny_model(path, tmp_path / "free", layers=1, hidden=32, heads=2, kv_groups=1, vocab_size=3000)
+    kept = build_tiny_model(path, tmp_path / "kept", layers=1, hidden=32, heads=2, kv_groups=1, vocab_size=3000,
+                            single_tokens=single_token_list(units))
+    assert misfits(free) > 50 and misfits(kept) == 0
 
 
 # --- the tool loop ------------------------------------------------------------------------------------------------
@@ -281,6 +310,8 @@ def test_evaluate_tools_runs_the_real_loop(calling_model_dir, tmp_path, table, c
     # reply ends on <|observation|>, and no turn gets an answer (the model's 256-token context fills up first).
     assert summary["tool_call_rate"] == 1.0 and summary["tool_name_accuracy"] == 1.0
     assert summary["tool_args_exact"] == 0.5 and summary["tool_false_call_rate"] == 1.0
+    # 皮卡丘 written for 皮卡丘 (3 of 3 characters) and for 妙蛙种子 (none of 4 in place): 3 / 7
+    assert summary["tool_args_chars"] == round(3 / 7, 4)
     assert summary["tool_answer_grounded"] == 0.0 and summary["stopped_share"] == 1.0
     assert {"rouge-1", "bleu-4", "samples"} <= set(summary)
     records = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
