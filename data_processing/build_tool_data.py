@@ -93,7 +93,7 @@ def run(args):
     for name, samples in (("train", train), ("heldout", evaluation)):
         for i, sample in enumerate(samples, 1):  # built here, so a problem is a bug; check anyway before writing
             check_conversation(sample, f"{name} sample {i}")
-    # All or nothing: the three files belong together (a failure on the last leaves the first two as they were).
+    # All or nothing: the four files belong together (a failure on the last leaves the others as they were).
     write_all_atomic({**{out / name: "".join(dumps(s, str(out / name)) + "\n" for s in samples)
                          for name, samples in (("train.jsonl", train), ("heldout.jsonl", evaluation))},
                       out / "heldout_names.txt": "".join(n + "\n" for n in sorted(held_out)),

@@ -49,6 +49,9 @@ def test_build_tiny_model_cli(tmp_path, capsys):
     units = tmp_path / "units.txt"
     units.write_text("水\n火 龙\n", encoding="utf-8")
     assert "units.txt:2" in error(capsys, build_tiny_model.main, "--corpus", corpus, "--out", tmp_path / "u", "--single-tokens", units)
+    for flag, value in (("--heads", "0"), ("--kv-channels", "-4"), ("--layers", "0")):  # one argparse line, exit 2
+        r = run("build_tiny_model.py", "--corpus", corpus, "--out", tmp_path / "s", flag, value)
+        assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "s").exists()
 
 
 def test_build_tiny_model_single_tokens_and_head_size(tmp_path):

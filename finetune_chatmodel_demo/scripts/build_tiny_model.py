@@ -14,7 +14,7 @@ import sentencepiece as spm
 import torch
 
 import _bootstrap  # noqa: F401  (the drop-in folder's chatglm3, also when copied alone)
-from chatglm3 import json_files
+from chatglm3 import json_files, limits
 from chatglm3.model.configuration import ChatGLMConfig
 from chatglm3.model.conversation import CONVERSATION_KEY, TOOL_SYSTEM_PROMPT, format_tool_call, message_text, sample_to_messages
 from chatglm3.data.reader import read_json_records
@@ -125,8 +125,7 @@ def single_token_list(path) -> tuple[str, ...]:
 
 def build_tiny_model(corpus, out, layers: int = 2, hidden: int = 64, heads: int = 4, kv_groups: int = 2,
                      ffn_hidden: Optional[int] = None, vocab_size: int = 2000, seq_length: int = 2048, seed: int = 0,
-                     single_tokens: tuple[str, ...] = (),
-                     kv_channels: Optional[int] = None) -> Path:
+                     single_tokens: tuple[str, ...] = (), kv_channels: Optional[int] = None) -> Path:
     """Writes tokenizer.model, tokenizer_config.json, config.json and model.safetensors to `out`.
     `corpus`: one file or a list of files (.txt .csv .json .jsonl); `single_tokens`: see train_tokenizer."""
     from chatglm3.model.modeling import ChatGLMForConditionalGeneration
@@ -159,18 +158,19 @@ def build_tiny_model(corpus, out, layers: int = 2, hidden: int = 64, heads: int 
 
 
 def main(argv=None) -> int:
+    size = limits.AT_LEAST_1.argument_type()  # a size of 0 or below is one argparse line, not a traceback
     p = argparse.ArgumentParser(allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, nargs="+", help="训练分词器的语料（可多个）/ corpus file(s) for the tokenizer (.txt .csv .jsonl .json)")
     p.add_argument("--out", required=True, help="输出目录 / output directory")
-    p.add_argument("--layers", type=int, default=2, help="层数 / number of layers (default 2)")
-    p.add_argument("--hidden", type=int, default=64, help="隐藏维度 / hidden size (default 64)")
-    p.add_argument("--heads", type=int, default=4, help="注意力头数 / attention heads (default 4)")
-    p.add_argument("--kv-channels", type=int, default=None,
+    p.add_argument("--layers", type=size, default=2, help="层数 / number of layers (default 2)")
+    p.add_argument("--hidden", type=size, default=64, help="隐藏维度 / hidden size (default 64)")
+    p.add_argument("--heads", type=size, default=4, help="注意力头数 / attention heads (default 4)")
+    p.add_argument("--kv-channels", type=size, default=None,
                    help="每个注意力头的维度 / dimensions per attention head (default hidden / heads)")
-    p.add_argument("--kv-groups", type=int, default=2, help="KV 组数（multi-query）/ key-value groups (default 2)")
-    p.add_argument("--ffn-hidden", type=int, default=None, help="MLP 维度 / MLP size (default about 8/3 x hidden)")
-    p.add_argument("--vocab-size", type=int, default=2000, help="SentencePiece 词表大小 / SentencePiece vocabulary size (default 2000)")
-    p.add_argument("--seq-length", type=int, default=2048, help="上下文长度 / context length recorded in config.json")
+    p.add_argument("--kv-groups", type=size, default=2, help="KV 组数（multi-query）/ key-value groups (default 2)")
+    p.add_argument("--ffn-hidden", type=size, default=None, help="MLP 维度 / MLP size (default about 8/3 x hidden)")
+    p.add_argument("--vocab-size", type=size, default=2000, help="SentencePiece 词表大小 / SentencePiece vocabulary size (default 2000)")
+    p.add_argument("--seq-length", type=size, default=2048, help="上下文长度 / context length recorded in config.json")
     p.add_argument("--seed", type=int, default=0, help="随机种子 / random seed")
     p.add_argument("--single-tokens", metavar="FILE",
                    help="每行一个词或字，分词时总是单独成一个 token、不与前后合并（模型要照抄的值，如名字的字、工具返回的取值）/ "
@@ -181,8 +181,7 @@ def main(argv=None) -> int:
         single = single_token_list(a.single_tokens) if a.single_tokens else ()
         out = build_tiny_model(a.corpus, a.out, layers=a.layers, hidden=a.hidden, heads=a.heads, kv_groups=a.kv_groups,
                                ffn_hidden=a.ffn_hidden, vocab_size=a.vocab_size, seq_length=a.seq_length, seed=a.seed,
-                               single_tokens=single,
-                               kv_channels=a.kv_channels)
+                               single_tokens=single, kv_channels=a.kv_channels)
     except ChatGLMError as e:
         print(f"错误 / Error: {e}", file=sys.stderr)
         return 1
