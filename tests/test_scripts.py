@@ -49,7 +49,7 @@ def test_build_tiny_model_cli(tmp_path, capsys):
     units = tmp_path / "units.txt"
     units.write_text("水\n火 龙\n", encoding="utf-8")
     assert "units.txt:2" in error(capsys, build_tiny_model.main, "--corpus", corpus, "--out", tmp_path / "u", "--single-tokens", units)
-    for flag, value in (("--heads", "0"), ("--kv-channels", "-4"), ("--layers", "0")):  # one argparse line, exit 2
+    for flag, value in (("--heads", "0"), ("--kv-channels", "-4"), ("--layers", "0"), ("--init-std", "0")):  # exit 2
         r = run("build_tiny_model.py", "--corpus", corpus, "--out", tmp_path / "s", flag, value)
         assert r.returncode == 2 and flag in r.stderr and "Traceback" not in r.stderr and not (tmp_path / "s").exists()
 
@@ -61,15 +61,23 @@ def test_build_tiny_model_single_tokens_and_head_size(tmp_path):
     units.write_text("电\n火\n", encoding="utf-8")
     out = tmp_path / "m"
     r = run("build_tiny_model.py", "--corpus", corpus, "--out", out, "--layers", "1", "--hidden", "32", "--heads", "4",
-            "--kv-channels", "16", "--kv-groups", "2", "--vocab-size", "400", "--single-tokens", units)
+            "--kv-channels", "16", "--kv-groups", "2", "--vocab-size", "400", "--single-tokens", units, "--init-std", "0.1")
     assert r.returncode == 0, r.stderr
     from chatglm3 import ChatGLMTokenizer
+    from safetensors.torch import load_file
+
+    # --init-std: recorded as HF's initializer_range and used for every matrix (default 0.02 below)
+    assert json.loads((out / "config.json").read_text())["initializer_range"] == 0.1
+    weight = load_file(out / "model.safetensors")["transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"]
+    assert abs(weight.std().item() - 0.1) < 0.01
 
     sp = ChatGLMTokenizer.from_pretrained(str(out)).tokenizer.sp_model
     assert "电" in sp.encode_as_pieces("皮卡丘是电属性的宝可梦。") and "火" in sp.encode_as_pieces("小火龙是火属性")
     assert json.loads((out / "config.json").read_text())["kv_channels"] == 16
     free = build_tiny_model.build_tiny_model(corpus, tmp_path / "free", layers=1, hidden=32, heads=2, kv_groups=1, vocab_size=400)
     sp_free = ChatGLMTokenizer.from_pretrained(str(free)).tokenizer.sp_model
+    weight = load_file(free / "model.safetensors")["transformer.encoder.layers.0.mlp.dense_h_to_4h.weight"]
+    assert abs(weight.std().item() - 0.02) < 0.002
     assert "电" not in sp_free.encode_as_pieces("皮卡丘是电属性的宝可梦。")  # merged with a neighbour when free
 
 

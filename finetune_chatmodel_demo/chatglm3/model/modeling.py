@@ -328,8 +328,9 @@ class ChatGLMPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     def _init_weights(self, module):
-        # Only used for fresh (tiny) models; real checkpoints overwrite every tensor.
-        std = 0.02
+        # Only used for fresh (tiny) models; real checkpoints overwrite every tensor. 0.02 is GPT-2's width-768
+        # value; build_tiny_model.py --init-std records another in config.json (HF's `initializer_range`).
+        std = getattr(self.config, "initializer_range", 0.02)
         if isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, std=std)
             if module.bias is not None:
