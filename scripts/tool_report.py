@@ -3,7 +3,7 @@
 
     python scripts/tool_report.py mean OUT/eval-s0.json OUT/eval-s1.json       # mean of evaluate.py's JSON lines
     python scripts/tool_report.py curve OUT/curve-s0.jsonl OUT/curve-s1.jsonl --out curve.png
-    python scripts/tool_report.py table OUT [--update-docs docs/tool_demo.md]  # per-seed table, min/mean/max
+    python scripts/tool_report.py table OUT [OUT2 ...] [--update-docs docs/tool_demo.md]  # per-seed table, min/mean/max
 
 A curve file holds one JSON object per evaluated checkpoint: {"step": N, ...evaluate.py's summary}.
 """
@@ -84,15 +84,23 @@ def copy_step(path: Path):
     return next((step for step, value in points if value is not None and value >= COPYING), None)
 
 
-def seed_table(out: Path) -> str:
-    """A Markdown table of the demo folder `out`: one row per seed (eval-sN.json: the final model; curve-sN.jsonl:
-    the step at which copying arrived), then min, mean and max, and whether the targets are met."""
-    runs = sorted(((int(m.group(1)), p) for p in out.glob("eval-s*.json") if (m := re.fullmatch(r"eval-s(\d+)\.json", p.name))),
-                  key=lambda run: run[0])
-    if not runs:
-        raise SystemExit(f"错误：{out} 里没有 eval-s*.json，这是 tool_demo.sh 的输出目录吗？/ Error: {out} holds no "
-                         "eval-s*.json: is it a tool_demo.sh output folder?")
-    rows = [(seed, summaries(path)[-1], copy_step(out / f"curve-s{seed}.jsonl"), path) for seed, path in runs]
+def seed_table(outs: list) -> str:
+    """A Markdown table of the demo folders `outs` (one, or several runs of other seeds): one row per seed
+    (eval-sN.json: the final model; curve-sN.jsonl: the step at which copying arrived), then min, mean and max, and
+    whether the targets are met."""
+    found = {}
+    for out in outs:
+        runs = [(int(m.group(1)), p) for p in out.glob("eval-s*.json") if (m := re.fullmatch(r"eval-s(\d+)\.json", p.name))]
+        if not runs:
+            raise SystemExit(f"错误：{out} 里没有 eval-s*.json，这是 tool_demo.sh 的输出目录吗？/ Error: {out} holds no "
+                             "eval-s*.json: is it a tool_demo.sh output folder?")
+        for seed, path in runs:
+            if seed in found:
+                raise SystemExit(f"错误：种子 {seed} 同时在 {found[seed].parent} 和 {out} 里，每个种子只能给一次 / Error: seed "
+                                 f"{seed} is in both {found[seed].parent} and {out}; give each seed once")
+            found[seed] = path
+    rows = [(seed, summaries(path)[-1], copy_step(path.parent / f"curve-s{seed}.jsonl"), path)
+            for seed, path in sorted(found.items())]
     header = "| 种子 / seed | " + " | ".join(f"`{k}`" for k in TABLE_KEYS) + " | 学会抄名字的步 / copying from step |"
     lines = [header, "|" + "---|" * (len(TABLE_KEYS) + 2)]
     show = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
@@ -165,7 +173,9 @@ def main(argv=None) -> int:
     c.add_argument("--out", type=Path, required=True)
     c.add_argument("--key", default="tool_args_exact", choices=KEYS)
     t = sub.add_parser("table", allow_abbrev=False, help="每个种子一行，最小/平均/最大 / a row per seed, min/mean/max")
-    t.add_argument("folder", type=Path, help="tool_demo.sh 的输出目录 / the tool_demo.sh output folder")
+    t.add_argument("folders", nargs="+", type=Path,
+                   help="tool_demo.sh 的输出目录，可以是分开跑的几个（种子不重复）/ the tool_demo.sh output folder, or several "
+                        "run separately (no seed twice)")
     t.add_argument("--update-docs", type=Path, default=None, metavar="DOC",
                    help="把表写进 DOC 的 tool-demo-seeds 标记之间 / put the table between DOC's tool-demo-seeds markers")
     args = parser.parse_args(argv)
@@ -174,10 +184,11 @@ def main(argv=None) -> int:
     if args.command == "mean":
         print(dumps(mean(args.files)))
     elif args.command == "table":
-        table = seed_table(args.folder)
+        table = seed_table(args.folders)
         print(table, end="")
         if args.update_docs:
-            command = f"python scripts/tool_report.py table {args.folder.name} --update-docs {args.update_docs}"
+            folders = " ".join(folder.name for folder in args.folders)
+            command = f"python scripts/tool_report.py table {folders} --update-docs {args.update_docs}"
             try:
                 replace_marked_block(args.update_docs, "tool-demo-seeds", f"`{command}`\n\n{table}")
             except ChatGLMError as e:

@@ -211,3 +211,16 @@ def test_tool_report_table_has_a_row_per_seed_min_mean_max_and_the_copy_step(tmp
     empty = subprocess.run([sys.executable, str(REPO / "scripts" / "tool_report.py"), "table", str(tmp_path)],
                            capture_output=True, text=True, timeout=300)
     assert empty.returncode != 0 and "eval-s" in empty.stderr and "Traceback" not in empty.stderr
+
+    # 8 seeds run as two halves: one table from both folders (curves found beside each seed's eval); a seed twice is refused
+    other = tmp_path / "demo-b"
+    other.mkdir()
+    for name in ("eval-s2.json", "curve-s2.jsonl"):
+        (out / name).rename(other / name)
+    split = subprocess.run([sys.executable, str(REPO / "scripts" / "tool_report.py"), "table", str(out), str(other)],
+                           capture_output=True, text=True, timeout=300)
+    assert split.returncode == 0 and split.stdout == run.stdout, split.stderr
+    (out / "eval-s2.json").write_text((other / "eval-s2.json").read_text(encoding="utf-8"), encoding="utf-8")
+    twice = subprocess.run([sys.executable, str(REPO / "scripts" / "tool_report.py"), "table", str(out), str(other)],
+                           capture_output=True, text=True, timeout=300)
+    assert twice.returncode != 0 and "2" in twice.stderr and "demo-b" in twice.stderr and "Traceback" not in twice.stderr
