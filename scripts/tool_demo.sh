@@ -21,9 +21,9 @@ OUT="${TOOL_DEMO_OUT:-$ROOT/tool_demo_out}"
 if [ "${TOOL_DEMO_FAST:-0}" = 1 ]; then
     : "${SEEDS:=0}" "${STEPS:=300}" "${SYNTHETIC:=3000}" "${SAVE_EVERY:=100}"
 else
-    # Copying unseen names arrives suddenly, at a step that differs by seed (about 1,250 to 2,500 over four
-    # seeds), and copying the types into the answer follows: 4500 steps get every seed tried through both;
-    # 3000 leave the late ones half-way (README, tool-use section).
+    # Copying unseen names arrives suddenly, at a step that differs by seed (1,750 to 3,000 over seeds 0-3, and
+    # seed 0 not fully by 4,500), and answering from the observation follows; seeds 0, 2 and 3 still miss the
+    # targets (docs/tool_demo.md, "Recipe experiments").
     : "${SEEDS:=0 1}" "${STEPS:=4500}" "${SYNTHETIC:=12000}" "${SAVE_EVERY:=250}"
 fi
 read -r -a SEED_LIST <<< "$SEEDS"
