@@ -334,6 +334,10 @@ def run(model_args, data_args, training_args):
         trainer.save_model()
         trainer.save_state()
     main_print(training_args, f"训练完成，模型保存在 / Training finished, model saved to {os.path.abspath(training_args.output_dir)}")
+    # Torch asks for this before exit: left to the interpreter's teardown, a rank of a multi-process CPU run once
+    # aborted after the model was saved ("terminate called without an active exception", the launcher then fails).
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(argv=None) -> int:
