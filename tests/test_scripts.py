@@ -223,4 +223,4 @@ def test_tool_report_table_has_a_row_per_seed_min_mean_max_and_the_copy_step(tmp
     (out / "eval-s2.json").write_text((other / "eval-s2.json").read_text(encoding="utf-8"), encoding="utf-8")
     twice = subprocess.run([sys.executable, str(REPO / "scripts" / "tool_report.py"), "table", str(out), str(other)],
                            capture_output=True, text=True, timeout=300)
-    assert twice.returncode != 0 and "2" in twice.stderr and "demo-b" in twice.stderr and "Traceback" not in twice.stderr
+    assert twice.returncode != 0 and "seed 2 is in both" in twice.stderr and "demo-b" in twice.stderr and "Traceback" not in twice.stderr
