@@ -362,7 +362,7 @@ def child_model_row(args, row: Row) -> dict:
             elif count >= 3 and now() - first > args.decode_seconds:  # a slow row: enough tokens for a rate
                 break
         end = now()
-        result.update(prompt_tokens=ids.shape[1], new_tokens=count, first_token_s=round(first - start, 2),
+        result.update(prompt_tokens=ids.shape[1], new_tokens=count, first_token_s=round(first - start, 4),  # a tiny model's first token takes ms
                       tokens_per_s=round((count - 1) / (end - first), 3) if count > 1 else None)
     if cuda:
         result["cuda_peak_gb"] = round(torch.cuda.max_memory_allocated() / GB, 2)
@@ -589,7 +589,9 @@ def details_text(row: Row, r: dict) -> str:
                      f"RSS {gb(r['rss_after_load_gb'])} after loading")
         if row.new_tokens:
             speed = f"{r['tokens_per_s']:.2f}" if r.get("tokens_per_s") is not None else "-"
-            parts.append(f"首 token / first token {r['first_token_s']:.1f} s, then {speed} tok/s ({r['new_tokens']} tokens)")
+            first_token = r["first_token_s"]
+            first_token = f"{first_token:.1f} s" if first_token >= 0.1 else f"{first_token * 1000:.0f} ms"
+            parts.append(f"首 token / first token {first_token}, then {speed} tok/s ({r['new_tokens']} tokens)")
     elif row.kind == "train":
         if "train_s" in r:
             parts.append(f"{r['train_s'] / STEPS:.0f} s/step")
