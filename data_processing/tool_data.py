@@ -73,11 +73,12 @@ def lookup(row):
 def synthetic_rows(count, table, held_out, rng):
     """`count` invented Pokémon: names of 2-4 characters drawn uniformly from the characters of every real name
     (the held-out ones included, so each of their characters is learnt), never a real name and never containing
-    a held-out one; 1-2 random types with the chart's weaknesses; the ability and description of a random
-    training Pokémon (its name in the description replaced)."""
+    a held-out one; 1-2 random types with the chart's weaknesses; a random training Pokémon's ability and a
+    description spliced from 2-3 clauses of different ones (`spliced_description`)."""
     chars = sorted({ch for row in table.rows for ch in row.name})
     real = {row.name for row in table.rows}
     donors = [scrubbed(row, held_out) for row in table.rows if row.name not in held_out]
+    abilities = sorted({row.ability for row in donors if row.ability})
     names, rows = set(), []
     while len(rows) < count:
         length = rng.choices(list(NAME_LENGTHS), weights=list(NAME_LENGTHS.values()))[0]
@@ -86,11 +87,22 @@ def synthetic_rows(count, table, held_out, rng):
             continue
         names.add(name)
         types = rng.sample(TYPES, rng.choice((1, 1, 2)))
-        donor = rng.choice(donors)
         rows.append(PokemonRow(line=0, name=name, raw={}, types=types, weaknesses=weaknesses(types),
-                               quad_weaknesses=weaknesses(types, min_multiplier=4), ability=donor.ability,
-                               description=donor.description.replace(donor.name, name)))
+                               quad_weaknesses=weaknesses(types, min_multiplier=4), ability=rng.choice(abilities),
+                               description=spliced_description(name, donors, rng)))
     return rows
+
+
+def spliced_description(name, donors, rng):
+    """2-3 clauses of the descriptions of different training Pokémon (their names replaced by `name`). A whole
+    donor description would be one of ~135 texts the model memorises, so every observation in training would be
+    familiar and a held-out Pokémon's description the first new one it meets; spliced, the description in the
+    observation is new text each time, and an answer about it is copied, not recalled."""
+    clauses = []
+    for donor in rng.sample([d for d in donors if d.description], rng.choice((2, 3))):
+        parts = [p for p in donor.description.replace("。", "，").split("，") if p]
+        clauses.append(rng.choice(parts).replace(donor.name, name))
+    return "，".join(clauses) + "。"
 
 
 def unknown_names(count, table, taken, rng):

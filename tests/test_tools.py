@@ -96,6 +96,11 @@ def test_synthetic_pokemon_follow_the_type_chart(table, held_out):
         assert row.weaknesses == tool_data.weaknesses(row.types)
         observation = tool_data.lookup(row)
         assert observation["姓名"] == row.name and observation["属性"] == row.types
+    # Descriptions are spliced from clauses of several training Pokémon: hardly any is a real one the model could
+    # recall whole (two clauses can happen to make one), and almost every one is new text.
+    real_descriptions = {r.description for r in table.rows}
+    assert sum(row.description in real_descriptions for row in rows) < 0.01 * len(rows)
+    assert len({row.description for row in rows}) > 0.95 * len(rows)
 
 
 def test_held_out_names_are_writable_with_a_tokenizer_of_the_training_set(tmp_path, tokenizer, table, held_out,
