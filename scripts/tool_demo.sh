@@ -21,9 +21,9 @@ OUT="${TOOL_DEMO_OUT:-$ROOT/tool_demo_out}"
 if [ "${TOOL_DEMO_FAST:-0}" = 1 ]; then
     : "${SEEDS:=0}" "${STEPS:=300}" "${SYNTHETIC:=3000}" "${SAVE_EVERY:=100}"
 else
-    # Copying unseen names arrives at a step that differs by seed (3,000 to 3,500 over seeds 0-3; seed 3 stalls
-    # at about 60% of the name's characters), and answering from the observation follows; seed 3 still misses the
-    # targets (docs/tool_demo.md, "Recipe experiments").
+    # Copying unseen names arrives at a step that differs by seed (2,500 to 3,500 over seeds 0-5), and answering
+    # from the observation follows; seed 3 stalls at about 60% of the name's characters and seed 5 never starts,
+    # so they miss the targets (docs/tool_demo.md, "Recipe experiments").
     : "${SEEDS:=0 1}" "${STEPS:=4500}" "${SYNTHETIC:=12000}" "${SAVE_EVERY:=250}"
 fi
 read -r -a SEED_LIST <<< "$SEEDS"
