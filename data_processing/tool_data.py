@@ -79,6 +79,9 @@ def synthetic_rows(count, table, held_out, rng):
     real = {row.name for row in table.rows}
     donors = [scrubbed(row, held_out) for row in table.rows if row.name not in held_out]
     abilities = sorted({row.ability for row in donors if row.ability})
+    # Each donor's description cut into clauses once, for spliced_description.
+    clauses = [(row.name, [c for c in row.description.replace("。", "，").split("，") if c])
+               for row in donors if row.description]
     names, rows = set(), []
     while len(rows) < count:
         length = rng.choices(list(NAME_LENGTHS), weights=list(NAME_LENGTHS.values()))[0]
@@ -89,20 +92,18 @@ def synthetic_rows(count, table, held_out, rng):
         types = rng.sample(TYPES, rng.choice((1, 1, 2)))
         rows.append(PokemonRow(line=0, name=name, raw={}, types=types, weaknesses=weaknesses(types),
                                quad_weaknesses=weaknesses(types, min_multiplier=4), ability=rng.choice(abilities),
-                               description=spliced_description(name, donors, rng)))
+                               description=spliced_description(name, clauses, rng)))
     return rows
 
 
-def spliced_description(name, donors, rng):
-    """2-3 clauses of the descriptions of different training Pokémon (their names replaced by `name`). A whole
-    donor description would be one of ~135 texts the model memorises, so every observation in training would be
-    familiar and a held-out Pokémon's description the first new one it meets; spliced, the description in the
-    observation is new text each time, and an answer about it is copied, not recalled."""
-    clauses = []
-    for donor in rng.sample([d for d in donors if d.description], rng.choice((2, 3))):
-        parts = [p for p in donor.description.replace("。", "，").split("，") if p]
-        clauses.append(rng.choice(parts).replace(donor.name, name))
-    return "，".join(clauses) + "。"
+def spliced_description(name, clauses, rng):
+    """One clause each of 2-3 different training Pokémon's descriptions (`clauses`: [(donor name, its clauses)]),
+    the donor's name replaced by `name`. A whole donor description would be one of ~135 texts the model memorises,
+    so every observation in training would be familiar and a held-out Pokémon's description the first new one it
+    meets; spliced, the description in the observation is new text each time, and an answer about it is copied,
+    not recalled."""
+    picked = rng.sample(clauses, rng.choice((2, 3)))
+    return "，".join(rng.choice(parts).replace(donor, name) for donor, parts in picked) + "。"
 
 
 def unknown_names(count, table, taken, rng):
