@@ -11,7 +11,9 @@ With --tools FILE.py (tool plug-ins, docs/tools.md), every user turn is answered
 (the model's calls executed by the files' tools, observations fed back), and the summary adds tool_call_rate,
 tool_false_call_rate, tool_name_accuracy, tool_args_exact, tool_args_chars and stopped_share (fractions 0-1, defined in
 tool_eval.py), then the keys of the files' own metric functions (chatglm3.tools.register_metrics; the Pokédex's:
-tool_answer_grounded, answer_types_correct); --hide-tools asks the same questions without the tools.
+tool_answer_grounded, answer_types_correct); --hide-tools asks the same questions without the tools. --copy-loss
+adds where the loss is: the copy_loss_* keys (tool_eval.py), the reference conversations' loss split into the
+names a call copies, the values a reply copies, and the rest.
 """
 import argparse
 import sys
@@ -34,7 +36,8 @@ from chatglm3.tools import load_tool_files, run_metrics
 from chatglm3.cli import (add_format_arg, add_generation_args, add_model_args, check_generation_args, generation_kwargs,
                  load_from_args, prompt_format)
 from metrics import METRIC_KEYS, compute_metrics, score_pair
-from tool_eval import TOOL_METRIC_KEYS, answer_items, load_items, tool_metrics, turn_record
+from tool_eval import (COPY_LOSS_KEYS, TOOL_METRIC_KEYS, answer_items, copy_losses, load_items, tool_metrics,
+                       turn_record)
 
 DEFAULT_OUTPUT = "output/eval_predictions.jsonl"
 
@@ -109,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hide-tools", action="store_true",
                         help="配合 --tools：同样的问题，但不提供工具（无工具的对照）/ with --tools: the same questions "
                              "without offering the tool (the no-tool baseline)")
+    parser.add_argument("--copy-loss", action="store_true",
+                        help="配合 --tools：汇总里加上 copy_loss_*，即参考对话（按训练的方式读入）的损失按 token 写的是什么分开：调用里"
+                             "名字的首个 token / 其余 token、回复里复述的参数、回复里抄的观察值、其余（见 tool_eval.py）/ with "
+                             "--tools: add the copy_loss_* keys, the loss of the reference conversations (read as in "
+                             "training) split by what each token writes: a call's argument (first token / the rest), "
+                             "an argument again in a reply, an observation's value in a reply, the rest (tool_eval.py)")
     parser.set_defaults(plugin_metric_keys=[])  # the keys the tool files' metric functions add (evaluate_tools)
     return parser
 
@@ -120,6 +129,9 @@ def check_args(args: argparse.Namespace) -> None:
     check_generation_args(args)
     if args.hide_tools and not args.tools:
         raise ChatGLMError("错误：--hide-tools 需要 --tools / Error: --hide-tools needs --tools")
+    if args.copy_loss and (not args.tools or args.hide_tools):
+        raise ChatGLMError("错误：--copy-loss 需要 --tools，且不能和 --hide-tools 一起用 / Error: --copy-loss needs --tools "
+                           "and cannot go with --hide-tools")
     # Before generation: --output may not replace the dev set, the table or a model file, nor be a directory.
     inputs = [("--data", args.data), *(("--tools", path) for path in args.tools or ()),
               *input_files(args.model, args.tokenizer, args.pt_checkpoint, args.adapter)]
@@ -152,6 +164,8 @@ def evaluate_tools(args: argparse.Namespace) -> Dict:
         raise ChatGLMError(f"错误：工具文件的指标函数用了已有的指标名 {sorted(set(extra) & set(summary))} / Error: a tool "
                            f"file's metric function returns keys evaluate.py already has: {sorted(set(extra) & set(summary))}")
     args.plugin_metric_keys = list(extra)  # printed after the generic keys
+    if args.copy_loss:
+        summary.update(copy_losses(model, tokenizer, load_conversations(args.data), model.config.seq_length))
     return {**summary, **extra}
 
 
@@ -193,7 +207,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ChatGLMError as exc:
         print(exc, file=sys.stderr)
         return 2
-    keys = (*METRIC_KEYS, "samples", *((*TOOL_METRIC_KEYS, *args.plugin_metric_keys) if args.tools else ()))
+    keys = (*METRIC_KEYS, "samples", *((*TOOL_METRIC_KEYS, *args.plugin_metric_keys) if args.tools else ()),
+            *(COPY_LOSS_KEYS if args.copy_loss else ()))
     try:
         print(dumps({key: summary[key] for key in keys}, "汇总 / the summary"))
     except ChatGLMError as exc:

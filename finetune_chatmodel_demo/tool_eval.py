@@ -15,12 +15,25 @@ What only a tool's own side can check (e.g. the Pokédex plug-in: are the looked
 adds with chatglm3.tools.register_metrics, from the records `turn_record` writes.
 With `hide_tools`, the same questions are asked without offering the tools (no tool system message, no tool
 entries in the history): the no-tool baseline.
+
+`copy_losses` (evaluate.py --copy-loss) says where the loss is: the reference conversations read teacher-forced,
+as in training, and each learnt token's loss (nats) averaged by what the token writes (`COPY_LOSS_KEYS`):
+  copy_loss_call_first  the first token of an argument value in a call (the name the call must copy)
+  copy_loss_call_rest   the later tokens of it: copying them in order is the induction step a small model learns
+                        late (docs/tool_demo.md)
+  copy_loss_echo        an argument value written again in a reply (the name in the answer)
+  copy_loss_observation an observation's value written in a reply (the types in the answer)
+  copy_loss_other       every other learnt token (templates, role tokens, stop tokens)
+  copy_loss_all         all learnt tokens: the training loss on this data
 """
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+import torch
+
 from chatglm3 import json_files
-from chatglm3.model.conversation import TOOLS_KEY, sample_to_messages
+from chatglm3.model.conversation import IGNORE_INDEX, TOOLS_KEY, encode_sample, sample_to_messages
 from chatglm3.data.reader import load_conversations
 from chatglm3.serving.tool_loop import ToolTurn, run_turns
 from chatglm3.tools import Tool
@@ -120,3 +133,77 @@ def turn_record(item: ToolEvalItem, turn: ToolTurn) -> Dict:
             "calls": [{"call": c.call, "observation": c.observation, "ok": c.ok} for c in turn.calls],
             "prediction": turn.answer, "reference": item.reference, "given_up": turn.given_up,
             "replies": turn.replies, "stopped": turn.stopped}
+
+
+COPY_LOSS_KEYS = ("copy_loss_call_first", "copy_loss_call_rest", "copy_loss_echo", "copy_loss_observation",
+                  "copy_loss_other", "copy_loss_all")
+
+
+def _strings(value) -> List[str]:
+    """Every non-empty string inside a JSON value (dict values and list items, recursively)."""
+    if isinstance(value, str):
+        return [value] if value else []
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return [s for item in items for s in _strings(item)]
+
+
+def _spans(labels: List[int]) -> List[range]:
+    """The runs of learnt positions (label != IGNORE_INDEX): one per reply."""
+    spans, start = [], None
+    for t, label in enumerate(labels + [IGNORE_INDEX]):
+        if label != IGNORE_INDEX and start is None:
+            start = t
+        elif label == IGNORE_INDEX and start is not None:
+            spans.append(range(start, t))
+            start = None
+    return spans
+
+
+def copy_categories(tokenizer, sample: dict, ids: List[int], labels: List[int]) -> Dict[int, str]:
+    """{position: category} for every learnt position of one encoded sample (`encode_sample`), by what the token
+    writes: a call's argument value (first or later token), an argument value again in a reply, an observation's
+    value in a reply, or other. Values are found in the decoded text of each reply, so a token merged with its
+    neighbours counts for the value it overlaps."""
+    calls = [m for m in sample.get("conversations", []) if m.get("role") == "tool"]
+    arguments = sorted({v for m in calls for v in _strings(m.get("parameters"))}, key=len, reverse=True)
+    observed = sorted({v for m in calls for v in _strings(_observation(m))} - set(arguments), key=len, reverse=True)
+    categories = {}
+    for span in _spans(labels):
+        # Each token's characters in the reply's text: the growth of the decoded prefix.
+        ends = [len(tokenizer.decode(ids[span.start:t + 1])) for t in span]
+        starts = [0] + ends[:-1]
+        text = tokenizer.decode(ids[span.start:span.stop])
+        is_call = "tool_call(" in text
+        found = {}  # token index in the span -> category, first match wins (arguments before observations)
+        for values, kinds in ((arguments, ("call_first", "call_rest") if is_call else ("echo", "echo")),
+                              ([] if is_call else observed, ("observation", "observation"))):
+            for value in values:
+                at = text.find(value)
+                while at >= 0:
+                    inside = [k for k in range(len(span)) if starts[k] < at + len(value) and ends[k] > at]
+                    for n, k in enumerate(inside):
+                        found.setdefault(k, kinds[0] if n == 0 else kinds[1])
+                    at = text.find(value, at + len(value))
+        for k, t in enumerate(span):
+            categories[t] = found.get(k, "other")
+    return categories
+
+
+@torch.no_grad()
+def copy_losses(model, tokenizer, samples: List[dict], max_length: int) -> Dict[str, Optional[float]]:
+    """The mean loss (nats) of the learnt tokens of `samples`, by category (module doc), teacher-forced with the
+    training encoding; None for a category with no token."""
+    sums = {key: 0.0 for key in COPY_LOSS_KEYS}
+    counts = dict.fromkeys(COPY_LOSS_KEYS, 0)
+    device = next(model.parameters()).device
+    for sample in samples:
+        ids, labels = encode_sample(tokenizer, sample, max_length)
+        # Label t is token t when token t-1 is learnt: the logits at t-1 predict it.
+        logits = model(input_ids=torch.tensor([ids], device=device)).logits[0].float()
+        losses = torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:], device=device),
+                                                   reduction="none").tolist()
+        for t, category in copy_categories(tokenizer, sample, ids, labels).items():
+            for key in (f"copy_loss_{category}", "copy_loss_all"):
+                sums[key] += losses[t - 1]
+                counts[key] += 1
+    return {key: round(sums[key] / counts[key], 4) if counts[key] else None for key in COPY_LOSS_KEYS}

@@ -26,6 +26,7 @@ else
     # so they miss the targets (docs/tool_demo.md, "Recipe experiments").
     : "${SEEDS:=0 1}" "${STEPS:=4500}" "${SYNTHETIC:=12000}" "${SAVE_EVERY:=250}"
 fi
+: "${INIT_STD:=0.02}"  # the tiny models' initial weights' standard deviation (build_tiny_model.py --init-std)
 read -r -a SEED_LIST <<< "$SEEDS"
 # Seeds train side by side, one CPU thread each unless there are cores to spare (a GPU is used when there is one).
 THREADS=$(( $(nproc) / ${#SEED_LIST[@]} )); THREADS=$(( THREADS > 0 ? THREADS : 1 ))
@@ -51,7 +52,7 @@ stage 2 "小模型，分词器只用训练集训练 / tiny models, the tokenizer
 for seed in "${SEED_LIST[@]}"; do
     python "$DEMO/scripts/build_tiny_model.py" --corpus "$OUT/data/train.jsonl" --out "$OUT/base-s$seed" \
         --layers 4 --hidden 128 --heads 2 --kv-groups 2 --vocab-size 3000 --seed "$seed" \
-        --single-tokens "$OUT/data/single_tokens.txt"
+        --init-std "$INIT_STD" --single-tokens "$OUT/data/single_tokens.txt"
     python "$ROOT/data_processing/build_tool_data.py" --out-dir "$OUT/data" --check-tokenizer "$OUT/base-s$seed"
 done
 
@@ -101,13 +102,13 @@ python "$ROOT/scripts/tool_report.py" mean "$OUT"/eval-s*.json | tee "$OUT/summa
 echo "平均 / mean over seeds，无工具 / without the tool:"
 python "$ROOT/scripts/tool_report.py" mean "$OUT"/notool-s*.json | tee "$OUT/summary_notool.json"
 
-stage 5 "学习曲线：各检查点的 tool_args_exact / learning curve: tool_args_exact of every checkpoint"
+stage 5 "学习曲线：各检查点的 tool_args_exact 与 copy_loss_* / learning curve: tool_args_exact and copy_loss_* of every checkpoint"
 curve() {  # SEED: every checkpoint of that seed evaluated, one JSON line per step into curve-sSEED.jsonl
     local seed=$1 ckpt step
     for ckpt in "$OUT/s$seed"/checkpoint-*; do
         [ -d "$ckpt" ] || continue  # SAVE_EVERY above STEPS: no checkpoint, no curve
         step=${ckpt##*-}
-        evaluate "$ckpt" "$OUT/ckpt-s$seed-$step"
+        evaluate "$ckpt" "$OUT/ckpt-s$seed-$step" --copy-loss  # + where the loss is (the name's characters, ...)
         python -c 'import json, sys; print(json.dumps({"step": int(sys.argv[1]), **json.load(open(sys.argv[2]))}))' \
             "$step" "$OUT/ckpt-s$seed-$step.json" >> "$OUT/curve-s$seed.jsonl"
     done

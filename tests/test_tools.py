@@ -329,6 +329,58 @@ def test_evaluate_tools_runs_the_real_loop(calling_model_dir, tmp_path, table, c
     assert hidden["tool_call_rate"] == 0.0 and hidden["answer_types_correct"] == 0.0
 
 
+def test_copy_categories_name_what_each_token_writes(tokenizer, table):
+    row = table.by_name()["妙蛙种子"]
+    sample = {"tools": [POKEDEX_TOOL], "conversations": [
+        {"role": "user", "content": "妙蛙种子是什么属性的？"}, tool_data._call(row, tool_data.lookup(row)),
+        {"role": "assistant", "content": "妙蛙种子的属性是草、毒。"}]}
+    ids, labels = encode_sample(tokenizer, sample)
+    categories = tool_eval.copy_categories(tokenizer, sample, ids, labels)
+    assert sorted(categories) == [t for t, label in enumerate(labels) if label != -100]  # every learnt token, only
+
+    def written(*kinds):
+        return tokenizer.decode([ids[t] for t in sorted(categories) if categories[t] in kinds])
+
+    assert written("call_first", "call_rest").strip() == "妙蛙种子"  # the name in the call, nothing else
+    assert written("call_first").strip() and "妙蛙种子".startswith(written("call_first").strip())
+    assert "妙蛙种子" in written("echo")  # the name again in the answer
+    observed = written("observation")
+    assert "草" in observed and "毒" in observed  # the types the answer copies from the observation
+    assert "tool_call" in written("other") and "的属性是" in written("other") and "妙" not in written("other")
+
+
+def test_copy_loss_splits_the_training_loss(calling_model_dir, tmp_path, table, capsys):
+    import evaluate
+    import torch
+    from chatglm3.checkpoint.loading import load_model_and_tokenizer
+
+    model, tok = load_model_and_tokenizer(str(calling_model_dir))[:2]
+    rows = table.by_name()
+    samples = {n: tool_data.lookup_conversation([rows[n]], random.Random(0)) for n in ("皮卡丘", "妙蛙种子")}
+    for s in samples.values():
+        s["conversations"] = s["conversations"][:3]
+    losses = {n: tool_eval.copy_losses(model, tok, [s], 256) for n, s in samples.items()}
+    # copy_loss_all is the training loss of the sample (the model's own loss over its labels).
+    for name, sample in samples.items():
+        ids, labels = encode_sample(tok, sample, 256)
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss.item()
+        assert losses[name]["copy_loss_all"] == pytest.approx(loss, abs=1e-3)
+    # The model always calls for 皮卡丘: that name's characters are certain, 妙蛙种子's are not.
+    assert losses["皮卡丘"]["copy_loss_call_first"] < 0.1 < losses["妙蛙种子"]["copy_loss_call_first"]
+    assert losses["皮卡丘"]["copy_loss_call_rest"] < 0.1 < losses["妙蛙种子"]["copy_loss_call_rest"]
+
+    data = _eval_file(tmp_path / "eval.jsonl", table)
+    args = ["--data", str(data), "--model", str(calling_model_dir), "--tools", str(PLUGIN), "--max-new-tokens", "8",
+            "--output", str(tmp_path / "pred.jsonl")]
+    assert evaluate.main(args + ["--copy-loss"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(tool_eval.COPY_LOSS_KEYS) <= set(summary) and summary["copy_loss_all"] > 0
+    assert evaluate.main(args + ["--copy-loss", "--hide-tools"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--copy-loss" in err and "\n" not in err
+
+
 def test_evaluate_tools_bad_input_is_one_line(tmp_path, table, tiny_model, capsys):
     import evaluate
 
