@@ -26,8 +26,8 @@ else
     : "${SEEDS:=0 1}" "${STEPS:=4500}" "${SYNTHETIC:=12000}" "${SAVE_EVERY:=250}"
 fi
 # The tiny models' initial weights' standard deviation (build_tiny_model.py --init-std). At 0.02 (GPT-2's value
-# for width 768) seeds 3 and 5 never learnt to copy names in 4500 steps; 0.05 (about 1/sqrt(128)) made both copy
-# (docs/tool_demo.md, "Initial standard deviation 0.05").
+# for width 768) seeds 3 and 5 never learnt to copy names in 4500 steps; 0.05 (0.02 scaled as 1/sqrt(width) to
+# width 128) made both copy (docs/tool_demo.md, "Initial standard deviation 0.05").
 : "${INIT_STD:=0.05}"
 read -r -a SEED_LIST <<< "$SEEDS"
 # Seeds train side by side, one CPU thread each unless there are cores to spare (a GPU is used when there is one).
