@@ -26,7 +26,6 @@ as in training, and each learnt token's loss (nats) averaged by what the token w
   copy_loss_other       every other learnt token (templates, role tokens, stop tokens)
   copy_loss_all         all learnt tokens: the training loss on this data
 """
-import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -139,14 +138,6 @@ COPY_LOSS_KEYS = ("copy_loss_call_first", "copy_loss_call_rest", "copy_loss_echo
                   "copy_loss_other", "copy_loss_all")
 
 
-def _strings(value) -> List[str]:
-    """Every non-empty string inside a JSON value (dict values and list items, recursively)."""
-    if isinstance(value, str):
-        return [value] if value else []
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return [s for item in items for s in _strings(item)]
-
-
 def _spans(labels: List[int]) -> List[range]:
     """The runs of learnt positions (label != IGNORE_INDEX): one per reply."""
     spans, start = [], None
@@ -165,8 +156,10 @@ def copy_categories(tokenizer, sample: dict, ids: List[int], labels: List[int]) 
     value in a reply, or other. Values are found in the decoded text of each reply, so a token merged with its
     neighbours counts for the value it overlaps."""
     calls = [m for m in sample.get("conversations", []) if m.get("role") == "tool"]
-    arguments = sorted({v for m in calls for v in _strings(m.get("parameters"))}, key=len, reverse=True)
-    observed = sorted({v for m in calls for v in _strings(_observation(m))} - set(arguments), key=len, reverse=True)
+    arguments = sorted({v for m in calls for v in json_files.string_values(m.get("parameters")) if v}, key=len,
+                       reverse=True)
+    observed = sorted({v for m in calls for v in json_files.string_values(_observation(m)) if v} - set(arguments),
+                      key=len, reverse=True)
     categories = {}
     for span in _spans(labels):
         # Each token's characters in the reply's text: the growth of the decoded prefix.

@@ -20,7 +20,7 @@ import os
 import re
 import stat
 from itertools import accumulate
-from typing import Optional
+from typing import Iterator, Optional
 
 from chatglm3.errors import ChatGLMError
 
@@ -101,6 +101,18 @@ def check_unicode(value, where: str) -> None:
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
+
+
+def string_values(value) -> Iterator[str]:
+    """Every string value inside a JSON value (object values and list items, recursively, in order; keys not)."""
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from string_values(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from string_values(item)
 
 
 # --- parsing -----------------------------------------------------------------------------------------------------

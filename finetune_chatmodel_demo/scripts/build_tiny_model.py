@@ -8,7 +8,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import sentencepiece as spm
 import torch
@@ -21,17 +21,6 @@ from chatglm3.data.reader import read_json_records
 from chatglm3.errors import ChatGLMError
 
 
-def _strings(value) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from _strings(v)
-
-
 def _record_texts(record) -> list[str]:
     """A record's text as the model reads it: a conversation sample message by message as the chat format writes
     it (the tool list as JSON, tool calls, observations), so that the tokenizer learns those pieces; any other
@@ -41,7 +30,7 @@ def _record_texts(record) -> list[str]:
             return [message_text(m) for m in sample_to_messages(record)]
         except (KeyError, TypeError, AttributeError):  # not a well-formed sample: its strings will do
             pass
-    return list(_strings(record))
+    return list(json_files.string_values(record))
 
 
 def corpus_lines(path: Path) -> list[str]:
