@@ -36,7 +36,7 @@ from chatglm3.tools import load_tool_files, run_metrics
 from chatglm3.cli import (add_format_arg, add_generation_args, add_model_args, check_generation_args, generation_kwargs,
                  load_from_args, prompt_format)
 from metrics import METRIC_KEYS, compute_metrics, score_pair
-from tool_eval import (COPY_LOSS_KEYS, TOOL_METRIC_KEYS, answer_items, copy_losses, load_items, tool_metrics,
+from tool_eval import (COPY_LOSS_KEYS, TOOL_METRIC_KEYS, answer_items, copy_losses, conversation_items, tool_metrics,
                        turn_record)
 
 DEFAULT_OUTPUT = "output/eval_predictions.jsonl"
@@ -70,10 +70,15 @@ def load_samples(path: str, max_samples: Optional[int] = None, data_format: str 
     if not samples:
         raise ChatGLMError(f"错误：{path} 里没有可评测的助手回复（需要 assistant 消息）/ Error: {path} has no "
                            f"assistant reply to score")
+    return first(samples, max_samples, "条回复", "replies")
+
+
+def first(samples: list, max_samples: Optional[int], unit_zh: str, unit_en: str) -> list:
+    """--max-samples: the first N, said on stderr when that leaves some out."""
     if max_samples is not None and len(samples) > max_samples:
-        print(f"提示：只评测前 {max_samples} / {len(samples)} 条回复 / Note: scoring the first {max_samples} of "
-              f"{len(samples)} replies (--max-samples)", file=sys.stderr)
-        samples = samples[:max_samples]
+        print(f"提示：只评测前 {max_samples} / {len(samples)} {unit_zh} / Note: scoring the first {max_samples} of "
+              f"{len(samples)} {unit_en} (--max-samples)", file=sys.stderr)
+        return samples[:max_samples]
     return samples
 
 
@@ -82,7 +87,7 @@ def input_output_samples(path: str, max_samples: Optional[int] = None, data_form
     records = load_input_output(path, data_format)
     samples = [EvalSample(location, 0, [{"role": "user", "content": record["prompt"]}], record["response"])
                for record, location in zip(records, records.locations)]
-    return samples[:max_samples] if max_samples else samples
+    return first(samples, max_samples, "条样本", "samples")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(parser)
     add_format_arg(parser)
     parser.add_argument("--batch-size", type=int, default=8, help="每批生成的样本数 / prompts per batch (8)")
-    parser.add_argument("--max-samples", type=int, default=None, help="最多评测多少条回复 / score at most N replies")
+    parser.add_argument("--max-samples", type=int, default=None,
+                        help="最多评测多少条回复（--tools：多少个用户问题）/ score at most N replies (--tools: N user turns)")
     parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help=f"预测结果 JSONL（与参考答案并列）/ predictions beside references, JSONL ({DEFAULT_OUTPUT})")
     add_generation_args(parser, max_new_tokens=128)
@@ -149,7 +155,8 @@ def evaluate_tools(args: argparse.Namespace) -> Dict:
     """--tools: every user turn answered through the real tool loop; ROUGE/BLEU of the final answers against the
     references, and the tool metrics (tool_eval.py)."""
     plugins = load_tool_files(args.tools)  # a bad tool file (or a table it reads) is reported before the model loads
-    items = load_items(args.data, args.hide_tools)[:args.max_samples]
+    conversations = load_conversations(args.data)
+    items = first(conversation_items(conversations, args.hide_tools), args.max_samples, "个用户问题", "user turns")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = load_from_args(args)
@@ -165,7 +172,9 @@ def evaluate_tools(args: argparse.Namespace) -> Dict:
                            f"file's metric function returns keys evaluate.py already has: {sorted(set(extra) & set(summary))}")
     args.plugin_metric_keys = list(extra)  # printed after the generic keys
     if args.copy_loss:
-        summary.update(copy_losses(model, tokenizer, load_conversations(args.data), model.config.seq_length))
+        asked = {item.location for item in items}  # with --max-samples, the conversations of the turns asked
+        scored = [sample for sample, where in zip(conversations, conversations.locations) if where in asked]
+        summary.update(copy_losses(model, tokenizer, scored, model.config.seq_length))
     return {**summary, **extra}
 
 

@@ -33,7 +33,7 @@ import torch
 
 from chatglm3 import json_files
 from chatglm3.model.conversation import IGNORE_INDEX, TOOLS_KEY, encode_sample, sample_to_messages
-from chatglm3.data.reader import load_conversations
+from chatglm3.data.reader import Records, load_conversations
 from chatglm3.serving.tool_loop import ToolTurn, run_turns
 from chatglm3.tools import Tool
 
@@ -62,7 +62,11 @@ def _observation(entry: dict):
 
 def load_items(path, hide_tools: bool = False) -> List[ToolEvalItem]:
     """One item per user message of every conversation in `path` (read and checked by chatglm3.data.reader)."""
-    records = load_conversations(path)
+    return conversation_items(load_conversations(path), hide_tools)
+
+
+def conversation_items(records: Records, hide_tools: bool = False) -> List[ToolEvalItem]:
+    """One item per user message of every conversation of `records` (chatglm3.data.reader)."""
     items = []
     for sample, location in zip(records, records.locations):
         conv = sample["conversations"]

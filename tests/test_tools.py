@@ -376,6 +376,13 @@ def test_copy_loss_splits_the_training_loss(calling_model_dir, tmp_path, table, 
     assert evaluate.main(args + ["--copy-loss"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(tool_eval.COPY_LOSS_KEYS) <= set(summary) and summary["copy_loss_all"] > 0
+    # --max-samples limits the loss to the conversations of the turns asked: here 皮卡丘's alone.
+    assert summary["copy_loss_all"] != pytest.approx(losses["皮卡丘"]["copy_loss_all"], abs=1e-3)
+    assert evaluate.main(args + ["--copy-loss", "--max-samples", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out.strip().splitlines()[-1])["copy_loss_all"] == pytest.approx(
+        losses["皮卡丘"]["copy_loss_all"], abs=1e-3)
+    assert "--max-samples" in err
     assert evaluate.main(args + ["--copy-loss", "--hide-tools"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--copy-loss" in err and "\n" not in err
