@@ -10,6 +10,8 @@ Summary keys, fractions 0-1 (see `tool_metrics`):
   tool_args_exact       turns that expect a call whose first call has exactly the expected arguments
   tool_args_chars       characters of the expected string arguments that the first call wrote at the same place
                         (share of all of them): it rises while tool_args_exact is still 0, as copying arrives
+  tool_extra_call_rate  turns that expect calls where the model made more than expected (a second lookup of a
+                        garbled name after the right one, say)
   stopped_share         generations that ended on a stop token rather than the length limit
 What only a tool's own side can check (e.g. the Pokédex plug-in: are the looked-up types in the answer) a tool file
 adds with chatglm3.tools.register_metrics, from the records `turn_record` writes.
@@ -38,7 +40,7 @@ from chatglm3.serving.tool_loop import ToolTurn, run_turns
 from chatglm3.tools import Tool
 
 TOOL_METRIC_KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact",
-                    "tool_args_chars", "stopped_share")
+                    "tool_args_chars", "tool_extra_call_rate", "stopped_share")
 
 
 @dataclass
@@ -115,6 +117,7 @@ def tool_metrics(items: List[ToolEvalItem], turns: List[ToolTurn]) -> Dict:
         "tool_name_accuracy": _share(sum(e["name"] == c.get("name") for e, c in first), len(expecting)),
         "tool_args_exact": _share(sum(e["parameters"] == c.get("parameters") for e, c in first), len(expecting)),
         "tool_args_chars": _share(sum(h for h, _ in chars), sum(n for _, n in chars)),
+        "tool_extra_call_rate": _share(sum(len(t.calls) > len(i.expected) for i, t in expecting), len(expecting)),
         "stopped_share": _share(sum(t.stopped for t in turns), sum(t.replies for t in turns)),
         "tool_turns_expecting_call": len(expecting), "tool_turns_expecting_none": len(none),
         "tool_failed_calls": sum(t.errors for t in turns),

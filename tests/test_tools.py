@@ -242,6 +242,8 @@ def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_ou
         if item.expected:
             name = item.expected[0]["parameters"]["name"]
             turn.feed_text(f"pokedex_lookup\n```python\ntool_call(name='{name if k % 2 == 0 else name + '兽'}')\n```", True)
+            if k % 3 == 2:  # a second lookup nobody asked for, as a half-trained model makes
+                turn.feed_text("pokedex_lookup\n```python\ntool_call(name='人狗人')\n```", True)
             types = item.expected[0]["observation"]["属性"]
             turn.feed_text(f"{name}是{'和'.join(types) if k % 2 == 0 else '一般'}属性的宝可梦。", k % 4 != 1)
         else:
@@ -253,6 +255,8 @@ def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_ou
          **run_metrics([pokedex_tool.type_answer_metrics], [tool_eval.turn_record(i, t) for i, t in zip(items, turns)])}
     even = [k % 2 == 0 for k, i in enumerate(items) if i.expected]
     assert m["tool_call_rate"] == 1.0 and m["tool_name_accuracy"] == 1.0
+    extra = [k % 3 == 2 for k, i in enumerate(items) if i.expected]
+    assert 0 < m["tool_extra_call_rate"] == round(sum(extra) / len(extra), 4) < 1
     assert m["tool_args_exact"] == round(sum(even) / len(even), 4)
     assert m["answer_types_correct"] == m["tool_args_exact"]
     # A wrong name finds nothing: no observation to ground the answer in.
