@@ -18,8 +18,8 @@ from chatglm3.errors import ChatGLMError
 from chatglm3.json_files import DATA_LIMIT, dumps, expect, loads, read_text  # the one JSON reader
 from chatglm3.output_files import replace_marked_block, write_atomic
 
-KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact", "tool_answer_grounded",
-        "answer_types_correct", "stopped_share")
+KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact", "tool_args_chars",
+        "tool_extra_call_rate", "tool_answer_grounded", "answer_types_correct", "stopped_share")
 
 
 def read_json_lines(path: Path) -> list:
