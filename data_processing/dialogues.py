@@ -28,44 +28,56 @@ def seed_conversation(name, types, weakness, ability, description):
 
 SYSTEM_PROMPTS = ["你是一个熟悉宝可梦图鉴的助手。", "你是宝可梦百科助手，请根据图鉴回答问题。",
                   "你是一位宝可梦训练家的助手，回答要简洁准确。"]
-QUESTIONS = {  # {s}: the Pokémon's name, or 它 in a follow-up turn
-    "types": ["{s}是什么属性的？", "{s}的属性是什么？", "{s}属于哪种属性？", "请告诉我{s}的属性。",
-              "{s}是哪个属性的宝可梦？"],
-    "weaknesses": ["{s}的弱点是什么？", "{s}怕什么属性的招式？", "对付{s}用什么属性的招式效果好？",
-                   "{s}被哪些属性克制？", "打{s}该用什么属性？"],
-    "ability": ["{s}的特性是什么？", "{s}有什么特性？", "说说{s}的特性。", "{s}的特性叫什么？"],
-    "description": ["介绍一下{s}。", "{s}是一只什么样的宝可梦？", "能多讲讲{s}吗？", "关于{s}还有什么信息？",
-                    "给我讲讲{s}吧。"],
+# Every question with the frame of its answer: the answer repeats the question's words around the facts
+# ("X属于哪种属性？" -> "X属于水属性。"). What to answer is then the word after the name, copied from the question;
+# with free answer wording a small model had to recall the question across the lookup's call and observation, and
+# its choice of field swung from checkpoint to checkpoint (docs/tool_demo.md, "Answers in the question's words").
+# {s}: the name, or 它 in a follow-up turn; {n}: the name; {f}: the facts.
+ASKS = {
+    "types": [("{s}是什么属性的？", "{n}是{f}属性的。"), ("{s}的属性是什么？", "{n}的属性是{f}。"),
+              ("{s}属于哪种属性？", "{n}属于{f}属性。"), ("请告诉我{s}的属性。", "{n}的属性是{f}。"),
+              ("{s}是哪个属性的宝可梦？", "{n}是{f}属性的宝可梦。")],
+    "weaknesses": [("{s}的弱点是什么？", "{n}的弱点是{f}。"), ("{s}怕什么属性的招式？", "{n}怕{f}属性的招式。"),
+                   ("对付{s}用什么属性的招式效果好？", "对付{n}用{f}属性的招式效果好。"),
+                   ("{s}被哪些属性克制？", "{n}被{f}属性克制。"), ("打{s}该用什么属性？", "打{n}该用{f}属性的招式。")],
+    "ability": [("{s}的特性是什么？", "{n}的特性是{f}。"), ("{s}有什么特性？", "{n}有「{f}」这个特性。"),
+                ("说说{s}的特性。", "{n}的特性是「{f}」。"), ("{s}的特性叫什么？", "{n}的特性叫{f}。")],
+    "description": [("介绍一下{s}。", "简单介绍一下{n}：{f}"), ("{s}是一只什么样的宝可梦？", "{f}"),
+                    ("能多讲讲{s}吗？", "关于{n}：{f}"), ("关于{s}还有什么信息？", "关于{n}：{f}"),
+                    ("给我讲讲{s}吧。", "{f}")],
 }
+QUESTIONS = {topic: [question for question, _ in asks] for topic, asks in ASKS.items()}
 
 
 def _join(items):
     return "、".join(items)
 
 
-def answer(topic, row, rng):
-    """An assistant answer about one topic, stated from the row's facts only."""
+def _fill(topic, frame, row):
+    """The answer `frame` with the row's facts about `topic` (no weakness at all: one sentence that says so)."""
     n = row.name
     if topic == "types":
-        if len(row.types) == 2:
-            a, b = row.types
-            return rng.choice([f"{n}是{a}和{b}双属性的宝可梦。", f"{n}的属性是{a}、{b}。",
-                               f"{n}同时拥有{a}和{b}两种属性。"])
-        return rng.choice([f"{n}是{row.types[0]}属性的宝可梦。", f"{n}的属性是{row.types[0]}。",
-                           f"{n}是单一{row.types[0]}属性的宝可梦。"])
+        return frame.format(n=n, f=_join(row.types))
     if topic == "weaknesses":
         if not row.weaknesses:
             return f"按属性相克来看，没有哪种属性的招式对{n}有2倍以上的效果。"
-        w = _join(row.weaknesses)
-        text = rng.choice([f"{n}的弱点是{w}。", f"{n}怕{w}属性的招式。",
-                           f"用{w}属性的招式攻击{n}效果拔群。"])
+        text = frame.format(n=n, f=_join(row.weaknesses))
         if row.quad_weaknesses:
             text += f"其中{_join(row.quad_weaknesses)}属性的招式对它有4倍效果。"
         return text
-    if topic == "ability":
-        return rng.choice([f"{n}的特性是{row.ability}。", f"{n}的特性是「{row.ability}」。"])
-    d = row.description
-    return rng.choice([d, f"关于{n}：{d}", f"简单介绍一下{n}：{d}"])
+    return frame.format(n=n, f=row.ability if topic == "ability" else row.description)
+
+
+def ask(topic, row, rng, subject=None):
+    """A question about `topic` naming `subject` (default: the row's name; 它 in a follow-up) and its answer in
+    the question's words, stated from the row's facts only."""
+    question, frame = rng.choice(ASKS[topic])
+    return question.format(s=subject or row.name), _fill(topic, frame, row)
+
+
+def answer(topic, row, rng):
+    """An answer about `topic` in one of its frames (for answers to no particular question: a summary)."""
+    return _fill(topic, rng.choice(ASKS[topic])[1], row)
 
 
 def rich_conversation(row, rng):
@@ -78,8 +90,8 @@ def rich_conversation(row, rng):
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for turn, topic in enumerate(chosen):
         subject = row.name if turn == 0 or rng.random() < 0.3 else "它"
-        messages.append({"role": "user", "content": rng.choice(QUESTIONS[topic]).format(s=subject)})
-        messages.append({"role": "assistant", "content": answer(topic, row, rng)})
+        question, reply = ask(topic, row, rng, subject)
+        messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
     return {"conversations": messages}
 
 
@@ -140,15 +152,15 @@ def tool_conversation(row, table, rng):
     else:
         topic = rng.choice(topics)
         topics.remove(topic)
-        question, reply = rng.choice(QUESTIONS[topic]).format(s=row.name), answer(topic, row, rng)
+        question, reply = ask(topic, row, rng)
     conv.append({"role": "user", "content": question})
     conv.append({"role": "tool", "name": POKEDEX_TOOL["name"], "parameters": {"name": row.name},
                  "observation": lookup_pokemon(table, row.name)})
     conv.append({"role": "assistant", "content": reply})
     if topics and rng.random() < 0.5:
         topic = rng.choice(topics)
-        conv.append({"role": "user", "content": rng.choice(QUESTIONS[topic]).format(s="它")})
-        conv.append({"role": "assistant", "content": answer(topic, row, rng)})
+        question, reply = ask(topic, row, rng, "它")
+        conv += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
     return {"tools": [POKEDEX_TOOL], "conversations": conv}
 
 

@@ -22,7 +22,7 @@ import json
 import random
 
 from chatglm3.model.conversation import encode_sample, format_tool_call
-from dialogues import QUESTIONS, answer, build_samples, split_dev
+from dialogues import QUESTIONS, answer, ask, build_samples, split_dev
 from pokedex import POKEDEX_TOOL, PokemonRow, PokemonTable, lookup_pokemon
 from pokemon_types import TYPES, effectiveness, weaknesses
 
@@ -126,12 +126,12 @@ def lookup_turns(row, rng, first=True):
         question, reply, asked = rng.choice(LOOKUP_QUESTIONS).format(n=row.name), summary(row, rng), topics
     else:
         topic = rng.choice(topics)
-        question, reply, asked = rng.choice(QUESTIONS[topic]).format(s=row.name), answer(topic, row, rng), [topic]
+        (question, reply), asked = ask(topic, row, rng), [topic]
     turns = [{"role": "user", "content": question}, _call(row, lookup(row)), {"role": "assistant", "content": reply}]
     rest = [t for t in topics if t not in asked]
     for topic in rng.sample(rest, min(len(rest), rng.choice((0, 1, 1, 2) if first else (0, 1)))):
-        turns += [{"role": "user", "content": rng.choice(QUESTIONS[topic]).format(s="它")},
-                  {"role": "assistant", "content": answer(topic, row, rng)}]
+        question, reply = ask(topic, row, rng, "它")
+        turns += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
     return turns
 
 
@@ -211,17 +211,17 @@ def build_eval_samples(table, held_out, seed=0):
     rows = sorted((row for row in table.rows if row.name in held_out), key=lambda r: r.name)
     samples = []
     for row in rows:
-        question = rng.choice(QUESTIONS["types"]).format(s=row.name)
-        follow = rng.choice(QUESTIONS["weaknesses"]).format(s="它")
+        question, reply = ask("types", row, rng)
+        follow, follow_reply = ask("weaknesses", row, rng, "它")
         samples.append({"tools": [POKEDEX_TOOL], "conversations": [
-            {"role": "user", "content": question}, _call(row, lookup(row)),
-            {"role": "assistant", "content": answer("types", row, rng)},
-            {"role": "user", "content": follow}, {"role": "assistant", "content": answer("weaknesses", row, rng)}]})
+            {"role": "user", "content": question}, _call(row, lookup(row)), {"role": "assistant", "content": reply},
+            {"role": "user", "content": follow}, {"role": "assistant", "content": follow_reply}]})
     for a, b in zip(rows, rows[1:] + rows[:1]):
         turns = []
         for row in (a, b):
-            turns += [{"role": "user", "content": rng.choice(QUESTIONS["types"]).format(s=row.name)},
-                      _call(row, lookup(row)), {"role": "assistant", "content": answer("types", row, rng)}]
+            question, reply = ask("types", row, rng)
+            turns += [{"role": "user", "content": question}, _call(row, lookup(row)),
+                      {"role": "assistant", "content": reply}]
         samples.append({"tools": [POKEDEX_TOOL], "conversations": turns})
     samples += [no_call_conversation(rng) for _ in range(len(rows))]
     return samples

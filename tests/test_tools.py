@@ -107,7 +107,7 @@ def test_held_out_names_are_writable_with_a_tokenizer_of_the_training_set(tmp_pa
                                                                          training):
     # The tokenizer trained on data.csv (held-out names included) has pieces such as 刺龙 (海刺龙) that no
     # training reply holds: the model could never write them. One trained on the training set has none; there,
-    # without synthetic Pokémon, characters such as 耿 would never be written either.
+    # without synthetic Pokémon, some held-out names' characters (嘟, 豪, ...) would never be written either.
     assert tool_data.unlearnt_name_tokens(tokenizer, held_out, training)
     path = tmp_path / "train.jsonl"
     path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in training), encoding="utf-8")
@@ -115,7 +115,7 @@ def test_held_out_names_are_writable_with_a_tokenizer_of_the_training_set(tmp_pa
                                                                 kv_groups=1, vocab_size=2000)))
     assert tool_data.unlearnt_name_tokens(own, held_out, training) == {}
     real_only = tool_data.build_training_samples(table, held_out, synthetic=0, real_variants=1, seed=0)[0]
-    assert "耿鬼" in tool_data.unlearnt_name_tokens(own, held_out, real_only)
+    assert tool_data.unlearnt_name_tokens(own, held_out, real_only)
 
 
 def test_copy_units_are_the_same_tokens_in_the_observation_and_the_answer(tmp_path, table, held_out, training):
