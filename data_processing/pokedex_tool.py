@@ -11,6 +11,9 @@ the model), and adds the Pokémon-specific figures to evaluate.py --tools's summ
                         the observation the loop fed back (0 for a turn with no successful lookup)
   answer_types_correct  type questions whose final answer names exactly the true types (the reference
                         observation's); the figure to compare with a model asked without the tool (--hide-tools)
+  type_answer_other_field  type questions answered, after a lookup, with another field: the observation's
+                        weaknesses (exactly those types named), its ability, or the words 弱点/特性 (docs/tool_demo.md:
+                        a model that has learnt to copy can still answer another question than the one asked)
 A type question is a turn that expects a lookup whose reference answer names exactly the looked-up types.
 """
 import json
@@ -21,6 +24,7 @@ from pokemon_types import TYPES
 
 TYPES_KEY = "属性"  # the observation field holding the Pokémon's types (pokedex.lookup_pokemon)
 NAME_KEY = "姓名"
+WEAKNESSES_KEY, ABILITY_KEY = "弱点", "特性"
 
 tool_table()  # read (and checked) now: a bad table is one line before the model loads
 
@@ -54,13 +58,30 @@ def _names(record: dict) -> list:
     return [parameters.get("name"), expected["observation"].get(NAME_KEY)]
 
 
-def _grounded(record: dict) -> bool:
+def _answer_and_observation(record: dict):
+    """(the types the final answer names, the last successful lookup's observation), or None without either."""
     looked_up = [json.loads(c["observation"]) for c in record["calls"] if c["ok"]]
     if not looked_up or record["prediction"] is None or not isinstance(looked_up[-1], dict):
-        return False
+        return None
     observation = looked_up[-1]
-    names = [*_names(record), observation.get(NAME_KEY)]
-    return types_named(record["prediction"], names) == set(observation.get(TYPES_KEY) or ())
+    return types_named(record["prediction"], [*_names(record), observation.get(NAME_KEY)]), observation
+
+
+def _grounded(record: dict) -> bool:
+    found = _answer_and_observation(record)
+    return found is not None and found[0] == set(found[1].get(TYPES_KEY) or ())
+
+
+def _other_field(record: dict) -> bool:
+    found = _answer_and_observation(record)
+    if found is None or _grounded(record):
+        return False
+    named, observation = found
+    weaknesses, ability = observation.get(WEAKNESSES_KEY), observation.get(ABILITY_KEY)
+    prediction = record["prediction"]
+    return bool((isinstance(weaknesses, list) and weaknesses and named == set(weaknesses))
+                or (isinstance(ability, str) and ability and ability in prediction)
+                or WEAKNESSES_KEY in prediction or ABILITY_KEY in prediction)
 
 
 def _share(hits: int, total: int):
@@ -69,10 +90,12 @@ def _share(hits: int, total: int):
 
 @register_metrics
 def type_answer_metrics(records: list) -> dict:
-    """tool_answer_grounded and answer_types_correct (module doc), fractions 0-1 (None without type questions)."""
+    """tool_answer_grounded, answer_types_correct and type_answer_other_field (module doc), fractions 0-1 (None without type questions)."""
     typed = [r for r in records if is_type_question(r)]
     correct = sum(r["prediction"] is not None
                   and types_named(r["prediction"], _names(r)) == set(r["expected_calls"][0]["observation"][TYPES_KEY])
                   for r in typed)
     return {"tool_answer_grounded": _share(sum(_grounded(r) for r in typed), len(typed)),
-            "answer_types_correct": _share(correct, len(typed)), "type_questions": len(typed)}
+            "answer_types_correct": _share(correct, len(typed)),
+            "type_answer_other_field": _share(sum(_other_field(r) for r in typed), len(typed)),
+            "type_questions": len(typed)}

@@ -19,7 +19,8 @@ from chatglm3.json_files import DATA_LIMIT, dumps, expect, loads, read_text  # t
 from chatglm3.output_files import replace_marked_block, write_atomic
 
 KEYS = ("tool_call_rate", "tool_false_call_rate", "tool_name_accuracy", "tool_args_exact", "tool_args_chars",
-        "tool_extra_call_rate", "tool_answer_grounded", "answer_types_correct", "stopped_share")
+        "tool_extra_call_rate", "tool_answer_grounded", "answer_types_correct", "type_answer_other_field",
+        "stopped_share")
 
 
 def read_json_lines(path: Path) -> list:
@@ -67,7 +68,7 @@ def mean(paths: list) -> dict:
 SEED_TARGETS = {"tool_args_exact": (">=", 0.95), "tool_answer_grounded": (">=", 0.85),
                 "tool_false_call_rate": ("<=", 0.02), "stopped_share": (">=", 1.0)}
 MEAN_TARGETS = {"tool_answer_grounded": (">=", 0.9)}
-TABLE_KEYS = ("tool_args_exact", "tool_answer_grounded", "tool_false_call_rate", "stopped_share", "answer_types_correct")
+TABLE_KEYS = ("tool_args_exact", "tool_answer_grounded", "type_answer_other_field", "tool_false_call_rate", "stopped_share")
 COPYING = 0.5  # tool_args_exact at which copying names "has arrived" (the curves jump from ~0 to ~1)
 
 

@@ -181,7 +181,7 @@ def test_tool_report_table_has_a_row_per_seed_min_mean_max_and_the_copy_step(tmp
     def summary(args_exact, grounded, false_calls=0.0, stopped=1.0):
         return {"tool_call_rate": 1.0, "tool_false_call_rate": false_calls, "tool_name_accuracy": 1.0,
                 "tool_args_exact": args_exact, "tool_answer_grounded": grounded, "answer_types_correct": grounded,
-                "stopped_share": stopped}
+                "type_answer_other_field": round(1 - grounded, 4), "stopped_share": stopped}
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -199,7 +199,7 @@ def test_tool_report_table_has_a_row_per_seed_min_mean_max_and_the_copy_step(tmp
     assert run.returncode == 0, run.stderr
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")[1:]]
             for line in run.stdout.splitlines() if line.startswith("| ")}
-    assert rows["0"] == ["1.000", "0.900", "0.000", "1.000", "0.900", "750"]
+    assert rows["0"] == ["1.000", "0.900", "0.100", "0.000", "1.000", "750"]
     assert rows["1"][-1] == "1000" and rows["2"][-1] == "500"  # the first step at tool_args_exact >= 0.5
     assert rows["最小 / min"][:2] == ["0.960", "0.800"] and rows["最大 / max"][:2] == ["1.000", "0.950"]
     assert rows["平均 / mean"][1] == "0.883"

@@ -267,6 +267,28 @@ def test_tool_metrics_follow_their_definitions(tmp_path, table, pokedex, held_ou
     assert m["stopped_share"] == round((replies - sum(k % 4 == 1 for k, i in enumerate(items) if i.expected)) / replies, 4)
 
 
+def test_type_answer_other_field_counts_answers_to_another_question(tmp_path, table, pokedex, held_out):
+    # A model that copies can still answer the weaknesses or the ability when asked the types (the field choice
+    # that swung between checkpoints: docs/tool_demo.md); the right lookup, then four kinds of answer.
+    path = tmp_path / "heldout.jsonl"
+    path.write_text("".join(json.dumps(s, ensure_ascii=False) + "\n" for s in tool_data.build_eval_samples(table, held_out)),
+                    encoding="utf-8")
+    items = [i for i in tool_eval.load_items(path) if i.expected][:8]
+    answers = [lambda n, o: f"{n}的属性是{'、'.join(o['属性'])}。",  # grounded
+               lambda n, o: f"{n}被{'、'.join(o['弱点'])}属性克制。",  # its weaknesses, in words without 弱点
+               lambda n, o: f"{n}有「{o['特性']}」这个特性。",  # its ability
+               lambda n, o: f"{n}的特性是「复眼」。"]  # an ability, not even its own
+    turns = []
+    for k, item in enumerate(items):
+        name, observation = item.expected[0]["parameters"]["name"], item.expected[0]["observation"]
+        turn = ToolTurn(list(item.history), item.query, pokedex)
+        turn.feed_text(f"pokedex_lookup\n```python\ntool_call(name='{name}')\n```", True)
+        turn.feed_text(answers[k % 4](name, observation), True)
+        turns.append(turn)
+    m = run_metrics([pokedex_tool.type_answer_metrics], [tool_eval.turn_record(i, t) for i, t in zip(items, turns)])
+    assert m["type_questions"] == 8 and m["tool_answer_grounded"] == 0.25 and m["type_answer_other_field"] == 0.75
+
+
 def test_types_named_ignores_the_pokemon_name():
     assert pokedex_tool.types_named("海刺龙是水属性的宝可梦。", ["海刺龙"]) == {"水"}
     assert pokedex_tool.types_named("超梦是超能力属性的宝可梦。", ["超梦"]) == {"超能力"}
