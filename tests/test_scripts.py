@@ -224,3 +224,45 @@ def test_tool_report_table_has_a_row_per_seed_min_mean_max_and_the_copy_step(tmp
     twice = subprocess.run([sys.executable, str(REPO / "scripts" / "tool_report.py"), "table", str(out), str(other)],
                            capture_output=True, text=True, timeout=300)
     assert twice.returncode != 0 and "seed 2 is in both" in twice.stderr and "demo-b" in twice.stderr and "Traceback" not in twice.stderr
+
+
+def tool_demo(env, timeout=120):
+    return subprocess.run(["bash", str(REPO / "scripts" / "tool_demo.sh")], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("setting, named", [
+    ({"SEEDS": "0 x"}, "x"), ({"STEPS": "0"}, "STEPS"), ({"THREADS": "two"}, "THREADS"),
+    ({"SAVE_EVERY": "1e3"}, "SAVE_EVERY"), ({"SYNTHETIC": "-5"}, "SYNTHETIC"), ({"FROM_STAGE": "3"}, "FROM_STAGE"),
+    ({"FROM_STAGE": "4"}, "s0/config.json"),  # no earlier run in that folder
+])
+def test_tool_demo_refuses_bad_settings_in_one_line_before_touching_its_folder(tmp_path, setting, named):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier run's file", encoding="utf-8")
+    r = tool_demo({"TOOL_DEMO_OUT": str(out), "SEEDS": "0", **setting})
+    assert r.returncode == 2 and named in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert (out / "keep.txt").exists()  # refused before stage 1 empties the folder
+
+
+@pytest.mark.slow
+def test_tool_demo_from_stage_evaluates_an_earlier_run_again_without_retraining(tmp_path):
+    """A whole (tiny) tool_demo.sh run, then FROM_STAGE=5 on its folder: the checkpoints are evaluated again
+    (the curve rewritten, not appended to) and the trained model is left as it was."""
+    out = tmp_path / "demo"
+    env = {"TOOL_DEMO_OUT": str(out), "SEEDS": "0", "STEPS": "4", "SAVE_EVERY": "2", "SYNTHETIC": "300", "THREADS": "1"}
+    first = tool_demo(env, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "[6/6]" in first.stdout and (out / "seeds.md").exists()
+    steps = [json.loads(line)["step"] for line in (out / "curve-s0.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(steps) == [2, 4]
+    model = out / "s0" / "model.safetensors"
+    trained = (model.stat().st_mtime_ns, model.read_bytes())
+
+    again = tool_demo({**env, "FROM_STAGE": "5"}, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "[3/6]" not in again.stdout and "[4/6]" not in again.stdout and "[5/6]" in again.stdout
+    steps = [json.loads(line)["step"] for line in (out / "curve-s0.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(steps) == [2, 4]
+    assert (model.stat().st_mtime_ns, model.read_bytes()) == trained
+    assert (out / "seeds.md").read_text(encoding="utf-8").startswith("| 种子 / seed |")
