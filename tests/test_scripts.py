@@ -235,6 +235,7 @@ def tool_demo(env, timeout=120):
     ({"SEEDS": "0 x"}, "x"), ({"STEPS": "0"}, "STEPS"), ({"THREADS": "two"}, "THREADS"),
     ({"SAVE_EVERY": "1e3"}, "SAVE_EVERY"), ({"SYNTHETIC": "-5"}, "SYNTHETIC"), ({"FROM_STAGE": "3"}, "FROM_STAGE"),
     ({"FROM_STAGE": "4"}, "s0/config.json"),  # no earlier run in that folder
+    ({}, "TOOL_DEMO_OUT"),  # a folder with files that no demo wrote is not emptied
 ])
 def test_tool_demo_refuses_bad_settings_in_one_line_before_touching_its_folder(tmp_path, setting, named):
     out = tmp_path / "demo"
