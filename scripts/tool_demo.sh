@@ -49,13 +49,15 @@ done
 [[ "$FROM_STAGE" =~ ^[1456]$ ]] || die "FROM_STAGE=$FROM_STAGE：只能是 1、4、5 或 6 / FROM_STAGE must be 1, 4, 5 or 6"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ "$FROM_STAGE" = 1 ]; then
-    # Only an earlier demo's folder is emptied (TOOL_DEMO_OUT=~ must not remove a home folder).
+    # Only an earlier demo's folder is emptied (TOOL_DEMO_OUT=~ must not remove a home folder); .tool_demo marks
+    # one from its first moment, so that a run cut off in stage 1 can be run again.
     if [ -n "$(ls -A "$OUT" 2>/dev/null)" ]; then
-        [ -f "$OUT/data/heldout.jsonl" ] || die "TOOL_DEMO_OUT=$OUT 不是空文件夹，也不是之前的演示输出；请换一个新文件夹 / is neither empty nor an earlier demo's output: choose a new folder"
+        [ -f "$OUT/.tool_demo" ] || [ -f "$OUT/data/heldout.jsonl" ] || die "TOOL_DEMO_OUT=$OUT 不是空文件夹，也不是之前的演示输出；请换一个新文件夹 / is neither empty nor an earlier demo's output: choose a new folder"
         echo "清空上一次演示的输出 / removing the earlier demo's outputs in $OUT"
     fi
     rm -rf "$OUT"
     mkdir -p "$OUT"
+    echo "scripts/tool_demo.sh" > "$OUT/.tool_demo"
 else  # what the stages skipped would have left in $OUT
     for seed in "${SEED_LIST[@]}"; do
         need="$OUT/s$seed/config.json"
