@@ -74,9 +74,11 @@ def _grounded(record: dict) -> bool:
 
 def _other_field(record: dict) -> bool:
     found = _answer_and_observation(record)
-    if found is None or _grounded(record):
+    if found is None:
         return False
     named, observation = found
+    if named == set(observation.get(TYPES_KEY) or ()):  # grounded: the field asked for
+        return False
     weaknesses, ability = observation.get(WEAKNESSES_KEY), observation.get(ABILITY_KEY)
     prediction = record["prediction"]
     return bool((isinstance(weaknesses, list) and weaknesses and named == set(weaknesses))

@@ -61,7 +61,7 @@ if [ "$FROM_STAGE" = 1 ]; then
 else  # what the stages skipped would have left in $OUT
     for seed in "${SEED_LIST[@]}"; do
         need="$OUT/s$seed/config.json"
-        if [ "$FROM_STAGE" -gt 4 ]; then need="$need $OUT/eval-s$seed.json $OUT/notool-s$seed.json"; fi
+        if [ "$FROM_STAGE" -gt 4 ]; then need="$need $OUT/eval-s$seed.json $OUT/summary.json $OUT/summary_notool.json"; fi
         for f in $need "$OUT/data/heldout.jsonl"; do
             [ -f "$f" ] || die "FROM_STAGE=$FROM_STAGE 需要之前一次运行的 $f（同样的 TOOL_DEMO_OUT 和 SEEDS）/ needs $f from an earlier run (the same TOOL_DEMO_OUT and SEEDS)"
         done
