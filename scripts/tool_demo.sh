@@ -10,8 +10,6 @@
 #   TOOL_DEMO_OUT=/tmp/td SEEDS="0 1 2 3" STEPS=4500 bash scripts/tool_demo.sh
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-# shellcheck disable=SC1091
-source "$ROOT/setup_env.sh"
 DEMO="$ROOT/finetune_chatmodel_demo"
 TABLE="$ROOT/data_processing/data.csv"
 # The Pokédex tool plug-in (docs/tools.md); it answers from the table $POKEDEX_TABLE names.
@@ -67,6 +65,9 @@ else  # what the stages skipped would have left in $OUT
         done
     done
 fi
+# The environment after the settings are checked: a mistyped setting is refused before anything is installed.
+# shellcheck disable=SC1091
+source "$ROOT/setup_env.sh"
 START=$SECONDS
 stage() { printf '\n[%s/6] %s  (%ds)\n' "$1" "$2" $((SECONDS - START)); }
 evaluate() {  # MODEL OUTPUT_PREFIX [evaluate.py flags...]: the summary JSON line into OUTPUT_PREFIX.json

@@ -237,13 +237,32 @@ def tool_demo(env, timeout=120):
     ({"FROM_STAGE": "4"}, "s0/config.json"),  # no earlier run in that folder
     ({}, "TOOL_DEMO_OUT"),  # a folder with files that no demo wrote is not emptied
 ])
-def test_tool_demo_refuses_bad_settings_in_one_line_before_touching_its_folder(tmp_path, setting, named):
+def test_tool_demo_refuses_bad_settings_in_one_line_before_touching_its_folder_or_the_environment(tmp_path, setting,
+                                                                                                 named):
     out = tmp_path / "demo"
     out.mkdir()
     (out / "keep.txt").write_text("an earlier run's file", encoding="utf-8")
-    r = tool_demo({"TOOL_DEMO_OUT": str(out), "SEEDS": "0", **setting})
+    # No active environment and no usable Python: setup_env.sh would try to create one (and fail), so a refusal that
+    # comes first is one line before anything is installed.
+    venv = tmp_path / "venv"
+    r = tool_demo({"TOOL_DEMO_OUT": str(out), "SEEDS": "0", "VIRTUAL_ENV": "", "VENV_DIR": str(venv),
+                   "PYTHON": "false", **setting})
     assert r.returncode == 2 and named in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert (out / "keep.txt").exists()  # refused before stage 1 empties the folder
+    assert not venv.exists() and r.stdout == ""
+
+
+def test_setup_env_sourced_under_newest_does_not_reinstall_an_environment_it_installed(tmp_path):
+    """.ci/refresh_lock.sh runs the tests with NEWEST=1 in its own environment; tool_demo.sh sources setup_env.sh
+    there, and pip must not run again on every call (it did, and its warnings broke the one-line refusals)."""
+    env_dir = tmp_path / "env"
+    env_dir.mkdir()
+    script = ('echo "$(cat requirements-lock.txt requirements-dev-lock.txt | cksum) $PWD dev=1 newest=1" '
+              '> "$VIRTUAL_ENV/.chatglm3-installed"; source ./setup_env.sh; echo sourced')
+    r = subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "VIRTUAL_ENV": str(env_dir), "NEWEST": "1", "WITH_DEV": "0",
+                            "PIP_NO_INDEX": "1"})  # should pip run after all, it installs nothing new
+    assert r.returncode == 0 and r.stdout.strip() == "sourced", r.stdout + r.stderr
 
 
 @pytest.mark.slow
