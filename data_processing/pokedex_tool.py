@@ -67,9 +67,13 @@ def _answer_and_observation(record: dict):
     return types_named(record["prediction"], [*_names(record), observation.get(NAME_KEY)]), observation
 
 
+def _types_of(observation: dict) -> set:
+    return set(observation.get(TYPES_KEY) or ())
+
+
 def _grounded(record: dict) -> bool:
     found = _answer_and_observation(record)
-    return found is not None and found[0] == set(found[1].get(TYPES_KEY) or ())
+    return found is not None and found[0] == _types_of(found[1])
 
 
 def _other_field(record: dict) -> bool:
@@ -77,7 +81,7 @@ def _other_field(record: dict) -> bool:
     if found is None:
         return False
     named, observation = found
-    if named == set(observation.get(TYPES_KEY) or ()):  # grounded: the field asked for
+    if named == _types_of(observation):  # grounded: the field asked for
         return False
     weaknesses, ability = observation.get(WEAKNESSES_KEY), observation.get(ABILITY_KEY)
     prediction = record["prediction"]
